@@ -1,0 +1,160 @@
+"""Hooking into transformers' attention dispatch so the adapter sees q, k, v under any attention implementation.
+
+transformers (>= 5) attention modules call ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
+eager_attention_forward)(module, q, k, v, mask, dropout=, scaling=, **kw)`` with RoPE and the KV-cache update
+already applied. :func:`install` registers ``gin_<impl>`` for the model's implementation ``<impl>`` (sdpa, eager,
+flash, ...): it runs the original function unchanged and, when the calling module has asked for it through
+:func:`capture`, also computes the GIN neighbourhood sums from the same q, k, v. Only eager attention returns
+probabilities, so they are recomputed here; nothing of size ``(B, H, Lq, Lk)`` is kept for backward when
+``recompute`` is on (the block is checkpointed). The mask interface is registered too, or no mask is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.utils.checkpoint
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .adjacency import AdjacencyRule, attention_probabilities, self_index, sparse_adjacency, visible_keys
+from .gin import NEIGHBOUR_SUMS, neighbour_sum_reference
+
+PREFIX = "gin_"
+
+
+@dataclass
+class AggregationRequest:
+    """What a wrapped attention module asks of the attention function during one forward call."""
+
+    module: torch.nn.Module
+    rules: dict[str, AdjacencyRule]
+    # filled by the attention function: per adapter, (x_self, neighbour_sum), each (B, Lq, H * D)
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+_REQUEST: ContextVar[AggregationRequest | None] = ContextVar("gin_adapter_request", default=None)
+
+
+@contextlib.contextmanager
+def capture(request: AggregationRequest) -> Iterator[AggregationRequest]:
+    """Make ``request`` visible to the attention function for the duration of the module's forward."""
+    token = _REQUEST.set(request)
+    try:
+        yield request
+    finally:
+        _REQUEST.reset(token)
+
+
+def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(B, Hkv, L, D) -> (B, Hkv * groups, L, D)`` (grouped-query attention)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def neighbour_sums(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    rule: AdjacencyRule,
+    scaling: float,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """GIN neighbourhood sum ``sum_j A[i, j] v_j`` per head, from the attention's own q, k, v.
+
+    Args:
+        query: ``(B, H, Lq, D)``; key, value: ``(B, H, Lk, D)`` (heads already repeated).
+    Returns:
+        ``(B, H, Lq, D)`` float32.
+    """
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    visible = visible_keys(attention_mask, q_len, k_len, query.device, sliding_window)
+    probs = attention_probabilities(query, key, visible, scaling, softcap)
+    adjacency = sparse_adjacency(probs, visible, rule)
+    values = value.float()
+    if rule.graph == "reference":
+        return neighbour_sum_reference(adjacency, values)
+    backend = "dense" if rule.backend == "auto" else rule.backend
+    return NEIGHBOUR_SUMS[backend](adjacency, values)
+
+
+def _gin_features(module, query, key, value, attention_mask, scaling, kwargs, rule: AdjacencyRule):
+    """``(x_self, neighbour_sum)`` for one adapter, each ``(B, Lq, H * D)`` float32."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_heads(key, groups), repeat_heads(value, groups)
+    args = (query, key, value, attention_mask)
+    options = dict(rule=rule, scaling=scaling, softcap=kwargs.get("softcap"), sliding_window=kwargs.get("sliding_window"))
+    if rule.recompute and torch.is_grad_enabled():
+        summed = torch.utils.checkpoint.checkpoint(neighbour_sums, *args, use_reentrant=False, **options)
+    else:
+        summed = neighbour_sums(*args, **options)
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    x_self = value[..., self_index(q_len, k_len, value.device), :].float()
+    return _merge_heads(x_self), _merge_heads(summed)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, L, D) -> (B, L, H * D)``."""
+    batch, heads, length, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+def _model_eager_function(module: torch.nn.Module) -> Callable:
+    """The ``eager_attention_forward`` of the module's own modeling file (they differ per architecture)."""
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(
+            f"{type(module).__name__} is in eager mode but its modeling file has no eager_attention_forward; "
+            "load the model with attn_implementation='sdpa'."
+        )
+    return fn
+
+
+def make_attention_function(base_implementation: str) -> Callable:
+    """An attention function that runs ``base_implementation`` and serves pending GIN requests."""
+
+    def gin_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        if base_implementation == "eager":
+            base_fn = _model_eager_function(module)
+        else:
+            base_fn = ALL_ATTENTION_FUNCTIONS[base_implementation]
+        output = base_fn(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        request = _REQUEST.get()
+        if request is not None and request.module is module:
+            if scaling is None:
+                scaling = query.shape[-1] ** -0.5
+            for name, rule in request.rules.items():
+                request.results[name] = _gin_features(module, query, key, value, attention_mask, scaling, kwargs, rule)
+        return output
+
+    gin_attention.__name__ = f"{PREFIX}{base_implementation}_attention"
+    return gin_attention
+
+
+def install(base_implementation: str) -> str:
+    """Register ``gin_<base>`` with transformers' attention and mask interfaces; returns the new name."""
+    if base_implementation.startswith(PREFIX):
+        return base_implementation
+    name = f"{PREFIX}{base_implementation}"
+    if base_implementation != "eager" and base_implementation not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(
+            f"Attention implementation {base_implementation!r} is not registered in transformers' AttentionInterface; "
+            "load the model with attn_implementation='sdpa' or 'eager'."
+        )
+    if base_implementation not in ALL_MASK_ATTENTION_FUNCTIONS:
+        raise ValueError(f"transformers has no attention mask function for {base_implementation!r}; use 'sdpa' or 'eager'.")
+    AttentionInterface.register(name, make_attention_function(base_implementation))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_implementation])
+    return name
+
+
+def base_implementation(name: str) -> str:
+    """Inverse of :func:`install`'s naming."""
+    return name.removeprefix(PREFIX)

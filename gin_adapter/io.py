@@ -1,0 +1,137 @@
+"""Saving and loading GIN adapters with checks: atomic saves, safetensors only, clear errors on mismatch.
+
+PEFT's own ``save_pretrained`` / ``PeftModel.from_pretrained`` work too (after ``import gin_adapter``); these
+helpers add what a careful user wants on top: nothing half-written after a crash, pickle files refused, a corrupt
+file or an adapter made for another base model reported in plain words before any weight is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .config import PEFT_TYPE, GinConfig
+from .layer import GinBlock
+from .model import attention_dims, register, text_config
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+
+def save_adapter(model: PeftModel, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """``model.save_pretrained(path)`` written to a temporary sibling folder, then moved into place at once."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True, **kwargs)
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(target, backup)
+            os.replace(staging, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_adapter_folder(source: str | os.PathLike, **hub_kwargs: Any) -> Path:
+    """A local folder as is; otherwise a Hub repo id, downloaded (config and safetensors only)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{source!s} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(source), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"], **hub_kwargs))
+
+
+def read_adapter_config(folder: Path) -> GinConfig:
+    """The folder's ``adapter_config.json`` as a :class:`GinConfig`, or a clear error."""
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder}; is this a saved adapter folder?")
+    try:
+        data = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file} is not valid JSON ({error}); the file is corrupt, save the adapter again.") from None
+    if data.get("peft_type") != PEFT_TYPE:
+        raise ValueError(f"{config_file} describes a {data.get('peft_type')!r} adapter, not a GIN adapter; load it with peft.PeftModel.")
+    known = set(GinConfig.__dataclass_fields__)
+    return GinConfig(**{k: v for k, v in data.items() if k in known})
+
+
+def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The adapter tensors from ``adapter_model.safetensors``; pickle files are refused, corrupt files reported."""
+    weights_file = folder / WEIGHTS_NAME
+    if not weights_file.is_file():
+        pickles = [name for name in PICKLE_NAMES if (folder / name).exists()]
+        if pickles:
+            raise ValueError(
+                f"{folder} holds only {pickles[0]} (a pickle file, which can run arbitrary code when loaded). gin_adapter "
+                "loads safetensors only: re-save the adapter with save_pretrained(..., safe_serialization=True)."
+            )
+        raise FileNotFoundError(f"No {WEIGHTS_NAME} in {folder}.")
+    try:
+        return load_file(weights_file)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights_file} is truncated or corrupt ({error}); save or download the adapter again.") from None
+
+
+def check_compatible(base_model: torch.nn.Module, config: GinConfig, weights: dict[str, torch.Tensor], source: str = "") -> None:
+    """Raise ``ValueError`` listing every tensor whose shape does not fit ``base_model`` (other base model)."""
+    model_config = text_config(base_model.config)
+    in_dim, out_dim = attention_dims(None, model_config)
+    heads = model_config.num_attention_heads
+    head_dim = in_dim // heads
+    expected = {name: tuple(t.shape) for name, t in GinBlock(in_dim, config.hidden_dim, out_dim).state_dict().items()}
+    problems = []
+    for key, tensor in weights.items():
+        match = re.search(r"gin_blocks\.(?:[^.]+\.)?((?:mlp\.\d+|out_proj|norm)\.\w+|eps|scale)$", key)
+        if match is None:
+            continue
+        want = expected.get(match.group(1))
+        if want is not None and tuple(tensor.shape) != want:
+            problems.append(f"  {key}: adapter {tuple(tensor.shape)}, this base model needs {want}")
+        layer = re.search(r"\.(\d+)\.", key)
+        if layer and int(layer.group(1)) >= model_config.num_hidden_layers:
+            problems.append(f"  {key}: layer {layer.group(1)} does not exist (base model has {model_config.num_hidden_layers} layers)")
+    if problems:
+        saved_for = config.base_model_name_or_path or "an unrecorded model"
+        here = getattr(base_model.config, "_name_or_path", "") or type(base_model).__name__
+        raise ValueError(
+            f"The adapter {source} was saved for {saved_for}, which does not match this base model ({here}: hidden size "
+            f"{out_dim}, {heads} heads of {head_dim}, {model_config.num_hidden_layers} layers). Mismatched tensors:\n"
+            + "\n".join(problems[:20])
+        )
+
+
+def load_gin_model(base_model: torch.nn.Module, source: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **hub_kwargs: Any) -> PeftModel:
+    """Load a GIN adapter (local folder or Hub repo id) onto ``base_model`` after checking it fits."""
+    register()
+    folder = resolve_adapter_folder(source, **hub_kwargs)
+    config = read_adapter_config(folder)
+    weights = read_adapter_weights(folder)
+    check_compatible(base_model, config, weights, source=str(source))
+    here = getattr(base_model.config, "_name_or_path", "")
+    if config.base_model_name_or_path and here and Path(config.base_model_name_or_path).name != Path(here).name:
+        logger.warning("Adapter was trained on %s but is loaded onto %s (shapes match).", config.base_model_name_or_path, here)
+    return PeftModel.from_pretrained(base_model, folder, adapter_name=adapter_name, is_trainable=is_trainable)

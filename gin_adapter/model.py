@@ -1,0 +1,192 @@
+"""PEFT integration: the GIN tuner, which modules it wraps per architecture, and ``get_gin_model``.
+
+PEFT's ``PeftType`` enum is closed, but its three registration mappings accept a string key and its save, load and
+Hub paths work with a string ``peft_type``. Importing :mod:`gin_adapter` registers ``"GIN"`` there, so
+``PeftModel.from_pretrained(base, path)`` loads GIN adapters after ``import gin_adapter``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+from peft import PeftModel, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from . import attention
+from .config import PEFT_TYPE, GinConfig
+from .layer import GinAttentionLayer
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "gin_"
+
+#: Attention modules wrapped by default, per ``config.model_type``.
+TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["self_attn"],
+    "mistral": ["self_attn"],
+    "mixtral": ["self_attn"],
+    "qwen2": ["self_attn"],
+    "qwen2_moe": ["self_attn"],
+    "qwen3": ["self_attn"],
+    "qwen3_moe": ["self_attn"],
+    "gemma": ["self_attn"],
+    "gemma2": ["self_attn"],
+    "gemma3": ["self_attn"],
+    "gemma3_text": ["self_attn"],
+    "phi3": ["self_attn"],
+    "olmo2": ["self_attn"],
+    "gpt2": ["attn"],
+}
+
+
+def text_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The decoder's config (multimodal configs nest it, e.g. Gemma 3's ``text_config``)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _layer_index(module: nn.Module, name: str) -> int:
+    index = getattr(module, "layer_idx", None)
+    if index is None:
+        numbers = re.findall(r"\.(\d+)(?:\.|$)", name)
+        if not numbers:
+            raise ValueError(f"Cannot tell which layer {name!r} belongs to; wrap modules inside numbered layer lists.")
+        index = int(numbers[-1])
+    return int(index)
+
+
+def initial_scale(config: GinConfig, layer_index: int, num_layers: int) -> float:
+    """0 everywhere for ``scale_init='zero'``; ``scale_max * k / (N - 1)`` for the published linear schedule."""
+    if config.scale_init == "zero" or num_layers <= 1:
+        return 0.0
+    return config.scale_max * layer_index / (num_layers - 1)
+
+
+class GinModel(BaseTuner):
+    """PEFT tuner that wraps attention modules with :class:`~gin_adapter.layer.GinAttentionLayer`."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = GinAttentionLayer
+    target_module_mapping = TARGET_MODULES
+
+    def _prepare_adapter_config(self, peft_config: GinConfig, model_config: dict) -> GinConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            text_type = model_config.get("text_config", {}).get("model_type") if isinstance(model_config.get("text_config"), dict) else None
+            targets = TARGET_MODULES.get(model_type) or TARGET_MODULES.get(text_type)
+            if targets is None:
+                raise ValueError(
+                    f"gin_adapter does not know which attention modules to wrap for model_type={model_type!r}. "
+                    f"Known: {sorted(TARGET_MODULES)}. Pass GinConfig(target_modules=[...]) with the name of the "
+                    "self-attention module inside each decoder layer (e.g. 'self_attn'); it must call transformers' "
+                    "attention interface."
+                )
+            peft_config.target_modules = list(targets)
+        return peft_config
+
+    def _pre_injection_hook(self, model: nn.Module, config: GinConfig, adapter_name: str) -> None:
+        implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+        gin_name = attention.install(implementation)
+        for module in model.modules():
+            module_config = getattr(module, "config", None)
+            if isinstance(module_config, PretrainedConfig):
+                _set_attn_implementation(module_config, gin_name)
+
+    def _create_and_replace(self, peft_config: GinConfig, adapter_name: str, target: nn.Module, target_name: str, parent: nn.Module, current_key: str, **kwargs: Any) -> None:
+        if not _looks_like_attention(target):
+            raise ValueError(
+                f"{current_key!r} ({type(target).__name__}) is not an attention module; GinConfig.target_modules must "
+                "name self-attention modules (e.g. 'self_attn')."
+            )
+        model_config = text_config(self.model.config)
+        layer_index = _layer_index(target, current_key)
+        scale = initial_scale(peft_config, layer_index, model_config.num_hidden_layers)
+        if isinstance(target, GinAttentionLayer):
+            target.update_layer(adapter_name, peft_config, scale_init=scale)
+            return
+        in_dim, out_dim = attention_dims(target, model_config)
+        new_module = GinAttentionLayer(target, adapter_name, peft_config, in_dim=in_dim, out_dim=out_dim, scale_init=scale, layer_index=layer_index)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(
+            "A GIN adapter cannot be merged into the base model: its correction depends on each input's attention "
+            "graph, so there is no weight delta to add. Use `unload()` to get the base model back, or keep the "
+            "PeftModel for inference."
+        )
+
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
+        model = super()._unload_and_optionally_merge(merge=merge, **kwargs)
+        for module in model.modules():
+            module_config = getattr(module, "config", None)
+            if isinstance(module_config, PretrainedConfig):
+                _set_attn_implementation(module_config, attention.base_implementation(module_config._attn_implementation or "eager"))
+        return model
+
+
+def _set_attn_implementation(config: PretrainedConfig, name: str) -> None:
+    config._attn_implementation = name
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if isinstance(sub, PretrainedConfig):
+            sub._attn_implementation = name
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    return isinstance(module, GinAttentionLayer) or "attention" in type(module).__name__.lower()
+
+
+def attention_dims(module: nn.Module | None, config: PretrainedConfig) -> tuple[int, int]:
+    """``(H * head_dim, hidden_size)``: width of the concatenated value heads and of the model."""
+    heads = config.num_attention_heads
+    head_dim = getattr(module, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads * head_dim, config.hidden_size
+
+
+def register() -> None:
+    """Make PEFT know the ``"GIN"`` type (idempotent; runs on ``import gin_adapter``)."""
+    PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = GinConfig
+    PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = GinModel
+    PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = PREFIX
+
+
+def get_gin_model(model: PreTrainedModel, config: GinConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+    """Wrap ``model``'s attention modules with a Sparse-GIN adapter; only the adapter trains.
+
+    Returns a :class:`peft.PeftModel` (``print_trainable_parameters``, ``save_pretrained``, ``push_to_hub``,
+    ``add_adapter``/``set_adapter``, ``disable_adapter()``, ``unload()``). Works with any attention
+    implementation the model was loaded with.
+    """
+    if not isinstance(config, GinConfig):
+        raise TypeError(f"get_gin_model needs a GinConfig, got {type(config).__name__}.")
+    register()
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    logger.info("Wrapped %d attention modules with GIN adapter %r", len(gin_layers(peft_model)), adapter_name)
+    return peft_model
+
+
+def gin_layers(model: nn.Module) -> list[GinAttentionLayer]:
+    """The wrapped attention modules, in layer order."""
+    layers = [m for m in model.modules() if isinstance(m, GinAttentionLayer)]
+    return sorted(layers, key=lambda layer: layer.layer_index)
+
+
+def layer_scales(model: nn.Module, adapter_name: str | None = None) -> list[float]:
+    """The learnable per-layer scale of ``adapter_name`` (default: the active adapter), in layer order."""
+    layers = gin_layers(model)
+    if not layers:
+        raise ValueError("The model has no GIN layers; wrap it with get_gin_model first.")
+    name = adapter_name or layers[0].active_adapters[0]
+    return [float(layer.gin_blocks[name].scale.detach().float().item()) for layer in layers if name in layer.gin_blocks]
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    """Number of parameters with ``requires_grad``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny randomly initialised causal LMs of every supported family (seconds to build)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=None)),
+    "gemma": ("GemmaConfig", dict(num_key_value_heads=2, head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)),
+    "gemma3": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+}
+
+
+def tiny_model(arch: str = "llama", attn_implementation: str = "sdpa", seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """A tiny random causal LM of family ``arch`` in eval mode (fp32)."""
+    config_name, extra = ARCHITECTURES[arch]
+    kwargs = {**TINY, **extra, **overrides}
+    if arch == "gpt2":
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")}
+    config = getattr(transformers, config_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def perturb_adapter(model: torch.nn.Module, scale: float = 0.5, seed: int = 1) -> None:
+    """Give every GIN block a non-zero scale and random eps, so the adapter is far from the identity."""
+    from gin_adapter import gin_layers
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in gin_layers(model):
+            for block in layer.gin_blocks.values():
+                block.scale.fill_(scale)
+                block.eps.copy_(torch.rand(1, generator=generator))
+
+
+@pytest.fixture
+def make_model():
+    return tiny_model
