@@ -115,6 +115,12 @@ class GinModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(new_module, GinAttentionLayer):
+            super()._replace_module(parent, child_name, new_module, child)
+        else:  # unloading: put the original attention module back as it was
+            setattr(parent, child_name, new_module)
+
     def _check_merge_allowed(self) -> None:
         raise ValueError(
             "A GIN adapter cannot be merged into the base model: its correction depends on each input's attention "
