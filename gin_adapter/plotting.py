@@ -70,6 +70,7 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp_name, format="png")
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a figure is meant to be shared
         os.replace(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):
