@@ -1,0 +1,363 @@
+"""The YAML schema of ``train.py``: dataclasses with validation.
+
+One YAML file describes one experiment: a model, a corpus, a training recipe and
+a list of runs (``method: gin`` or ``method: lora``) that share that recipe, the
+learning rates and the seeds. A file with a single top-level ``method:`` (and
+optional ``gin:``/``lora:`` blocks) is shorthand for one run.
+
+Every mistake is reported as a ``ValueError`` that names the field, the value
+and what to do, before any model is loaded::
+
+    cfg = TrainingConfig.from_yaml("configs/compare.yaml", overrides=["max_steps=5"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+METHODS = ("gin", "lora")
+DATA_SOURCES = ("wiki", "hub", "files")
+MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
+TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "all")
+
+Method = Literal["gin", "lora"]
+DataSource = Literal["wiki", "hub", "files"]
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``2e-4`` as a float (PyYAML's YAML 1.1 rules make it a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely, with ``1e-4``-style floats."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    """A dataclass field carrying a one-line help text (PEFT style)."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes fixed-length training blocks."""
+
+    source: DataSource = _help("'wiki' (embedded Wikipedia intros), 'hub' (datasets.load_dataset(name)) or 'files' (local text/json/csv)", default="wiki")
+    name: str | None = _help("dataset name or local dataset folder for source=hub", default=None)
+    subset: str | None = _help("dataset configuration name for source=hub (the second argument of load_dataset)", default=None)
+    split: str = _help("split to read documents from (slicing such as 'train[:5000]' works)", default="train")
+    val_split: str | None = _help("an existing validation split to use instead of hashing documents into train/val", default=None)
+    files: list[str] = _help("local files for source=files (.txt, .json/.jsonl, .csv; one builder per run)", default_factory=list)
+    text_column: str = _help("column holding the document text (ignored when a template is given)", default="text")
+    template: str | None = _help("str.format template over the columns, e.g. '### User: {question} ### Assistant: {answer}'", default=None)
+    split_key: str | None = _help("column whose hash puts a document in train or val (default: title for wiki, the text otherwise)", default=None)
+    block_size: int = _help("tokens per packed block (documents are joined with eos and cut into blocks)", default=256)
+    val_fraction: float = _help("fraction of documents (by hash of split_key) held out for validation", default=0.05)
+    max_documents: int | None = _help("use at most this many documents (a fixed random subset, taken before splitting and tokenising)", default=None)
+    max_train_blocks: int | None = _help("keep at most this many training blocks (a fixed random subset)", default=None)
+    max_val_blocks: int | None = _help("keep at most this many validation blocks (a fixed random subset)", default=None)
+
+    def validate(self) -> None:
+        _check_choice("data.source", self.source, DATA_SOURCES)
+        if self.source == "hub" and not self.name:
+            raise ValueError("data.name is required when data.source='hub': give a dataset name or a local dataset folder.")
+        if self.source == "files" and not self.files:
+            raise ValueError("data.files is empty but data.source='files': list one or more .txt/.json/.jsonl/.csv files.")
+        if isinstance(self.files, str):
+            self.files = [self.files]
+        _check_positive_int("data.block_size", self.block_size)
+        if not (isinstance(self.val_fraction, (int, float)) and 0.0 < self.val_fraction < 1.0) and self.val_split is None:
+            raise ValueError(f"data.val_fraction={self.val_fraction!r} must be strictly between 0 and 1 (e.g. 0.05).")
+        for name in ("max_documents", "max_train_blocks", "max_val_blocks"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_positive_int(f"data.{name}", value)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA (PEFT) settings of a ``method: lora`` run."""
+
+    r: int | None = _help("LoRA rank; null = chosen so the trainable parameters match the GIN run (see budget)", default=None)
+    alpha: float | None = _help("lora_alpha; null = 2 * r", default=None)
+    target_modules: list[str] = _help("names of the Linear modules LoRA adapts", default_factory=lambda: ["q_proj", "v_proj"])
+    dropout: float = _help("lora_dropout", default=0.0)
+
+    def validate(self, where: str) -> None:
+        if self.r is not None:
+            _check_positive_int(f"{where}.r", self.r)
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if not self.target_modules:
+            raise ValueError(f"{where}.target_modules is empty: name at least one Linear module, e.g. [q_proj, v_proj].")
+
+
+@dataclass
+class RunConfig:
+    """One fine-tuning run of the comparison: a method and its settings."""
+
+    name: str = _help("label of the run in results.json, plots and adapters/<name>/")
+    method: Method = _help("'gin' (Sparse-GIN adapter) or 'lora' (PEFT LoRA)", default="gin")
+    gin: dict[str, Any] = _help("GinConfig fields for method=gin (GinConfig(**gin))", default_factory=dict)
+    lora: LoraSettings = _help("LoRA settings for method=lora", default_factory=LoraSettings)
+    learning_rates: list[float] | None = _help("overrides the top-level learning_rates for this run", default=None)
+
+    def validate(self, where: str) -> None:
+        if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"{where}.name={self.name!r} must be a non-empty folder-safe string (no '/').")
+        _check_choice(f"{where}.method", self.method, METHODS, hint="Set method: gin or method: lora.")
+        if self.method != "gin" and self.gin:
+            raise ValueError(f"{where} has method={self.method!r} but a gin: block; remove it or set method: gin.")
+        if not isinstance(self.gin, dict):
+            raise ValueError(f"{where}.gin must be a mapping of GinConfig fields, got {self.gin!r}.")
+        self.lora.validate(f"{where}.lora")
+        if self.learning_rates is not None:
+            _check_learning_rates(f"{where}.learning_rates", self.learning_rates)
+
+
+@dataclass
+class BudgetConfig:
+    """How the LoRA rank (or the GIN hidden size) is matched to equal trainable parameters."""
+
+    match: bool = _help("choose LoRA ranks left null so LoRA and GIN train the same number of parameters", default=True)
+    tolerance: float = _help("largest allowed relative difference |lora - gin| / gin", default=0.05)
+    reference: str | None = _help("name of the GIN run whose parameter count sets the budget (default: the first GIN run)", default=None)
+
+    def validate(self) -> None:
+        if not (isinstance(self.tolerance, (int, float)) and 0 < self.tolerance < 1):
+            raise ValueError(f"budget.tolerance={self.tolerance!r} must be in (0, 1), e.g. 0.05 for 5 %.")
+
+
+@dataclass
+class TrainingConfig:
+    """A whole experiment: shared recipe, data, and the runs to compare."""
+
+    model: str = _help("Hub id, local folder, or 'embedded' (the packaged SmolLM2-135M-Instruct)", default="embedded")
+    dtype: str = _help("dtype the weights are loaded in: float32, bfloat16, float16 or auto", default="float32")
+    attn_implementation: str | None = _help("attention implementation passed to from_pretrained (null = the model default)", default=None)
+    output_dir: str = _help("results folder (results.json, plots, adapters, checkpoints)", default="runs/compare")
+    data: DataConfig = _help("corpus and blocking", default_factory=DataConfig)
+    runs: list[RunConfig] = _help("the runs to compare; each is trained for every learning rate and seed", default_factory=list)
+    learning_rates: list[float] = _help("peak learning rates tried for every run (the best one is reported)", default_factory=lambda: [2e-4])
+    seeds: list[int] = _help("seeds; the summary gives mean and std over them at the best learning rate", default_factory=lambda: [0])
+    max_steps: int = _help("optimizer steps per run", default=100)
+    per_device_batch_size: int = _help("blocks per device per micro-batch", default=4)
+    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
+    eval_batch_size: int = _help("blocks per device per evaluation batch", default=4)
+    warmup_steps: int = _help("linear warmup steps before the constant learning rate", default=50)
+    max_grad_norm: float | None = _help("gradient clipping norm (null = no clipping)", default=0.5)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    eval_every: int = _help("evaluate validation perplexity every N steps (0 = only at the end)", default=0)
+    eval_at_start: bool = _help("also evaluate each run at step 0 (otherwise the base model's perplexity is used as step 0)", default=False)
+    log_every: int = _help("log the training loss (and GIN scales) every N steps", default=1)
+    checkpoint_every: int = _help("save a resumable checkpoint every N steps (0 = never)", default=0)
+    keep_checkpoints: int = _help("complete checkpoints kept per run (older ones are deleted)", default=2)
+    log_with: list[str] = _help("Accelerate trackers, e.g. [tensorboard, trackio] (default: none)", default_factory=list)
+    mixed_precision: str | None = _help("no/fp16/bf16; null = whatever the Accelerate config or launch flags say", default=None)
+    budget: BudgetConfig = _help("parameter-budget matching between GIN and LoRA", default_factory=BudgetConfig)
+    ddp_find_unused_parameters: bool = _help("pass find_unused_parameters to DDP (only needed if an adapter leaves parameters unused)", default=False)
+    debug_crash_at_step: int | None = _help("testing only: os._exit(17) right after this step (checkpoint included) of the first run reaching it; ignored with --resume", default=None)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainingConfig:
+        """Build and validate a config from a plain mapping (e.g. parsed YAML)."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"the config must be a mapping of fields, got {type(raw).__name__}.")
+        raw = dict(raw)
+        single = {key: raw.pop(key) for key in ("method", "gin", "lora", "name") if key in raw}
+        if single:
+            if raw.get("runs"):
+                raise ValueError(f"the config has both runs: and top-level {sorted(single)}; put method/gin/lora inside runs:.")
+            single.setdefault("method", "gin")
+            single.setdefault("name", str(single["method"]))
+            raw["runs"] = [single]
+        _check_keys("config", raw, cls)
+        kwargs: dict[str, Any] = dict(raw)
+        if "data" in raw:
+            kwargs["data"] = _build(DataConfig, raw["data"] or {}, "data")
+        if "budget" in raw:
+            kwargs["budget"] = _build(BudgetConfig, raw["budget"] or {}, "budget")
+        runs = raw.get("runs") or []
+        if not isinstance(runs, list):
+            raise ValueError(f"runs must be a list of runs, got {runs!r}.")
+        built = []
+        for i, run in enumerate(runs):
+            if not isinstance(run, dict):
+                raise ValueError(f"runs[{i}] must be a mapping like {{name: gin, method: gin}}, got {run!r}.")
+            run = dict(run)
+            run.setdefault("name", str(run.get("method", f"run{i}")))
+            if "lora" in run:
+                run["lora"] = _build(LoraSettings, run["lora"] or {}, f"runs[{i}].lora")
+            if run.get("gin") is None:
+                run["gin"] = {}
+            built.append(_build(RunConfig, run, f"runs[{i}]"))
+        kwargs["runs"] = built
+        for name in ("log_with", "learning_rates", "seeds"):
+            if name in kwargs and not isinstance(kwargs[name], list):
+                kwargs[name] = [kwargs[name]]
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainingConfig:
+        """Read a YAML file, apply ``key.sub=value`` overrides (values parsed as YAML), validate."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist; pass --config configs/quick.yaml or another YAML file.")
+        raw = load_yaml(path.read_text()) or {}
+        for item in overrides or []:
+            apply_override(raw, item)
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-serialisable copy (stored in results.json)."""
+        return dataclasses.asdict(self)
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be a Hub id, a local folder or 'embedded'.")
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
+        self.data.validate()
+        self.budget.validate()
+        if not self.runs:
+            raise ValueError("runs is empty: add e.g. runs: [{name: gin, method: gin}, {name: lora, method: lora}] or a top-level method: gin.")
+        names = [run.name for run in self.runs]
+        for i, run in enumerate(self.runs):
+            run.validate(f"runs[{i}]")
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"run names must be unique; {duplicated} appear more than once. Give each run its own name:.")
+        if self.budget.reference is not None:
+            gin_names = [run.name for run in self.runs if run.method == "gin"]
+            if self.budget.reference not in gin_names:
+                raise ValueError(f"budget.reference={self.budget.reference!r} is not the name of a GIN run; GIN runs: {gin_names}.")
+        needs_budget = [run.name for run in self.runs if run.method == "lora" and run.lora.r is None]
+        if needs_budget and not (self.budget.match and any(run.method == "gin" for run in self.runs)):
+            raise ValueError(
+                f"LoRA run(s) {needs_budget} have lora.r: null, which means 'match the GIN budget', but "
+                f"{'budget.match is false' if not self.budget.match else 'there is no GIN run'}; set lora: {{r: 8}} explicitly."
+            )
+        _check_learning_rates("learning_rates", self.learning_rates)
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise ValueError(f"seeds={self.seeds!r} must be a non-empty list of integers, e.g. [0, 1].")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds!r} contains duplicates.")
+        for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every", "keep_checkpoints"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an integer >= 0.")
+        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be positive or null (no clipping).")
+        if self.mixed_precision is not None:
+            _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        for tracker in self.log_with:
+            _check_choice("log_with", tracker, TRACKERS, hint="Use e.g. log_with: [tensorboard].")
+        if self.debug_crash_at_step is not None:
+            _check_positive_int("debug_crash_at_step", self.debug_crash_at_step)
+
+    def learning_rates_for(self, run: RunConfig) -> list[float]:
+        """The learning rates tried for ``run`` (its own list, else the shared one)."""
+        return list(run.learning_rates if run.learning_rates is not None else self.learning_rates)
+
+    def comparable_dict(self) -> dict[str, Any]:
+        """The fields that must not change when a run is resumed."""
+        d = self.to_dict()
+        for key in ("log_with", "debug_crash_at_step", "output_dir", "checkpoint_every", "keep_checkpoints"):
+            d.pop(key, None)
+        return d
+
+
+# ---------------------------------------------------------------------- helpers
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; list items are addressed by index (``runs.0.gin.hidden_dim=16``)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value, e.g. max_steps=10 or data.block_size=128.")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"override {item!r}: {'.'.join(parts[:i])} has {len(node)} items; {part!r} is not a valid index.")
+            index = int(part)
+            if last:
+                node[index] = load_yaml(value)
+            else:
+                node = node[index]
+        else:
+            if last:
+                node[part] = load_yaml(value)
+            else:
+                node = node.setdefault(part, {})
+                if node is None:
+                    raise ValueError(f"override {item!r}: {part!r} is null in the config.")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a mapping, got {raw!r}.")
+    _check_keys(where, raw, cls)
+    required = [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in raw]
+    if missing:
+        raise ValueError(f"{where} lacks required field(s) {missing}.")
+    return cls(**raw)
+
+
+def _check_keys(where: str, raw: dict[str, Any], cls: type) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{where} has unknown field(s) {unknown}; valid fields are {sorted(known)}.")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...], hint: str = "") -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; use one of {list(choices)}. {hint}".rstrip())
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+
+
+def _check_learning_rates(name: str, values: Any) -> None:
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{name}={values!r} must be a non-empty list of positive numbers, e.g. [2e-4].")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} contains {value!r}; learning rates must be finite positive numbers.")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name}={values!r} contains duplicates.")
+
+
+__all__ = ["load_yaml", "TrainingConfig", "DataConfig", "RunConfig", "LoraSettings", "BudgetConfig", "apply_override", "METHODS"]
+assert set(get_args(Method)) == set(METHODS)
