@@ -1,0 +1,118 @@
+"""The benchmark script's functions at toy sizes (a tiny random Llama), so benchmarks/ does not rot."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import prototypes  # noqa: E402
+from benchmarks import run_benchmarks as rb  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: on a shared 2-core machine OpenMP barriers stall tiny kernels (seconds instead of milliseconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _ids(batch: int, length: int) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_train_suite_rows_and_saved_tensor_accounting():
+    base = tiny_model("llama")
+    base.requires_grad_(False)
+    result = rb.run_train(base, _ids(2, 24), list(rb.ALL_VARIANTS), warmup=0, steps=1, device=CPU, collect=False, input_grad=True)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == set(rb.ALL_VARIANTS)
+    assert rows["base"]["trainable_params"] == 0
+    # LoRA rank matched to the GIN's parameter count
+    assert abs(rows["lora"]["trainable_params"] - rows["gin"]["trainable_params"]) <= rows["gin"]["trainable_params"] * 0.5
+    for row in rows.values():
+        assert row["step_s"] > 0 and row["step_peak_mib"] > 0
+    # the sdpa path keeps nothing of size (B, H, L, L) for backward; the published-style eager path does
+    for name in ("gin", "gin_pyg", "gin_fused", "gin_detached", "gin_thr"):
+        assert rows[name]["saved_attention_maps"] == 0, rows[name]["saved_square_shapes"]
+    assert rows["published"]["saved_attention_maps"] > 0
+
+
+def test_equivalence_checks_pass():
+    base = tiny_model("llama")
+    base.requires_grad_(False)
+    checks = rb.equivalence_checks(base, _ids(2, 20))
+    assert all(c["allclose"] for c in checks if "allclose" in c), checks
+    assert checks[-1]["max_abs_logit_diff"] > 0  # the perturbed adapter does change the output
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_fused_prototype_matches_core(mask):
+    from gin_adapter.adjacency import AdjacencyRule
+    from gin_adapter.attention import neighbour_sums, repeat_heads
+    from gin_adapter.config import GinConfig
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 12, 8, generator=generator, requires_grad=True)
+    k, v = (torch.randn(2, 2, 12, 8, generator=generator, requires_grad=True) for _ in range(2))
+    attention_mask = None
+    if mask:
+        attention_mask = torch.ones(2, 1, 12, 12, dtype=torch.bool).tril()
+        attention_mask[0, :, :, :3] = False  # left padding
+    rule = AdjacencyRule.from_config(GinConfig(top_k=3))
+    core = neighbour_sums(q, repeat_heads(k, 2), repeat_heads(v, 2), attention_mask, rule, 8**-0.5)
+    weights = torch.randn(core.shape, generator=generator)
+    core_grads = torch.autograd.grad((core * weights).sum(), (q, k, v))
+    for mode in ("dense", "gather"):
+        fused = prototypes.fused_topk_neighbour_sums(q, k, v, attention_mask, 3, 8**-0.5, mode)
+        fused_grads = torch.autograd.grad((fused * weights).sum(), (q, k, v))
+        assert torch.allclose(fused, core, atol=1e-5)
+        for a, b in zip(core_grads, fused_grads):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_eval_generate_and_summary(tmp_path):
+    base = tiny_model("llama")
+    base.requires_grad_(False)
+    evals = rb.run_eval(base, _ids(2, 16), ["base", "lora", "gin", "gin_fused"], warmup=0, steps=1, device=CPU, collect=False)
+    gen = rb.run_generate(base, None, _ids(1, 8), ["base", "lora", "gin", "gin_fused"], new_tokens=3, warmup=0, steps=1, device=CPU, collect=False)
+    assert all(r["tokens_per_s"] > 0 for r in evals + gen["rows"])
+    assert gen["same_tokens_as_gin"]["gin_fused"]
+    results = {"eval": evals, "generate": gen}
+    results["summary"] = rb.summarize(results)
+    assert results["summary"]["targets"]["generate GIN/LoRA >= 0.85"]["value"] > 0
+    assert "Cached generate()" in rb.markdown_tables(results)
+
+
+def test_crossover_and_plot(tmp_path):
+    args = rb.parse_args(["--crossover-lens", "32,64", "--crossover-topk", "4,8", "--crossover-reps", "1", "--crossover-full-max-len", "64"])
+    rows = rb.run_crossover(args)
+    assert len(rows) == 4
+    for row in rows:
+        assert row["dense_ms"] > 0 and row["pyg_ms"] > 0 and row["full_fused_ms"] > 0
+        assert all(row["allclose"].values()), row["allclose"]
+    rb.plot_crossover(rows, tmp_path / "crossover.png")
+    assert (tmp_path / "crossover.png").stat().st_size > 0
+    assert "Crossover" in rb.markdown_tables({"crossover": rows})
+
+
+def test_report_rerenders_saved_results(tmp_path):
+    import json
+
+    row = lambda name, t: dict(variant=name, label=rb.LABELS[name], batch=1, seq_len=8, layers=2, trainable_params=1,  # noqa: E731
+                               step_s=t, step_s_all=[t, t], step_cpu_s=t, step_wall_s=t, step_peak_mib=1.0, total_peak_mib=2.0,
+                               saved_attention_maps=0)
+    path = tmp_path / "benchmark_results.json"
+    path.write_text(json.dumps({"train": [{"rows": [row("lora", 1.0), row("gin", 1.1)]}]}))
+    results = rb.main(["--report", str(path)])
+    assert results["summary"]["targets"]["train GIN/LoRA <= 1.15"]["met"] is True
+    assert "Training step" in json.loads(path.read_text())["markdown"]
