@@ -23,7 +23,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .adjacency import AdjacencyRule, attention_probabilities, self_index, sparse_adjacency, visible_keys
+from .adjacency import AdjacencyRule, attention_probabilities, sparse_adjacency, visible_keys
 from .gin import NEIGHBOUR_SUMS, neighbour_sum_reference
 
 PREFIX = "gin_"
@@ -66,14 +66,17 @@ def neighbour_sums(
     scaling: float,
     softcap: float | None = None,
     sliding_window: int | None = None,
+    groups: int = 1,
 ) -> torch.Tensor:
     """GIN neighbourhood sum ``sum_j A[i, j] v_j`` per head, from the attention's own q, k, v.
 
     Args:
-        query: ``(B, H, Lq, D)``; key, value: ``(B, H, Lk, D)`` (heads already repeated).
+        query: ``(B, H, Lq, D)``; key, value: ``(B, H / groups, Lk, D)``, repeated here to ``H`` heads (inside the
+            checkpoint, so only the unrepeated KV tensors are kept for backward).
     Returns:
         ``(B, H, Lq, D)`` float32.
     """
+    key, value = repeat_heads(key, groups), repeat_heads(value, groups)
     q_len, k_len = query.shape[-2], key.shape[-2]
     visible = visible_keys(attention_mask, q_len, k_len, query.device, sliding_window)
     probs = attention_probabilities(query, key, visible, scaling, softcap)
@@ -88,15 +91,14 @@ def neighbour_sums(
 def _gin_features(module, query, key, value, attention_mask, scaling, kwargs, rule: AdjacencyRule):
     """``(x_self, neighbour_sum)`` for one adapter, each ``(B, Lq, H * D)`` float32."""
     groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_heads(key, groups), repeat_heads(value, groups)
     args = (query, key, value, attention_mask)
-    options = dict(rule=rule, scaling=scaling, softcap=kwargs.get("softcap"), sliding_window=kwargs.get("sliding_window"))
+    options = dict(rule=rule, scaling=scaling, softcap=kwargs.get("softcap"), sliding_window=kwargs.get("sliding_window"), groups=groups)
     if rule.recompute and torch.is_grad_enabled():
         summed = torch.utils.checkpoint.checkpoint(neighbour_sums, *args, use_reentrant=False, **options)
     else:
         summed = neighbour_sums(*args, **options)
     q_len, k_len = query.shape[-2], key.shape[-2]
-    x_self = value[..., self_index(q_len, k_len, value.device), :].float()
+    x_self = repeat_heads(value[..., k_len - q_len :, :], groups).float()  # the queries are the last Lq keys
     return _merge_heads(x_self), _merge_heads(summed)
 
 
