@@ -10,18 +10,22 @@ Suites (``--suite``):
 
 * ``train``: one optimiser step (forward, backward, AdamW) per variant, at each ``--seq-lens`` length, plus one
   instrumented step per variant for peak memory and what autograd keeps for backward. Also checks, on a small
-  input, that the published-style re-creation, the pyg backend and the fused prototype compute the same as
-  ``gin_adapter`` (``torch.allclose`` on logits and adapter gradients).
+  input, that the published-style re-creation computes the same as ``gin_thr``, and that the fused top-k kernel
+  (the default), the generic chain and the pyg backend compute the same (``torch.allclose`` on logits and adapter
+  gradients).
 * ``eval``: forward-only tokens/s (``torch.inference_mode``, loss computed as in perplexity evaluation).
 * ``generate``: cached greedy ``generate()`` tokens/s.
 * ``crossover``: the GIN neighbour sum, dense (masked matmul) vs torch_geometric message passing vs a gather
-  over top-k indices, over sequence length and neighbours per token; writes ``crossover.png``.
+  over top-k indices, over sequence length and neighbours per token, and the whole per-head computation (scores,
+  top-k, sum) of the generic chain vs the fused kernel's two sum modes; writes ``crossover.png``.
 
 Variants: ``base`` (frozen floor: no trainable parameter; the input embeddings require grad so backward runs
 through every layer, which any adapter in every layer must pay), ``lora`` (peft LoRA on q_proj, v_proj, rank
-chosen to match the GIN's trainable-parameter count), ``gin`` (package default, dense backend), ``gin_pyg``
-(``backend="pyg"``), ``gin_fused`` (the default GIN with the neighbour sum from ``benchmarks/prototypes.py``,
-a proposed core change, same numbers), ``gin_thr`` (GIN with the published adjacency rule: heads summed,
+chosen to match the GIN's trainable-parameter count), ``gin`` (package default: per-head top-8 through the fused
+top-k kernel of ``gin_adapter/topk_sum.py``), ``gin_generic`` (the same rule through the generic checkpointed chain
+of ``gin_adapter/attention.py``: probabilities, top-k, dense sum; the default before the kernel existed),
+``gin_pyg`` (``backend="pyg"``: the generic chain with message passing), ``gin_detached``
+(``adjacency_grad=False``: the graph is a constant in backward), ``gin_thr`` (GIN with the published adjacency rule: heads summed,
 sharpen and threshold) and ``published`` (``benchmarks/published.py``: the published code's way of computing
 ``gin_thr``'s output: eager attention, per-sample ``nonzero()`` + PyG ``Batch``, message passing).
 
@@ -63,28 +67,29 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import prototypes  # noqa: E402
 from benchmarks.published import build_published_model, published_blocks  # noqa: E402
 from gin_adapter import GinConfig, count_trainable_parameters, get_gin_model, gin_layers  # noqa: E402
+from gin_adapter.adjacency import AdjacencyRule  # noqa: E402
+from gin_adapter.topk_sum import _gather_rows, topk_neighbour_sum  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
-ALL_VARIANTS = ("base", "lora", "gin", "gin_pyg", "gin_fused", "gin_detached", "gin_thr", "published")
+ALL_VARIANTS = ("base", "lora", "gin", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published")
 LABELS = {
     "base": "frozen base (floor)",
     "lora": "LoRA (q_proj, v_proj), matched params",
-    "gin": "GIN, dense backend (package default)",
-    "gin_pyg": "GIN, backend='pyg'",
-    "gin_fused": "GIN, fused top-k prototype (proposed)",
-    "gin_detached": "GIN, fused prototype, graph detached (proposed option)",
+    "gin": "GIN, package default (fused top-k kernel)",
+    "gin_generic": "GIN, same rule, generic chain (previous default)",
+    "gin_pyg": "GIN, backend='pyg' (generic chain)",
+    "gin_detached": "GIN, adjacency_grad=False",
     "gin_thr": "GIN, published rule (sum + threshold), dense",
     "published": "published-style re-creation of gin_thr",
 }
 GIN_CONFIGS: dict[str, dict] = {
     "gin": dict(),
+    "gin_generic": dict(),
     "gin_pyg": dict(backend="pyg"),
-    "gin_fused": dict(),
-    "gin_detached": dict(),
+    "gin_detached": dict(adjacency_grad=False),
     "gin_thr": dict(head_reduction="sum", sparsify="threshold"),
 }
 MiB = 1024**2
@@ -120,10 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--long-steps", type=length_map, default=length_map("1024:2,4096:1"), help="timed rounds per long length (L:steps; default 2)")
     p.add_argument("--long-warmup", type=int, default=1)
     p.add_argument("--variants", type=csv(), default=list(ALL_VARIANTS), help="training variants")
-    p.add_argument("--long-variants", type=csv(), default=["base", "lora", "gin", "gin_fused", "gin_thr", "published"])
-    p.add_argument("--eval-variants", type=csv(), default=["base", "lora", "gin", "gin_pyg", "gin_fused"])
+    p.add_argument("--long-variants", type=csv(), default=["base", "lora", "gin", "gin_generic", "gin_detached", "gin_thr", "published"])
+    p.add_argument("--eval-variants", type=csv(), default=["base", "lora", "gin", "gin_generic", "gin_pyg"])
     p.add_argument("--eval-steps", type=int, default=2)
-    p.add_argument("--gen-variants", type=csv(), default=["base", "lora", "gin", "gin_fused"])
+    p.add_argument("--gen-variants", type=csv(), default=["base", "lora", "gin", "gin_generic"])
     p.add_argument("--gen-batch", type=int, default=1)
     p.add_argument("--gen-prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--gen-tokens", type=int, default=32, help="new tokens per generate() call")
@@ -140,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-budget-s", type=float, default=1.5, help="a crossover backend slower than this per call at some (L, k) is skipped at longer L with the same k")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the train/eval forward of base, lora, gin, gin_fused, gin_thr (not pyg/published: host syncs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the train/eval forward of base, lora and the GIN variants except gin_pyg, and not published (host syncs)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--timer", choices=["auto", "wall", "cpu"], default="auto",
                    help="time that medians and ratios use; auto: process CPU time when on CPU with one thread (robust on a shared machine), else wall")
@@ -277,6 +282,24 @@ def gin_config(name: str) -> GinConfig:
     return GinConfig(**GIN_CONFIGS[name])
 
 
+@dataclass(frozen=True)
+class GenericChainRule(AdjacencyRule):
+    """An adjacency rule that never takes the fused top-k kernel (benchmark-only: the pre-kernel code path)."""
+
+    @property
+    def fused_top_k(self) -> bool:
+        return False
+
+
+def build_gin(base: torch.nn.Module, name: str) -> torch.nn.Module:
+    """GIN variant ``name`` on a weight-sharing copy of ``base``; ``gin_generic`` is routed through the generic chain."""
+    model = get_gin_model(share_copy(base), gin_config(name))
+    if name == "gin_generic":
+        for layer in gin_layers(model):
+            layer.gin_rules = {adapter: GenericChainRule(**vars(rule)) for adapter, rule in layer.gin_rules.items()}
+    return model
+
+
 def build_variants(base: torch.nn.Module, names: list[str], *, compile_: bool = False, lora_rank: int | None = None) -> dict[str, Variant]:
     """Build the requested variants from one frozen ``base`` (weights shared)."""
     from peft import LoraConfig, get_peft_model
@@ -288,9 +311,7 @@ def build_variants(base: torch.nn.Module, names: list[str], *, compile_: bool = 
         if name == "base":
             model = base
         elif name in GIN_CONFIGS:
-            model = get_gin_model(share_copy(base), gin_config(name))
-            if name in ("gin_fused", "gin_detached"):
-                prototypes.enable_fused_prototype(model, graph_grad=name == "gin_fused")
+            model = build_gin(base, name)
             if name == "gin_thr":
                 thr_model = model
             gin_params = gin_params or count_trainable_parameters(model)
@@ -567,7 +588,7 @@ def _compare(name: str, ref: tuple, other: tuple, rel: float) -> dict[str, Any]:
 
 
 def equivalence_checks(base, ids: torch.Tensor, rel: float = 1e-4) -> list[dict[str, Any]]:
-    """Same logits and adapter gradients (all 30 layers' GIN blocks): published-style vs gin_thr; gin vs gin_pyg, gin_fused.
+    """Same logits and adapter gradients (all 30 layers' GIN blocks): published-style vs gin_thr; gin vs gin_generic, gin_pyg.
 
     Tolerance: ``rel`` times the largest reference value (fp32 summation order differs between the backends and the
     adapter-perturbed 30-layer model amplifies it).
@@ -583,16 +604,14 @@ def equivalence_checks(base, ids: torch.Tensor, rel: float = 1e-4) -> list[dict[
     del thr, published
 
     models = {}
-    for name in ("gin", "gin_pyg", "gin_fused"):
+    for name in ("gin", "gin_generic", "gin_pyg"):
         torch.manual_seed(0)  # same initial adapter weights in the three
-        model = get_gin_model(share_copy(base), gin_config(name))
-        if name == "gin_fused":
-            prototypes.enable_fused_prototype(model)
+        model = build_gin(base, name)
         blocks = [layer.gin_blocks["default"] for layer in gin_layers(model)]
         perturb(blocks)
         models[name] = _outputs_and_grads(model, blocks, ids)
-    checks.append(_compare("gin_pyg vs gin (dense)", models["gin"], models["gin_pyg"], rel))
-    checks.append(_compare("gin_fused (prototype) vs gin", models["gin"], models["gin_fused"], rel))
+    checks.append(_compare("gin (fused kernel) vs gin_generic (generic chain)", models["gin_generic"], models["gin"], rel))
+    checks.append(_compare("gin_pyg vs gin_generic (dense)", models["gin_generic"], models["gin_pyg"], rel))
     # the adapter really acts: the GIN output differs from the base model's
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits
@@ -715,7 +734,7 @@ def run_crossover(args: argparse.Namespace) -> list[dict[str, Any]]:
             candidates = {
                 "pyg": lambda: neighbour_sum_pyg(adjacency, x),
                 "pyg_propagate": lambda: _PYG_SUM(flat_x, edge_index, edge_weight, size=size),
-                "gather": lambda: prototypes._gather_sum(x, index, weights),
+                "gather": lambda: (weights.unsqueeze(-1) * _gather_rows(x, index)).sum(-2),
             }
             for name, fn in candidates.items():
                 need = budget["gather" if name == "gather" else "pyg"]
@@ -749,7 +768,8 @@ def run_crossover(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for backend in ("dense", "pyg"):
                     rule = AdjacencyRule.from_config(GinConfig(top_k=k, backend=backend))
                     full[f"full_{backend}"] = lambda rule=rule: neighbour_sums(q, key, v, None, rule, dim**-0.5)
-                full["full_fused"] = lambda: prototypes.fused_topk_neighbour_sums(q, key, v, None, k, dim**-0.5)
+                for mode in ("dense", "gather"):
+                    full[f"full_fused_{mode}"] = lambda mode=mode: topk_neighbour_sum(q, key, v, None, top_k=k, scaling=dim**-0.5, sum_mode=mode)
                 with torch.no_grad():
                     timed = _time_calls(full, reps, warmup=1)
                 row.update({f"{name}_ms": 1000 * t for name, t in timed.items()})
@@ -786,11 +806,11 @@ def plot_crossover(rows: list[dict[str, Any]], path: Path) -> None:
     ax = axes[1]
     for k in ks:
         cells = sorted((r for r in rows if r["top_k"] == k), key=lambda r: r["seq_len"])
-        for backend, style in (("full_dense", "-"), ("full_pyg", "--"), ("full_fused", "-.")):
+        for backend, style in (("full_dense", "-"), ("full_pyg", "--"), ("full_fused_dense", "-."), ("full_fused_gather", ":")):
             points = [(r["seq_len"], r[f"{backend}_ms"]) for r in cells if f"{backend}_ms" in r]
             if points:
                 ax.plot(*zip(*points), style, color=colors[k], marker="o", markersize=3, label=f"{backend.removeprefix('full_')}, k={k}")
-    ax.set(xscale="log", yscale="log", xlabel="sequence length L", ylabel="forward time (ms)", title="whole neighbour_sums: probabilities + top-k + sum")
+    ax.set(xscale="log", yscale="log", xlabel="sequence length L", ylabel="forward time (ms)", title="whole per-head computation: generic chain (dense, pyg) vs fused kernel")
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=6, ncol=2)
     ax.grid(True, which="both", alpha=0.3)
@@ -831,28 +851,28 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         get = lambda v, key: (_row(rows, v) or {}).get(key)  # noqa: E731
         out["shape"] = f"{rows[0]['batch']}x{rows[0]['seq_len']}, {rows[0]['layers']} layers"
         step = lambda v, ref: round_ratio(_row(rows, v), _row(rows, ref), "step_s_all")  # noqa: E731
-        for variant in ("gin", "gin_pyg", "gin_fused", "gin_detached", "gin_thr", "published", "base"):
+        for variant in ("gin", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "base"):
             out[f"train_{variant}_over_lora"] = step(variant, "lora")
         out["train_lora_over_base"] = step("lora", "base")
         out["train_gin_over_base"] = step("gin", "base")
         out["published_over_gin_thr"] = step("published", "gin_thr")
         out["published_over_gin"] = step("published", "gin")
-        out["published_over_gin_fused"] = step("published", "gin_fused")
+        out["gin_generic_over_gin"] = step("gin_generic", "gin")
         out["memory_total_gin_over_lora"] = _ratio(get("gin", "total_peak_mib"), get("lora", "total_peak_mib"))
         out["memory_step_gin_over_lora"] = _ratio(get("gin", "step_peak_mib"), get("lora", "step_peak_mib"))
-        out["memory_total_gin_fused_over_lora"] = _ratio(get("gin_fused", "total_peak_mib"), get("lora", "total_peak_mib"))
-        out["memory_step_gin_fused_over_lora"] = _ratio(get("gin_fused", "step_peak_mib"), get("lora", "step_peak_mib"))
+        out["memory_total_gin_generic_over_lora"] = _ratio(get("gin_generic", "total_peak_mib"), get("lora", "total_peak_mib"))
+        out["memory_step_gin_generic_over_lora"] = _ratio(get("gin_generic", "step_peak_mib"), get("lora", "step_peak_mib"))
         out["memory_step_gin_detached_over_lora"] = _ratio(get("gin_detached", "step_peak_mib"), get("lora", "step_peak_mib"))
         out["memory_step_published_over_gin_thr"] = _ratio(get("published", "step_peak_mib"), get("gin_thr", "step_peak_mib"))
         out["saved_attention_maps_gin"] = get("gin", "saved_attention_maps")
         out["saved_attention_maps_published"] = get("published", "saved_attention_maps")
     evals = results.get("eval", [])
     if evals:  # tokens/s ratio = inverse time ratio
-        for variant in ("gin", "gin_pyg", "gin_fused"):
+        for variant in ("gin", "gin_generic", "gin_pyg"):
             out[f"eval_{variant}_over_lora_tokens_per_s"] = round_ratio(_row(evals, "lora"), _row(evals, variant), "forward_s_all")
     gen = results.get("generate", {}).get("rows", [])
     if gen:
-        for variant in ("gin", "gin_fused", "base"):
+        for variant in ("gin", "gin_generic", "base"):
             out[f"generate_{variant}_over_lora_tokens_per_s"] = round_ratio(_row(gen, "lora"), _row(gen, variant), "generate_s_all")
     targets = {
         "train GIN/LoRA <= 1.15": (out.get("train_gin_over_lora"), lambda r: r <= 1.15),
@@ -916,14 +936,14 @@ def markdown_tables(results: dict[str, Any]) -> str:
         lines.append(f"\nSame tokens as `gin`: {gen.get('same_tokens_as_gin')}\n")
     if results.get("crossover"):
         lines += ["### Crossover: neighbour sum from a given graph (forward, ms; H=9, D=64, batch 1)", "",
-                  "| L | k | edges | dense | pyg (incl. nonzero) | pyg propagate only | gather (top-k list) | faster core backend | whole neighbour_sums: dense / pyg / fused |",
+                  "| L | k | edges | dense | pyg (incl. nonzero) | pyg propagate only | gather (top-k list) | faster of dense, pyg | whole: generic dense / generic pyg / fused dense / fused gather |",
                   "|---:|---:|---:|---:|---:|---:|---:|---|---|"]
         for r in results["crossover"]:
             if "all" in r["skipped"]:
                 lines.append(f"| {r['seq_len']} | {r['top_k']} | | skipped: {r['skipped']['all']} | | | | | |")
                 continue
             cell = lambda key: f"{r[key]:.1f}" if key in r else "skip"  # noqa: E731
-            full = " / ".join(cell(f"full_{b}_ms") for b in ("dense", "pyg", "fused")) if "full_dense_ms" in r else ""
+            full = " / ".join(cell(f"full_{b}_ms") for b in ("dense", "pyg", "fused_dense", "fused_gather")) if "full_dense_ms" in r else ""
             lines.append(f"| {r['seq_len']} | {r['top_k']} | {r['edges']:,} | {cell('dense_ms')} | {cell('pyg_ms')} | {cell('pyg_propagate_ms')} | {cell('gather_ms')} | {r.get('faster_core_backend')} | {full} |")
         lines.append("")
     summary = results.get("summary", {})

@@ -27,6 +27,12 @@ class AdjacencyRule:
     graph: str
     backend: str
     recompute: bool
+    adjacency_grad: bool = True
+
+    @property
+    def fused_top_k(self) -> bool:
+        """Whether :mod:`gin_adapter.topk_sum` computes this rule (per-head top-k, not the pyg backend)."""
+        return self.sparsify == "topk" and self.head_reduction == "none" and self.graph == "gin" and self.backend != "pyg"
 
     @classmethod
     def from_config(cls, config: GinConfig) -> "AdjacencyRule":
@@ -40,6 +46,7 @@ class AdjacencyRule:
             graph=config.graph,
             backend=config.backend,
             recompute=config.recompute_adjacency,
+            adjacency_grad=config.adjacency_grad,
         )
 
 

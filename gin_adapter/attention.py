@@ -5,8 +5,8 @@ eager_attention_forward)(module, q, k, v, mask, dropout=, scaling=, **kw)`` with
 already applied. :func:`install` registers ``gin_<impl>`` for the model's implementation ``<impl>`` (sdpa, eager,
 flash, ...): it runs the original function unchanged and, when the calling module has asked for it through
 :func:`capture`, also computes the GIN neighbourhood sums from the same q, k, v. Only eager attention returns
-probabilities, so they are recomputed here; nothing of size ``(B, H, Lq, Lk)`` is kept for backward when
-``recompute`` is on (the block is checkpointed). The mask interface is registered too, or no mask is built.
+probabilities, so they are recomputed here; nothing of size ``(B, H, Lq, Lk)`` is kept for backward (the per-head
+top-k kernel recomputes its scores in backward; other rules are checkpointed when ``recompute`` is on). The mask interface is registered too, or no mask is built.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .adjacency import AdjacencyRule, attention_probabilities, sparse_adjacency, visible_keys
 from .gin import NEIGHBOUR_SUMS, neighbour_sum_reference
+from .topk_sum import topk_neighbour_sum
 
 PREFIX = "gin_"
 
@@ -35,7 +36,7 @@ class AggregationRequest:
 
     module: torch.nn.Module
     rules: dict[str, AdjacencyRule]
-    # filled by the attention function: per adapter, (x_self, neighbour_sum), each (B, Lq, H * D)
+    # filled by the attention function: per adapter, x_self (B, Hkv, Lq, D) and neighbour_sum (B, H, Lq, D)
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -84,28 +85,35 @@ def neighbour_sums(
     values = value.float()
     if rule.graph == "reference":
         return neighbour_sum_reference(adjacency, values)
-    backend = "dense" if rule.backend == "auto" else rule.backend
+    backend = "pyg" if rule.backend == "pyg" else "dense"
     return NEIGHBOUR_SUMS[backend](adjacency, values)
 
 
 def _gin_features(module, query, key, value, attention_mask, scaling, kwargs, rule: AdjacencyRule):
-    """``(x_self, neighbour_sum)`` for one adapter, each ``(B, Lq, H * D)`` float32."""
+    """``(x_self (B, Hkv, Lq, D), neighbour_sum (B, H, Lq, D) float32)`` for one adapter.
+
+    The per-head top-k rule goes through the fused kernel (:mod:`gin_adapter.topk_sum`); every other rule through
+    the generic chain :func:`neighbour_sums`, checkpointed when ``rule.recompute`` so its ``(B, H, Lq, Lk)``
+    intermediates are rebuilt in backward instead of kept. ``x_self`` stays un-repeated over KV groups (the
+    :class:`~gin_adapter.layer.GinBlock` broadcasts it): the queries are the last ``Lq`` keys.
+    """
     groups = getattr(module, "num_key_value_groups", 1)
-    args = (query, key, value, attention_mask)
-    options = dict(rule=rule, scaling=scaling, softcap=kwargs.get("softcap"), sliding_window=kwargs.get("sliding_window"), groups=groups)
-    if rule.recompute and torch.is_grad_enabled():
-        summed = torch.utils.checkpoint.checkpoint(neighbour_sums, *args, use_reentrant=False, **options)
+    softcap, sliding_window = kwargs.get("softcap"), kwargs.get("sliding_window")
+    graph_query, graph_key = (query, key) if rule.adjacency_grad else (query.detach(), key.detach())
+    if rule.fused_top_k:
+        summed = topk_neighbour_sum(
+            graph_query, graph_key, value, attention_mask, top_k=rule.top_k, scaling=scaling, softcap=softcap,
+            sliding_window=sliding_window, sum_mode="dense" if rule.backend == "dense" else "auto",
+        )
     else:
-        summed = neighbour_sums(*args, **options)
+        args = (graph_query, graph_key, value, attention_mask)
+        options = dict(rule=rule, scaling=scaling, softcap=softcap, sliding_window=sliding_window, groups=groups)
+        if rule.recompute and torch.is_grad_enabled():
+            summed = torch.utils.checkpoint.checkpoint(neighbour_sums, *args, use_reentrant=False, **options)
+        else:
+            summed = neighbour_sums(*args, **options)
     q_len, k_len = query.shape[-2], key.shape[-2]
-    x_self = repeat_heads(value[..., k_len - q_len :, :], groups).float()  # the queries are the last Lq keys
-    return _merge_heads(x_self), _merge_heads(summed)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """``(B, H, L, D) -> (B, L, H * D)``."""
-    batch, heads, length, dim = x.shape
-    return x.transpose(1, 2).reshape(batch, length, heads * dim)
+    return value[..., k_len - q_len :, :], summed
 
 
 def _model_eager_function(module: torch.nn.Module) -> Callable:

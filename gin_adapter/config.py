@@ -16,7 +16,7 @@ PEFT_TYPE = "GIN"
 HeadReduction = Literal["none", "sum", "mean", "max"]
 Sparsify = Literal["topk", "threshold", "none"]
 GraphMode = Literal["gin", "reference"]
-Backend = Literal["auto", "dense", "pyg"]
+Backend = Literal["auto", "dense", "gather", "pyg"]
 ScaleInit = Literal["zero", "linear"]
 Activation = Literal["gelu", "silu", "relu"]
 
@@ -51,7 +51,12 @@ class GinConfig(PeftConfig):
     )
     backend: Backend = field(
         default="auto",
-        metadata={"help": "'dense' (masked batched matmul), 'pyg' (torch_geometric message passing over edge_index), or 'auto' (dense; see docs/benchmarks.md)."},
+        metadata={
+            "help": "How the neighbour sum is computed. 'dense': masked batched matmul; 'gather': gathers the top-k value "
+            "rows (per-head top-k rules only); 'pyg': torch_geometric message passing over an explicit edge_index "
+            "(slowest, for comparison); 'auto': the per-head top-k rule uses the fused top-k kernel with 'dense' or "
+            "'gather' by sequence length, other rules 'dense' (see docs/benchmarks.md)."
+        },
     )
     scale_init: ScaleInit = field(
         default="zero",
@@ -62,7 +67,17 @@ class GinConfig(PeftConfig):
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the GIN MLP's hidden layer, in [0, 1)."})
     recompute_adjacency: bool = field(
         default=True,
-        metadata={"help": "Recompute the adjacency in backward instead of storing it: nothing of size (B, H, L, L) is kept for backward."},
+        metadata={
+            "help": "Recompute the adjacency in backward instead of storing it: nothing of size (B, H, L, L) is kept for "
+            "backward. The per-head top-k rule always recomputes (only the scores), whatever this says."
+        },
+    )
+    adjacency_grad: bool = field(
+        default=True,
+        metadata={
+            "help": "Back-propagate through the graph into the attention's queries and keys (as published). False treats "
+            "the graph as a constant: the GIN and the values still train, and the backward pass is cheaper."
+        },
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
@@ -101,6 +116,20 @@ class GinConfig(PeftConfig):
         _check_range("threshold", self.threshold, 0.0, 1.0, high_open=True)
         _check_range("scale_max", self.scale_max, 0.0, None)
         _check_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        for name in ("recompute_adjacency", "adjacency_grad"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GinConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.backend == "gather" and not self.is_per_head_top_k:
+            raise ValueError(
+                "GinConfig.backend='gather' needs the per-head top-k rule (sparsify='topk', head_reduction='none', "
+                f"graph='gin'); got sparsify={self.sparsify!r}, head_reduction={self.head_reduction!r}, graph={self.graph!r}. "
+                "Use backend='dense' or 'auto'."
+            )
+
+    @property
+    def is_per_head_top_k(self) -> bool:
+        """True for the rule the fused top-k kernel computes (:mod:`gin_adapter.topk_sum`), the default."""
+        return self.sparsify == "topk" and self.head_reduction == "none" and self.graph == "gin"
 
 
 # dataclass field types are strings under `from __future__ import annotations`; map them back to the Literals.

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.nn import functional as F
 
 from .adjacency import AdjacencyRule
 from .attention import AggregationRequest, capture
@@ -36,7 +37,7 @@ class GinBlock(nn.Module):
         out_dim: the model's hidden size.
         scale_init: initial value of the learnable scale.
     Shapes:
-        ``x_self, neighbours: (B, L, in_dim) -> (B, L, out_dim)``.
+        ``x_self (B, Hkv, L, D), neighbours (B, H, L, D) -> (B, L, out_dim)`` with ``in_dim = H * D``.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, activation: str = "gelu", dropout: float = 0.0, scale_init: float = 0.0) -> None:
@@ -46,7 +47,7 @@ class GinBlock(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim),
             ACTIVATIONS[activation](),
-            nn.Dropout(dropout),
+            nn.Dropout(dropout) if dropout > 0 else nn.Identity(),  # no kernel call at all for the default 0
             nn.Linear(hidden_dim, hidden_dim),
             ACTIVATIONS[activation](),
         )
@@ -65,9 +66,20 @@ class GinBlock(nn.Module):
             self.scale.fill_(self.scale_init)
 
     def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        """``x_self (B, Hkv, L, D)`` (un-repeated over the ``G = H / Hkv`` query groups), ``neighbours (B, H, L, D)``.
+
+        ``z = (1 + eps) x_self + neighbours`` is formed per head (``x_self`` broadcast over groups, no copy of the
+        repeated values) and merged to ``(B, L, H * D)`` once. The scale is folded into the RMSNorm weight,
+        ``scale * (n(y) * w) = n(y) * (scale * w)``, so autograd keeps no normalised output for the scale's gradient.
+        """
         dtype = self.out_proj.weight.dtype
-        z = (1 + self.eps) * x_self.to(dtype) + neighbours.to(dtype)  # (B, L, H * D)
-        return self.scale * self.norm(self.out_proj(self.mlp(z)))  # (B, L, d_model)
+        batch, heads, length, dim = neighbours.shape
+        kv_heads = x_self.shape[1]
+        grouped = neighbours.to(dtype).view(batch, kv_heads, heads // kv_heads, length, dim)
+        z = grouped + (1 + self.eps) * x_self.to(dtype).unsqueeze(2)  # (B, Hkv, G, L, D)
+        z = z.permute(0, 3, 1, 2, 4).reshape(batch, length, heads * dim)  # (B, L, H * D), heads h = kv * G + g
+        y = self.out_proj(self.mlp(z))
+        return F.rms_norm(y, self.norm.normalized_shape, self.norm.weight * self.scale, self.norm.eps)  # (B, L, d_model)
 
 
 class GinAttentionLayer(nn.Module, BaseTunerLayer):

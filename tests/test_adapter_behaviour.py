@@ -70,21 +70,103 @@ def test_message_passing_happens_in_graph_mode_only(rule):
     assert changes["reference"] == 0.0
 
 
-@pytest.mark.parametrize("rule", [dict(), dict(head_reduction="max", sparsify="topk", top_k=3), dict(sparsify="threshold", head_reduction="sum")])
-def test_dense_and_pyg_backends_agree(rule):
+BACKEND_CASES = [
+    (dict(), ("dense", "gather", "pyg")),  # fused top-k kernel (dense and gather sums) vs the generic chain on PyG
+    (dict(adjacency_grad=False), ("dense", "gather", "pyg")),
+    (dict(head_reduction="max", sparsify="topk", top_k=3), ("dense", "pyg")),
+    (dict(sparsify="threshold", head_reduction="sum"), ("dense", "pyg")),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: soft-capped logits and a sliding window
+@pytest.mark.parametrize("rule,backends", BACKEND_CASES)
+def test_backends_agree(arch, rule, backends):
+    """Same loss and same adapter gradients from every backend (pyg always runs the generic, checkpointed chain)."""
     ids = _ids(2, 11)
     outputs, grads = {}, {}
-    for backend in ("dense", "pyg"):
-        model = get_gin_model(tiny_model(), GinConfig(hidden_dim=8, backend=backend, **rule))
+    for backend in backends:
+        base = tiny_model(arch, "eager" if arch == "gemma2" else "sdpa")  # transformers has no sdpa for Gemma-2
+        model = get_gin_model(base, GinConfig(hidden_dim=8, backend=backend, **rule))
         perturb_adapter(model)
         model.train()
         loss = model(ids, labels=ids).loss
         loss.backward()
         outputs[backend] = loss.detach()
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert torch.allclose(outputs["dense"], outputs["pyg"], atol=1e-6)
-    for name, grad in grads["dense"].items():
-        assert torch.allclose(grad, grads["pyg"][name], atol=1e-5, rtol=1e-4), name
+    reference = backends[-1]
+    for backend in backends[:-1]:
+        assert torch.allclose(outputs[backend], outputs[reference], atol=1e-6), backend
+        for name, grad in grads[backend].items():
+            assert torch.allclose(grad, grads[reference][name], atol=1e-5, rtol=1e-4), (backend, name)
+
+
+FUSED_CASES = [
+    dict(),
+    dict(padding=True),
+    dict(softcap=2.0),
+    dict(sliding_window=4),
+    dict(sliding_window=4, padding=True, softcap=2.0),
+    dict(q_len=1),  # one decoded token against a 12-token cache, no mask
+    dict(q_len=3, padding=True),  # a chunk of 3 new tokens against the cache
+    dict(top_k=20),  # more neighbours than keys: every visible key is kept
+]
+
+
+@pytest.mark.parametrize("sum_mode", ["dense", "gather"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "plain")
+def test_fused_top_k_equals_generic_chain(case, sum_mode):
+    """The fused kernel's values and q, k, v gradients equal the generic chain's (probabilities, top-k, dense sum)."""
+    from gin_adapter.adjacency import AdjacencyRule
+    from gin_adapter.attention import neighbour_sums
+    from gin_adapter.topk_sum import topk_neighbour_sum
+
+    k_len, q_len, top_k = 12, case.get("q_len", 12), case.get("top_k", 3)
+    softcap, window = case.get("softcap"), case.get("sliding_window")
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, q_len, 8, generator=generator, requires_grad=True)
+    k, v = (torch.randn(2, 2, k_len, 8, generator=generator, requires_grad=True) for _ in range(2))
+    mask = None
+    if case.get("padding"):
+        rows = torch.arange(k_len - q_len, k_len).unsqueeze(-1)
+        cols = torch.arange(k_len).unsqueeze(0)
+        visible = cols <= rows
+        if window:
+            visible = visible & (rows - cols < window)
+        mask = visible.expand(2, 1, q_len, k_len).clone()
+        mask[0, :, :, :3] = False  # sample 0 is left-padded: keys 0-2 are padding (queries 0-2 then see nothing)
+    rule = AdjacencyRule.from_config(GinConfig(top_k=top_k, backend="pyg"))
+    expected = neighbour_sums(q, k, v, mask, rule, 8**-0.5, softcap=softcap, sliding_window=window, groups=2)
+    weights = torch.randn(expected.shape, generator=generator)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    fused = topk_neighbour_sum(q, k, v, mask, top_k=top_k, scaling=8**-0.5, softcap=softcap, sliding_window=window, sum_mode=sum_mode)
+    fused_grads = torch.autograd.grad((fused * weights).sum(), (q, k, v))
+    assert fused.shape == expected.shape
+    assert torch.allclose(fused, expected, atol=1e-5)
+    for name, a, b in zip("qkv", fused_grads, expected_grads):
+        assert torch.allclose(a, b, atol=1e-5), name
+    with torch.no_grad():  # the inference path (no autograd function) gives the same numbers
+        assert torch.allclose(topk_neighbour_sum(q, k, v, mask, top_k=top_k, scaling=8**-0.5, softcap=softcap, sliding_window=window, sum_mode=sum_mode), fused)
+
+
+def test_detached_graph_keeps_forward_and_own_layer_gradients():
+    """adjacency_grad=False: same output; the last layer's GIN gets the same gradients (its graph does not depend on
+    it), earlier layers' differ (their effect on later graphs is cut), and nothing reaches q/k through the graph."""
+    ids = _ids(2, 11)
+    losses, grads = {}, {}
+    for flag in (True, False):
+        model = get_gin_model(tiny_model(num_hidden_layers=3), GinConfig(hidden_dim=8, adjacency_grad=flag))
+        perturb_adapter(model)
+        model.train()
+        losses[flag] = model(ids, labels=ids).loss
+        losses[flag].backward()
+        grads[flag] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert torch.allclose(losses[True], losses[False], atol=1e-6)
+    last = [n for n in grads[True] if ".layers.2." in n]
+    first = [n for n in grads[True] if ".layers.0." in n and "mlp.0.weight" in n]
+    assert last and first
+    for name in last:
+        assert torch.allclose(grads[True][name], grads[False][name], atol=1e-6), name
+    assert not torch.allclose(grads[True][first[0]], grads[False][first[0]], atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
@@ -150,24 +232,31 @@ def test_bf16_base_with_fp32_adapter():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
-def test_no_full_attention_map_kept_for_backward():
-    """With recompute on, no saved tensor for backward has the (B, H, L, L) size of an attention map."""
-    length, heads = 48, 4
+@pytest.mark.parametrize(
+    "rule,recompute,expect_maps",
+    [
+        (dict(), True, False),
+        (dict(), False, False),  # the fused top-k kernel never stores the probabilities, whatever recompute says
+        (dict(backend="gather"), True, False),
+        (dict(sparsify="threshold", head_reduction="sum"), True, False),
+        (dict(sparsify="none", head_reduction="none"), True, False),
+        (dict(sparsify="threshold", head_reduction="none"), False, True),  # sanity check of this test
+    ],
+)
+def test_no_full_attention_map_kept_for_backward(rule, recompute, expect_maps):
+    """No tensor saved for backward has the (B, H, L, L) size of an attention map (unless the generic chain runs
+    with ``recompute_adjacency=False``, which keeps them on purpose)."""
+    length = 48
     saved = []
 
     def pack(tensor):
         saved.append(tuple(tensor.shape))
         return tensor
 
-    for recompute in (True, False):
-        saved.clear()
-        model = get_gin_model(tiny_model(), GinConfig(hidden_dim=8, recompute_adjacency=recompute))
-        perturb_adapter(model)
-        model.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(_ids(2, length), labels=_ids(2, length)).loss
-        maps = [s for s in saved if len(s) == 4 and s[-2:] == (length, length)]
-        if recompute:
-            assert maps == [], maps
-        else:
-            assert maps, "without recompute the adjacency is saved (sanity check of this test)"
+    model = get_gin_model(tiny_model(), GinConfig(hidden_dim=8, recompute_adjacency=recompute, **rule))
+    perturb_adapter(model)
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(_ids(2, length), labels=_ids(2, length)).loss
+    maps = [s for s in saved if len(s) == 4 and s[-2:] == (length, length) and s[1] > 1]
+    assert bool(maps) == expect_maps, maps

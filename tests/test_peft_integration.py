@@ -150,7 +150,7 @@ def test_corrupt_and_pickle_files_are_refused(tmp_path):
         load_gin_model(tiny_model(), folder)
 
 
-@pytest.mark.parametrize("rule", [dict(), dict(sparsify="threshold", head_reduction="sum"), dict(head_reduction="max", top_k=2)])
+@pytest.mark.parametrize("rule", [dict(), dict(backend="gather"), dict(sparsify="threshold", head_reduction="sum"), dict(head_reduction="max", top_k=2)])
 def test_cached_generation_equals_uncached(rule):
     """Greedy tokens with the KV cache equal those without, for a non-zero adapter and left-padded batches."""
     base = tiny_model()
