@@ -15,6 +15,9 @@ the model soft-caps its logits (Gemma-2). This module computes exactly what the 
   repeated, and the tensors saved for backward are the q, k, v that the attention itself keeps;
 * sums the neighbours either densely (the k weights scattered into the score buffer, one batched matmul: best on
   short sequences) or by gathering the k value rows (``O(L k D)``: best on long sequences with small k);
+* works through the query rows in chunks (:data:`QUERY_CHUNK_ROWS`): under plain causal attention a chunk only
+  computes scores for the keys its rows can see, so the upper triangle (and keys outside a sliding window) is
+  skipped, and each chunk's buffers stay small enough for the cache;
 * recomputes only the scores in backward (one matmul, one ``exp``). With ``W`` the kept weights and ``dW`` their
   gradient, the softmax backward ``dS = P * (dP - sum_j dP_j P_j)`` has ``dP`` non-zero on the k kept keys only, so
   ``dS = scatter(dW * W) - c * P`` with ``c = sum_k dW * W``; then ``dq = scaling * dS k`` and
@@ -34,9 +37,16 @@ from .adjacency import visible_keys
 
 SumMode = str  # "dense" | "gather"
 
-GATHER_MIN_KEYS_PER_NEIGHBOUR = 256
-"""``sum_mode="auto"`` gathers when ``Lk >= 256 * k`` (docs/benchmarks.md, crossover: gathering the top-k rows beat
-the dense matmul on CPU for k=4 from L=1024 and k=16 from L=4096)."""
+GATHER_MIN_KEYS_PER_NEIGHBOUR = 128
+"""``sum_mode="auto"`` gathers when ``Lk >= 128 * k`` (docs/benchmarks.md: on CPU the gathered sum beat the dense
+one for k = 8 from 1024 tokens on)."""
+
+QUERY_CHUNK_ROWS = 64
+"""Query rows per chunk. Longer inputs are processed in chunks of this many rows; with plain causal attention
+each chunk only touches the keys up to its last row (and inside the sliding window), so about half of the score
+matrix is never computed, and the ``(G * rows, keys)`` buffers stay in cache. On CPU (one thread, H=9, Hkv=3,
+D=64, forward + backward) 64 rows was the fastest of 32-256: 1.4-1.8x faster than one chunk at 256 tokens, 3x at
+1024 and 4096 (docs/benchmarks.md)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,20 @@ class ScoreSpec:
     q_len: int
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Query rows ``[q0, q1)`` and the key columns ``[k0, k1)`` they can see."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+
+    @property
+    def rows(self) -> int:
+        return self.q1 - self.q0
+
+
 def choose_sum_mode(sum_mode: str, top_k: int, k_len: int) -> SumMode:
     """Resolve ``"auto"`` to ``"dense"`` or ``"gather"`` (see :data:`GATHER_MIN_KEYS_PER_NEIGHBOUR`)."""
     if sum_mode == "auto":
@@ -59,111 +83,236 @@ def choose_sum_mode(sum_mode: str, top_k: int, k_len: int) -> SumMode:
     return sum_mode
 
 
-def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``(B, H, Lq, D) -> (B, Hkv, G * Lq, D)``, heads ordered ``h = kv * G + g`` (transformers' ``repeat_kv`` order)."""
-    batch, heads, q_len, dim = x.shape
-    return x.reshape(batch, heads // groups, groups * q_len, dim)
+def plan_chunks(q_len: int, k_len: int, top_k: int, has_mask: bool, sliding_window: int | None, chunk_rows: int) -> list[Chunk]:
+    """Split the query rows into chunks; without a mask argument (plain causal) each sees keys ``j <= i`` only.
 
-
-def _scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, spec: ScoreSpec, cap_slope: bool = False):
-    """Masked float32 scores ``(B, Hkv, G * Lq, Lk)``, ``-inf`` on invisible keys, built in place (no autograd).
-
-    With ``cap_slope`` also returns ``1 - (s / c)^2``, the soft-cap's derivative (``None`` without soft-capping).
+    Every chunk spans at least ``min(top_k, Lk)`` keys so that all chunks return ``k`` picks (picks of keys a row
+    cannot see get weight 0).
     """
-    scores = torch.matmul(_grouped(query, spec.groups).float() * spec.scaling, key.float().transpose(-1, -2))
+    if q_len <= chunk_rows:
+        return [Chunk(0, q_len, 0, k_len)]
+    k = min(top_k, k_len)
+    chunks = []
+    for q0 in range(0, q_len, chunk_rows):
+        q1 = min(q0 + chunk_rows, q_len)
+        k0, k1 = 0, k_len
+        if not has_mask:  # visible_keys' no-mask rule for Lq > 1: key j <= query i (and i - j < window)
+            k1 = min(k_len, q1)
+            if sliding_window is not None:
+                k0 = max(0, q0 - sliding_window + 1)
+            if k1 - k0 < k:
+                k1 = min(k_len, k0 + k)
+                k0 = k1 - k
+        chunks.append(Chunk(q0, q1, k0, k1))
+    return chunks
+
+
+def _causal_visible(chunk: Chunk, sliding_window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean ``(rows, keys)`` of the chunk under plain causal attention (:func:`visible_keys` with no mask)."""
+    rows = torch.arange(chunk.q0, chunk.q1, device=device).unsqueeze(-1)
+    cols = torch.arange(chunk.k0, chunk.k1, device=device).unsqueeze(0)
+    visible = cols <= rows
+    if sliding_window is not None:
+        visible = visible & (rows - cols < sliding_window)
+    return visible
+
+
+def _scores(grouped_query, key, mask, spec: ScoreSpec, chunk: Chunk, cap_slope: bool = False):
+    """Masked float32 scores ``(B, Hkv, G * rows, keys)`` of one chunk, ``-inf`` where invisible (no autograd).
+
+    ``grouped_query``: the chunk's queries ``(B, Hkv, G * rows, D)``; ``key``: its keys ``(B, Hkv, keys, D)``;
+    ``mask``: the attention mask argument sliced to the chunk, or ``None``. Without a mask (plain causal attention,
+    e.g. packed training blocks) the causal mask is added inside the matmul (``baddbmm``), saving a pass over the
+    scores. With ``cap_slope`` also returns ``1 - (s / c)^2``, the soft-cap's derivative (``None`` without it).
+    """
+    batch, kv_heads, rows, dim = grouped_query.shape
+    k_len = key.shape[-2]
+    keys_t = key.float().transpose(-1, -2)
+    visible = None
+    if mask is not None:
+        visible = visible_keys(mask, chunk.rows, k_len, grouped_query.device, spec.sliding_window)
+    elif spec.q_len > 1:  # a single decoded token with no mask sees every cached key
+        visible = _causal_visible(chunk, spec.sliding_window, grouped_query.device)[None, None]
+        if spec.softcap is None:
+            bias = torch.zeros(visible.shape[-2:], device=grouped_query.device).masked_fill_(~visible[0, 0], float("-inf"))
+            bias = bias.expand(spec.groups, chunk.rows, k_len).reshape(1, rows, k_len).expand(batch * kv_heads, rows, k_len)
+            scores = torch.baddbmm(bias, grouped_query.float().reshape(-1, rows, dim), keys_t.reshape(-1, dim, k_len), alpha=spec.scaling)
+            return scores.view(batch, kv_heads, rows, k_len), None
+    scores = torch.matmul(grouped_query.float() * spec.scaling, keys_t)
     slope = None
     if spec.softcap is not None:
         scores.div_(spec.softcap).tanh_()
         if cap_slope:
             slope = 1.0 - scores.square()
         scores.mul_(spec.softcap)
-    k_len = scores.shape[-1]
-    if mask is not None or spec.q_len > 1:  # a single decoded token with no mask sees every cached key
-        visible = visible_keys(mask, spec.q_len, k_len, scores.device, spec.sliding_window)
-        batch, kv_heads = scores.shape[:2]
+    if visible is not None:
         vb, vh = visible.shape[:2]
-        view = scores.view(batch, kv_heads, spec.groups, spec.q_len, k_len)
+        view = scores.view(batch, kv_heads, spec.groups, chunk.rows, k_len)
         if vh == 1:
-            invisible = ~visible.view(vb, 1, 1, spec.q_len, k_len)
+            invisible = ~visible.view(vb, 1, 1, chunk.rows, k_len)
         else:
-            invisible = ~visible.reshape(vb, kv_heads, spec.groups, spec.q_len, k_len)
+            invisible = ~visible.reshape(vb, kv_heads, spec.groups, chunk.rows, k_len)
         view.masked_fill_(invisible, float("-inf"))
     return scores, slope
 
 
+def _flat_rows(index: torch.Tensor, k_len: int) -> torch.Tensor:
+    """Key indices ``(B, Hkv, R, k)`` into ``Lk`` keys -> row numbers of the flattened ``(B * Hkv * Lk, D)`` values."""
+    batch, kv_heads = index.shape[:2]
+    offsets = torch.arange(0, batch * kv_heads * k_len, k_len, device=index.device).view(batch, kv_heads, 1, 1)
+    return (index + offsets).reshape(-1)
+
+
 def _gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``values (B, Hkv, Lk, D)``, ``index (B, Hkv, R, k)`` -> ``(B, Hkv, R, k, D)`` with the indexed rows."""
-    batch, kv_heads, rows, k = index.shape
+    """``values (B, Hkv, Lk, D)`` (contiguous), ``index (B, Hkv, R, k)`` -> the indexed rows ``(B, Hkv, R, k, D)``."""
     dim = values.shape[-1]
-    flat = index.reshape(batch, kv_heads, rows * k, 1).expand(-1, -1, -1, dim)
-    return values.gather(2, flat).view(batch, kv_heads, rows, k, dim)
+    rows = values.reshape(-1, dim).index_select(0, _flat_rows(index, values.shape[-2]))
+    return rows.view(*index.shape, dim)
 
 
-def _forward(query, key, value, mask, spec: ScoreSpec, top_k: int, sum_mode: SumMode):
-    """``(out (B, Hkv, G * Lq, D) float32, index, weights, lse)``; see the module docstring."""
-    scores, _ = _scores(query, key, mask, spec)
-    k = min(top_k, scores.shape[-1])
-    top_scores, index = scores.topk(k, dim=-1)  # (B, Hkv, G*Lq, k)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, Hkv, G*Lq, 1)
-    if mask is not None:  # padding queries see no key: lse = -inf; their weights must be 0, not nan
-        lse = lse.nan_to_num(neginf=0.0)
-    weights = (top_scores - lse).exp_()  # picks of invisible keys (fewer than k visible) have weight exp(-inf) = 0
-    values = value.float()
-    if sum_mode == "dense":
-        out = torch.matmul(scores.zero_().scatter_(-1, index, weights), values)  # the score buffer becomes A
-    else:
-        out = (weights.unsqueeze(-1) * _gather_rows(values, index)).sum(-2)
-    return out, index, weights, lse
+def _weighted_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``sum_m weights[..., m] * rows[..., m, :]``: ``(B, Hkv, R, k)``, ``(B, Hkv, R, k, D)`` -> ``(B, Hkv, R, D)``."""
+    return torch.matmul(weights.unsqueeze(-2), rows).squeeze(-2)
+
+
+def _row_logsumexp(scores: torch.Tensor, may_be_empty: bool) -> torch.Tensor:
+    """``log sum_j exp(s_j)`` per row ``(..., 1)``, overwriting ``scores`` with ``exp(s - max)`` (no extra buffer).
+
+    Rows with no visible key (all ``-inf``, only with a padding mask) get 0, so their weights ``exp(-inf - 0)`` are 0.
+    """
+    row_max = scores.amax(dim=-1, keepdim=True)
+    if may_be_empty:
+        row_max = row_max.nan_to_num(neginf=0.0)
+    total = scores.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+    lse = total.log_().add_(row_max)
+    return lse.nan_to_num(neginf=0.0) if may_be_empty else lse
+
+
+class _Layout:
+    """Views between ``(B, H, Lq, .)`` tensors, the per-group layout ``(B, Hkv, G, Lq, .)`` and one chunk's
+    grouped rows ``(B, Hkv, G * rows, .)`` (heads ordered ``h = kv * G + g``, transformers' ``repeat_kv`` order)."""
+
+    def __init__(self, query: torch.Tensor, kv_heads: int) -> None:
+        self.batch, heads, self.q_len, self.dim = query.shape
+        self.kv_heads, self.groups = kv_heads, heads // kv_heads
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, Lq, n) -> (B, Hkv, G, Lq, n)`` (a view: splitting a dimension never copies)."""
+        return x.reshape(self.batch, self.kv_heads, self.groups, self.q_len, x.shape[-1])
+
+    def rows(self, x5: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        """The chunk's rows of a split tensor as ``(B, Hkv, G * rows, n)``."""
+        return x5[:, :, :, chunk.q0 : chunk.q1].reshape(self.batch, self.kv_heads, self.groups * chunk.rows, x5.shape[-1])
+
+    def put(self, x5: torch.Tensor, chunk: Chunk, rows: torch.Tensor) -> None:
+        """Write ``(B, Hkv, G * rows, n)`` into the chunk's rows of the split tensor ``x5``."""
+        x5[:, :, :, chunk.q0 : chunk.q1] = rows.view(self.batch, self.kv_heads, self.groups, chunk.rows, -1)
+
+
+def _mask_rows(mask: torch.Tensor | None, chunk: Chunk) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.shape[-2] == 1:  # a mask broadcast over query rows
+        return mask[..., chunk.k0 : chunk.k1]
+    return mask[..., chunk.q0 : chunk.q1, chunk.k0 : chunk.k1]
+
+
+def _forward(query, key, value, mask, spec: ScoreSpec, top_k: int, sum_mode: SumMode, chunks: list[Chunk]):
+    """``(out (B, H, Lq, D) float32, index, weights, lse)``; the last three ``(B, Hkv, G, Lq, k or 1)``.
+
+    ``index`` holds key positions in ``[0, Lk)``. See the module docstring for the formulas.
+    """
+    layout = _Layout(query, key.shape[1])
+    k = min(top_k, key.shape[-2])
+    values = value.float().contiguous()
+    query5 = layout.split(query)
+    shape5 = (layout.batch, layout.kv_heads, layout.groups, layout.q_len)
+    out5 = values.new_empty(*shape5, layout.dim)
+    index5 = torch.empty(*shape5, k, dtype=torch.long, device=query.device)
+    weights5, lse5 = values.new_empty(*shape5, k), values.new_empty(*shape5, 1)
+    for chunk in chunks:
+        scores, _ = _scores(layout.rows(query5, chunk), key[..., chunk.k0 : chunk.k1, :], _mask_rows(mask, chunk), spec, chunk)
+        top_scores, index = scores.topk(k, dim=-1)  # (B, Hkv, G*rows, k), relative to k0
+        lse = _row_logsumexp(scores, may_be_empty=mask is not None)  # scores is now scratch
+        weights = (top_scores - lse).exp_()  # picks of invisible keys have weight exp(-inf) = 0
+        if sum_mode == "dense":
+            adjacency = scores.zero_().scatter_(-1, index, weights)  # the score buffer becomes A
+            out = torch.matmul(adjacency, values[..., chunk.k0 : chunk.k1, :])
+        else:
+            out = _weighted_rows(weights, _gather_rows(values, index + chunk.k0))
+        for target, rows in ((out5, out), (index5, index + chunk.k0), (weights5, weights), (lse5, lse)):
+            layout.put(target, chunk, rows)
+    return out5.view(query.shape), index5, weights5, lse5
+
+
+def _backward(ctx, grad_out):
+    """Gradients to q, k, v (see the module docstring), chunk by chunk like the forward."""
+    query, key, value, mask, index5, weights5, lse5 = ctx.saved_tensors
+    spec: ScoreSpec = ctx.spec
+    need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    layout = _Layout(query, key.shape[1])
+    values = value.float().contiguous()
+    keys = key.float()
+    grad5 = layout.split(grad_out.float())
+    query5 = layout.split(query)
+    grad_query5 = torch.zeros_like(grad5) if need_q else None
+    grad_key = torch.zeros_like(keys) if need_k else None
+    grad_value = torch.zeros_like(values) if need_v else None
+    for chunk in ctx.chunks:
+        grad = layout.rows(grad5, chunk)  # (B, Hkv, G*rows, D)
+        index, weights = layout.rows(index5, chunk), layout.rows(weights5, chunk)
+        local = index - chunk.k0
+        chunk_values = values[..., chunk.k0 : chunk.k1, :]
+        grad_weights = None
+        if ctx.sum_mode == "dense":
+            if need_q or need_k:
+                grad_weights = torch.matmul(grad, chunk_values.transpose(-1, -2)).gather(-1, local)
+            if need_v:
+                adjacency = grad.new_zeros(*index.shape[:-1], chunk.k1 - chunk.k0).scatter_(-1, local, weights)
+                grad_value[..., chunk.k0 : chunk.k1, :] += torch.matmul(adjacency.transpose(-1, -2), grad)
+                del adjacency
+        else:
+            if need_q or need_k:
+                grad_weights = torch.matmul(_gather_rows(values, index), grad.unsqueeze(-1)).squeeze(-1)
+            if need_v:
+                contributions = (weights.unsqueeze(-1) * grad.unsqueeze(-2)).reshape(-1, layout.dim)
+                grad_value.view(-1, layout.dim).index_add_(0, _flat_rows(index, values.shape[-2]), contributions)
+        if grad_weights is None:
+            continue
+        chunk_query = layout.rows(query5, chunk)
+        chunk_keys = keys[..., chunk.k0 : chunk.k1, :]
+        d_scores, slope = _scores(chunk_query, chunk_keys, _mask_rows(mask, chunk), spec, chunk, cap_slope=True)
+        d_scores.sub_(layout.rows(lse5, chunk)).exp_()  # P, zero on invisible keys
+        kept = grad_weights * weights  # dW * W on the kept keys
+        d_scores.mul_(-kept.sum(dim=-1, keepdim=True)).scatter_add_(-1, local, kept)  # dS
+        if slope is not None:
+            d_scores.mul_(slope)
+        if need_q:
+            layout.put(grad_query5, chunk, torch.matmul(d_scores, chunk_keys).mul_(spec.scaling))
+        if need_k:
+            grad_key[..., chunk.k0 : chunk.k1, :] += torch.matmul(d_scores.transpose(-1, -2), chunk_query.float()).mul_(spec.scaling)
+    grad_query = grad_query5.view(query.shape).to(query.dtype) if need_q else None
+    return (
+        grad_query,
+        grad_key.to(key.dtype) if need_k else None,
+        grad_value.to(value.dtype) if need_v else None,
+        None, None, None, None, None,
+    )
 
 
 class TopKNeighbourSum(torch.autograd.Function):
     """Autograd wrapper of :func:`_forward` with the analytic backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, query, key, value, mask, spec: ScoreSpec, top_k: int, sum_mode: SumMode):
-        out, index, weights, lse = _forward(query, key, value, mask, spec, top_k, sum_mode)
+    def forward(ctx, query, key, value, mask, spec: ScoreSpec, top_k: int, sum_mode: SumMode, chunks: list[Chunk]):
+        out, index, weights, lse = _forward(query, key, value, mask, spec, top_k, sum_mode, chunks)
         ctx.save_for_backward(query, key, value, mask, index, weights, lse)
-        ctx.spec, ctx.sum_mode = spec, sum_mode
+        ctx.spec, ctx.sum_mode, ctx.chunks = spec, sum_mode, chunks
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, mask, index, weights, lse = ctx.saved_tensors
-        spec: ScoreSpec = ctx.spec
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        grad = grad_out.float()  # (B, Hkv, G*Lq, D)
-        values = value.float()
-        grad_query = grad_key = grad_value = grad_weights = None
-        if ctx.sum_mode == "dense":
-            if need_q or need_k:
-                grad_weights = torch.matmul(grad, values.transpose(-1, -2)).gather(-1, index)
-            if need_v:
-                adjacency = grad.new_zeros(*index.shape[:-1], values.shape[-2]).scatter_(-1, index, weights)
-                grad_value = torch.matmul(adjacency.transpose(-1, -2), grad)
-                del adjacency
-        else:
-            if need_q or need_k:
-                grad_weights = (_gather_rows(values, index) * grad.unsqueeze(-2)).sum(-1)
-            if need_v:
-                batch, kv_heads, rows, k = index.shape
-                flat = index.reshape(batch, kv_heads, rows * k, 1).expand(-1, -1, -1, values.shape[-1])
-                contributions = (weights.unsqueeze(-1) * grad.unsqueeze(-2)).reshape(batch, kv_heads, rows * k, -1)
-                grad_value = torch.zeros_like(values).scatter_add_(2, flat, contributions)
-        if grad_value is not None:
-            grad_value = grad_value.to(value.dtype)
-        if need_q or need_k:
-            d_scores, slope = _scores(query, key, mask, spec, cap_slope=True)
-            d_scores.sub_(lse).exp_()  # P, zero on invisible keys
-            kept = grad_weights * weights  # dW * W on the kept keys
-            d_scores.mul_(-kept.sum(dim=-1, keepdim=True)).scatter_add_(-1, index, kept)
-            if slope is not None:
-                d_scores.mul_(slope)
-            if need_q:
-                grad_query = (torch.matmul(d_scores, key.float()) * spec.scaling).view(query.shape).to(query.dtype)
-            if need_k:
-                grouped_query = _grouped(query, spec.groups).float()
-                grad_key = (torch.matmul(d_scores.transpose(-1, -2), grouped_query) * spec.scaling).to(key.dtype)
-        return grad_query, grad_key, grad_value, None, None, None, None
+        return _backward(ctx, grad_out)
 
 
 def topk_neighbour_sum(
@@ -177,6 +326,7 @@ def topk_neighbour_sum(
     softcap: float | None = None,
     sliding_window: int | None = None,
     sum_mode: str = "auto",
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Per-head top-k GIN neighbour sum straight from the attention's q, k, v.
 
@@ -187,17 +337,17 @@ def topk_neighbour_sum(
         top_k: neighbours kept per query row (all visible keys when fewer).
         scaling: the attention's score scale; softcap, sliding_window: as the model's attention uses them.
         sum_mode: ``"dense"``, ``"gather"`` or ``"auto"`` (:func:`choose_sum_mode`).
+        chunk_rows: query rows per chunk (default :data:`QUERY_CHUNK_ROWS`).
     Returns:
         ``(B, H, Lq, D)`` float32, equal to the generic chain's ``sum_j A[i, j] v_j`` for the top-k rule.
     """
-    batch, heads, q_len, dim = query.shape
+    heads, q_len = query.shape[1], query.shape[2]
     kv_heads, k_len = key.shape[1], key.shape[2]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads.")
     spec = ScoreSpec(scaling=float(scaling), softcap=softcap, sliding_window=sliding_window, groups=heads // kv_heads, q_len=q_len)
     mode = choose_sum_mode(sum_mode, top_k, k_len)
+    chunks = plan_chunks(q_len, k_len, top_k, attention_mask is not None or q_len == 1, sliding_window, chunk_rows or QUERY_CHUNK_ROWS)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        out = TopKNeighbourSum.apply(query, key, value, attention_mask, spec, top_k, mode)
-    else:  # inference and cached decoding: no autograd bookkeeping
-        out = _forward(query, key, value, attention_mask, spec, top_k, mode)[0]
-    return out.view(batch, heads, q_len, dim)
+        return TopKNeighbourSum.apply(query, key, value, attention_mask, spec, top_k, mode, chunks)
+    return _forward(query, key, value, attention_mask, spec, top_k, mode, chunks)[0]  # inference, cached decoding

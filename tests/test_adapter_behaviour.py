@@ -112,9 +112,10 @@ FUSED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 5])  # 5: query rows in chunks of 5, 5, 2 (causal chunks skip keys)
 @pytest.mark.parametrize("sum_mode", ["dense", "gather"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "plain")
-def test_fused_top_k_equals_generic_chain(case, sum_mode):
+def test_fused_top_k_equals_generic_chain(case, sum_mode, chunk_rows):
     """The fused kernel's values and q, k, v gradients equal the generic chain's (probabilities, top-k, dense sum)."""
     from gin_adapter.adjacency import AdjacencyRule
     from gin_adapter.attention import neighbour_sums
@@ -138,14 +139,15 @@ def test_fused_top_k_equals_generic_chain(case, sum_mode):
     expected = neighbour_sums(q, k, v, mask, rule, 8**-0.5, softcap=softcap, sliding_window=window, groups=2)
     weights = torch.randn(expected.shape, generator=generator)
     expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
-    fused = topk_neighbour_sum(q, k, v, mask, top_k=top_k, scaling=8**-0.5, softcap=softcap, sliding_window=window, sum_mode=sum_mode)
+    options = dict(top_k=top_k, scaling=8**-0.5, softcap=softcap, sliding_window=window, sum_mode=sum_mode, chunk_rows=chunk_rows)
+    fused = topk_neighbour_sum(q, k, v, mask, **options)
     fused_grads = torch.autograd.grad((fused * weights).sum(), (q, k, v))
     assert fused.shape == expected.shape
     assert torch.allclose(fused, expected, atol=1e-5)
     for name, a, b in zip("qkv", fused_grads, expected_grads):
         assert torch.allclose(a, b, atol=1e-5), name
     with torch.no_grad():  # the inference path (no autograd function) gives the same numbers
-        assert torch.allclose(topk_neighbour_sum(q, k, v, mask, top_k=top_k, scaling=8**-0.5, softcap=softcap, sliding_window=window, sum_mode=sum_mode), fused)
+        assert torch.allclose(topk_neighbour_sum(q, k, v, mask, **options), fused)
 
 
 def test_detached_graph_keeps_forward_and_own_layer_gradients():
