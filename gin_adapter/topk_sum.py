@@ -226,23 +226,34 @@ def _forward(query, key, value, mask, spec: ScoreSpec, top_k: int, sum_mode: Sum
     k = min(top_k, key.shape[-2])
     values = value.float().contiguous()
     query5 = layout.split(query)
+    results = [_forward_chunk(layout.rows(query5, chunk), key, values, mask, spec, k, sum_mode, chunk) for chunk in chunks]
+    if len(chunks) == 1:  # short inputs and decoding: the rows are already in order, nothing to copy
+        out, index, weights, lse = results[0]
+        return out.view(query.shape), layout.split(index), layout.split(weights), layout.split(lse)
     shape5 = (layout.batch, layout.kv_heads, layout.groups, layout.q_len)
     out5 = values.new_empty(*shape5, layout.dim)
     index5 = torch.empty(*shape5, k, dtype=torch.long, device=query.device)
     weights5, lse5 = values.new_empty(*shape5, k), values.new_empty(*shape5, 1)
-    for chunk in chunks:
-        scores, _ = _scores(layout.rows(query5, chunk), key[..., chunk.k0 : chunk.k1, :], _mask_rows(mask, chunk), spec, chunk)
-        top_scores, index = scores.topk(k, dim=-1)  # (B, Hkv, G*rows, k), relative to k0
-        lse = _row_logsumexp(scores, may_be_empty=mask is not None)  # scores is now scratch
-        weights = (top_scores - lse).exp_()  # picks of invisible keys have weight exp(-inf) = 0
-        if sum_mode == "dense":
-            adjacency = scores.zero_().scatter_(-1, index, weights)  # the score buffer becomes A
-            out = torch.matmul(adjacency, values[..., chunk.k0 : chunk.k1, :])
-        else:
-            out = _weighted_rows(weights, _gather_rows(values, index + chunk.k0))
-        for target, rows in ((out5, out), (index5, index + chunk.k0), (weights5, weights), (lse5, lse)):
+    for chunk, chunk_results in zip(chunks, results):
+        for target, rows in zip((out5, index5, weights5, lse5), chunk_results):
             layout.put(target, chunk, rows)
     return out5.view(query.shape), index5, weights5, lse5
+
+
+def _forward_chunk(chunk_query, key, values, mask, spec: ScoreSpec, k: int, sum_mode: SumMode, chunk: Chunk):
+    """One chunk's ``(out, index, weights, lse)``, each ``(B, Hkv, G * rows, .)``; ``index`` in ``[0, Lk)``."""
+    scores, _ = _scores(chunk_query, key[..., chunk.k0 : chunk.k1, :], _mask_rows(mask, chunk), spec, chunk)
+    top_scores, index = scores.topk(k, dim=-1)  # relative to k0
+    lse = _row_logsumexp(scores, may_be_empty=mask is not None)  # scores is now scratch
+    weights = (top_scores - lse).exp_()  # picks of invisible keys have weight exp(-inf) = 0
+    if chunk.k0:
+        index = index + chunk.k0
+    if sum_mode == "dense":
+        adjacency = scores.zero_().scatter_(-1, index - chunk.k0 if chunk.k0 else index, weights)  # the buffer becomes A
+        out = torch.matmul(adjacency, values[..., chunk.k0 : chunk.k1, :])
+    else:
+        out = _weighted_rows(weights, _gather_rows(values, index))
+    return out, index, weights, lse
 
 
 def _backward(ctx, grad_out):
