@@ -70,7 +70,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.published import build_published_model, published_blocks  # noqa: E402
 from gin_adapter import GinConfig, count_trainable_parameters, get_gin_model, gin_layers  # noqa: E402
 from gin_adapter.adjacency import AdjacencyRule  # noqa: E402
-from gin_adapter.topk_sum import _gather_rows, topk_neighbour_sum  # noqa: E402
+from gin_adapter.topk_sum import GATHER_MIN_KEYS_PER_NEIGHBOUR, QUERY_CHUNK_ROWS, _gather_rows, topk_neighbour_sum  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
@@ -113,7 +113,7 @@ def length_map(text: str) -> dict[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", type=csv(), default=["train", "eval", "generate", "crossover"], help="comma list of train,eval,generate,crossover")
+    p.add_argument("--suite", type=csv(), default=["train", "eval", "generate", "crossover", "kernel"], help="comma list of train,eval,generate,crossover,kernel")
     p.add_argument("--model", default="embedded", help="model id or path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--seq-lens", type=csv(int), default=[256, 1024, 4096], help="training sequence lengths")
     p.add_argument("--batch", type=int, default=4, help="batch size for sequence lengths <= --long-from")
@@ -141,6 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crossover-dim", type=int, default=64)
     p.add_argument("--crossover-reps", type=int, default=3)
     p.add_argument("--crossover-full-max-len", type=int, default=2048, help="also time the whole neighbour_sums (probabilities + top-k + sum) up to this length")
+    p.add_argument("--kernel-shapes", type=csv(), default=["4x256", "1x1024", "1x4096"], help="kernel suite: BxL shapes (H=9, Hkv=3, D=64, top-8)")
+    p.add_argument("--kernel-chunks", type=csv(int), default=[32, 64, 128, 0], help="kernel suite: query rows per chunk (0: one chunk)")
+    p.add_argument("--kernel-reps", type=int, default=5, help="kernel suite: timed rounds (2 at L >= 4096)")
     p.add_argument("--mem-budget-gb", type=float, default=8.0, help="skip crossover cells whose estimated memory exceeds this")
     p.add_argument("--time-budget-s", type=float, default=1.5, help="a crossover backend slower than this per call at some (L, k) is skipped at longer L with the same k")
     p.add_argument("--device", default="cpu")
@@ -782,6 +785,62 @@ def run_crossover(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def kernel_inputs(batch: int, length: int, heads: int = 9, kv_heads: int = 3, dim: int = 64, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Leaf ``q (B, H, L, D)``, ``k, v (B, Hkv, L, D)`` that require grad, and fixed output weights ``(B, H, L, D)``."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, dim, generator=generator, requires_grad=True)
+    k, v = (torch.randn(batch, kv_heads, length, dim, generator=generator, requires_grad=True) for _ in range(2))
+    return q, k, v, torch.randn(batch, heads, length, dim, generator=generator)
+
+
+def kernel_cases(inputs: tuple[torch.Tensor, ...], top_k: int = 8, chunks: Iterable[int] = (32, 64, 128, 0)) -> dict[str, Callable[[], Any]]:
+    """Forward + backward of one attention layer's per-head top-k neighbour sum, every way the package can run it.
+
+    ``sdpa``: the attention itself (``scaled_dot_product_attention``, causal, KV repeated), for scale;
+    ``generic``: the generic chain as the core runs it for other rules (checkpointed probabilities, top-k, dense
+    sum); ``fused_<mode>_c<rows>``: :func:`gin_adapter.topk_sum.topk_neighbour_sum` with that sum mode and query
+    chunk (``c0``: one chunk). Gradients accumulate into ``inputs``' q, k, v as in training.
+    """
+    import torch.nn.functional as F
+    import torch.utils.checkpoint
+
+    from gin_adapter.attention import neighbour_sums
+
+    q, k, v, weights = inputs
+    length, dim, groups = q.shape[2], q.shape[3], q.shape[1] // k.shape[1]
+    rule = AdjacencyRule.from_config(GinConfig(top_k=top_k, backend="dense"))
+
+    def backward(out: torch.Tensor) -> None:
+        (out * weights).sum().backward()
+
+    def fused(mode: str, rows: int) -> None:
+        backward(topk_neighbour_sum(q, k, v, None, top_k=top_k, scaling=dim**-0.5, sum_mode=mode, chunk_rows=rows or length))
+
+    cases: dict[str, Callable[[], Any]] = {
+        "sdpa": lambda: backward(F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), is_causal=True)),
+        "generic": lambda: backward(torch.utils.checkpoint.checkpoint(neighbour_sums, q, k, v, None, rule, dim**-0.5, use_reentrant=False, groups=groups)),
+    }
+    for mode in ("dense", "gather"):
+        for rows in chunks:
+            if not rows or rows < length:
+                cases[f"fused_{mode}_c{rows}"] = functools.partial(fused, mode, rows)
+    return cases
+
+
+def run_kernel(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time :func:`kernel_cases` per shape (interleaved rounds, medians); one row per shape."""
+    rows = []
+    for shape in args.kernel_shapes:
+        batch, length = (int(x) for x in shape.lower().split("x"))
+        cases = kernel_cases(kernel_inputs(batch, length, seed=args.seed), chunks=args.kernel_chunks)
+        timings = interleaved_times(cases, 1, args.kernel_reps if length < 4096 else 2, lambda: None, what=f"kernel {shape}", collect=False)
+        medians = {name: median(t) for name, t in timings.items()}
+        rows.append(dict(batch=batch, seq_len=length, ms={name: 1000 * t for name, t in medians.items()},
+                         over_sdpa={name: t / medians["sdpa"] for name, t in medians.items()}))
+        gc.collect()
+    return rows
+
+
 def plot_crossover(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -946,6 +1005,15 @@ def markdown_tables(results: dict[str, Any]) -> str:
             full = " / ".join(cell(f"full_{b}_ms") for b in ("dense", "pyg", "fused_dense", "fused_gather")) if "full_dense_ms" in r else ""
             lines.append(f"| {r['seq_len']} | {r['top_k']} | {r['edges']:,} | {cell('dense_ms')} | {cell('pyg_ms')} | {cell('pyg_propagate_ms')} | {cell('gather_ms')} | {r.get('faster_core_backend')} | {full} |")
         lines.append("")
+    if results.get("kernel"):
+        names = list(results["kernel"][0]["ms"])
+        lines += ["### One layer's top-k neighbour sum, forward + backward (ms; H=9, Hkv=3, D=64, top-8; in brackets: / sdpa)", "",
+                  "| B x L | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for r in results["kernel"]:
+            cells = [f"{r['ms'][n]:.1f} ({r['over_sdpa'][n]:.2f})" if n in r["ms"] else "" for n in names]
+            lines.append(f"| {r['batch']} x {r['seq_len']} | " + " | ".join(cells) + " |")
+        lines.append(f"\n`c<rows>`: query rows per chunk, `c0`: one chunk; the package default is `fused_dense_c{QUERY_CHUNK_ROWS}` below "
+                     f"{GATHER_MIN_KEYS_PER_NEIGHBOUR * 8} keys and `fused_gather_c{QUERY_CHUNK_ROWS}` from there.\n")
     summary = results.get("summary", {})
     if summary.get("targets"):
         lines += ["### Targets", "", "| target | value | met |", "|---|---:|---|"]
@@ -1035,6 +1103,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["crossover"] = run_crossover(args)
         plot_crossover(results["crossover"], out_dir / "crossover.png")
         results["suite_wall_s"]["crossover"] = time.time() - suite_start
+        _write(results, out_dir)
+
+    if "kernel" in args.suite:
+        suite_start = time.time()
+        results["kernel"] = run_kernel(args)
+        results["suite_wall_s"]["kernel"] = time.time() - suite_start
 
     results["summary"] = summarize(results)
     results["machine"]["loadavg_end"] = _loadavg()

@@ -102,6 +102,22 @@ def test_crossover_and_plot(tmp_path):
     assert "Crossover" in rb.markdown_tables({"crossover": rows})
 
 
+def test_kernel_suite_times_every_way_and_they_agree():
+    args = rb.parse_args(["--kernel-shapes", "2x40", "--kernel-chunks", "16,0", "--kernel-reps", "1"])
+    rows = rb.run_kernel(args)
+    assert set(rows[0]["ms"]) == {"sdpa", "generic", "fused_dense_c16", "fused_dense_c0", "fused_gather_c16", "fused_gather_c0"}
+    assert all(t > 0 for t in rows[0]["ms"].values())
+    assert "forward + backward" in rb.markdown_tables({"kernel": rows})
+    # the timed cases compute the same gradients to q, k, v
+    grads = {}
+    for name in ("generic", "fused_dense_c16", "fused_gather_c16", "fused_dense_c0", "fused_gather_c0"):
+        inputs = rb.kernel_inputs(1, 40)
+        rb.kernel_cases(inputs, chunks=(16, 0))[name]()
+        grads[name] = torch.cat([t.grad.flatten() for t in inputs[:3]])
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads["generic"], atol=1e-5), name
+
+
 def test_report_rerenders_saved_results(tmp_path):
     import json
 
