@@ -131,7 +131,8 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
                 "attention function; this module cannot be wrapped (pass other `target_modules`)."
             )
         attn_output = output[0] if isinstance(output, tuple) else output
-        delta = sum(self.gin_blocks[name](*request.results[name]) for name in active)
+        deltas = [self.gin_blocks[name](*request.results[name]) for name in active]
+        delta = deltas[0] if len(deltas) == 1 else torch.stack(deltas).sum(0)
         attn_output = attn_output + delta.to(attn_output.dtype)
         return (attn_output, *output[1:]) if isinstance(output, tuple) else attn_output
 

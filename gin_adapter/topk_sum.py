@@ -361,4 +361,22 @@ def topk_neighbour_sum(
     chunks = plan_chunks(q_len, k_len, top_k, attention_mask is not None or q_len == 1, sliding_window, chunk_rows or QUERY_CHUNK_ROWS)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return TopKNeighbourSum.apply(query, key, value, attention_mask, spec, top_k, mode, chunks)
-    return _forward(query, key, value, attention_mask, spec, top_k, mode, chunks)[0]  # inference, cached decoding
+    if q_len == 1 and attention_mask is None:
+        return _decode_step(query, key, value, spec, top_k)
+    return _forward(query, key, value, attention_mask, spec, top_k, mode, chunks)[0]  # inference
+
+
+def _decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: ScoreSpec, top_k: int) -> torch.Tensor:
+    """One new token against the whole cache, no mask, no autograd: the fewest kernel launches (decode is bound by
+    per-op overhead, not arithmetic). ``softmax`` then ``topk`` of the probabilities (same picks and weights as
+    :func:`_forward`), the k weights scattered into the ``(1, Lk)`` row, one matmul with the values."""
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, spec.groups, dim).float()  # the G query heads of each KV head as rows
+    scores = torch.matmul(grouped, key.float().transpose(-1, -2)).mul_(spec.scaling)  # (B, Hkv, G, Lk)
+    if spec.softcap is not None:
+        scores = scores.div_(spec.softcap).tanh_().mul_(spec.softcap)
+    probs = torch.softmax(scores, dim=-1)
+    weights, index = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    out = torch.matmul(scores.zero_().scatter_(-1, index, weights), value.float())  # (B, Hkv, G, D)
+    return out.view(batch, heads, 1, dim)

@@ -127,6 +127,7 @@ FUSED_CASES = [
     dict(sliding_window=4),
     dict(sliding_window=4, padding=True, softcap=2.0),
     dict(q_len=1),  # one decoded token against a 12-token cache, no mask
+    dict(q_len=1, softcap=2.0),
     dict(q_len=3, padding=True),  # a chunk of 3 new tokens against the cache
     dict(top_k=20),  # more neighbours than keys: every visible key is kept
 ]
