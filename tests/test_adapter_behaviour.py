@@ -234,7 +234,10 @@ def test_gradient_checkpointing_matches():
     for checkpointing in (False, True):
         base = tiny_model()
         if checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_gin_model(base, GinConfig(hidden_dim=8))
         perturb_adapter(model)
         model.train()
