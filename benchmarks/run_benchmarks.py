@@ -57,7 +57,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -285,21 +285,12 @@ def gin_config(name: str) -> GinConfig:
     return GinConfig(**GIN_CONFIGS[name])
 
 
-@dataclass(frozen=True)
-class GenericChainRule(AdjacencyRule):
-    """An adjacency rule that never takes the fused top-k kernel (benchmark-only: the pre-kernel code path)."""
-
-    @property
-    def fused_top_k(self) -> bool:
-        return False
-
-
 def build_gin(base: torch.nn.Module, name: str) -> torch.nn.Module:
     """GIN variant ``name`` on a weight-sharing copy of ``base``; ``gin_generic`` is routed through the generic chain."""
     model = get_gin_model(share_copy(base), gin_config(name))
     if name == "gin_generic":
         for layer in gin_layers(model):
-            layer.gin_rules = {adapter: GenericChainRule(**vars(rule)) for adapter, rule in layer.gin_rules.items()}
+            layer.gin_rules = {adapter: replace(rule, fused_top_k=False) for adapter, rule in layer.gin_rules.items()}
     return model
 
 
@@ -711,7 +702,6 @@ def _time_calls(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -
 
 
 def run_crossover(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from gin_adapter.adjacency import AdjacencyRule
     from gin_adapter.attention import neighbour_sums
     from gin_adapter.gin import _PYG_SUM, adjacency_to_edges, neighbour_sum_dense, neighbour_sum_pyg
 

@@ -28,11 +28,7 @@ class AdjacencyRule:
     backend: str
     recompute: bool
     adjacency_grad: bool = True
-
-    @property
-    def fused_top_k(self) -> bool:
-        """Whether :mod:`gin_adapter.topk_sum` computes this rule (per-head top-k, not the pyg backend)."""
-        return self.sparsify == "topk" and self.head_reduction == "none" and self.graph == "gin" and self.backend != "pyg"
+    fused_top_k: bool = False  # computed by gin_adapter.topk_sum (per-head top-k, not the pyg backend)
 
     @classmethod
     def from_config(cls, config: GinConfig) -> "AdjacencyRule":
@@ -47,6 +43,7 @@ class AdjacencyRule:
             backend=config.backend,
             recompute=config.recompute_adjacency,
             adjacency_grad=config.adjacency_grad,
+            fused_top_k=config.is_per_head_top_k and config.backend != "pyg",
         )
 
 

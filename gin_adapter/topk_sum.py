@@ -30,12 +30,13 @@ Saved for backward: q, k, v, the attention mask argument (tensors that exist any
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from .adjacency import visible_keys
 
-SumMode = str  # "dense" | "gather"
+SumMode = Literal["dense", "gather"]
 
 GATHER_MIN_KEYS_PER_NEIGHBOUR = 128
 """``sum_mode="auto"`` gathers when ``Lk >= 128 * k`` (docs/benchmarks.md: on CPU the gathered sum beat the dense
@@ -226,15 +227,15 @@ def _forward(query, key, value, mask, spec: ScoreSpec, top_k: int, sum_mode: Sum
     k = min(top_k, key.shape[-2])
     values = value.float().contiguous()
     query5 = layout.split(query)
-    results = [_forward_chunk(layout.rows(query5, chunk), key, values, mask, spec, k, sum_mode, chunk) for chunk in chunks]
-    if len(chunks) == 1:  # short inputs and decoding: the rows are already in order, nothing to copy
-        out, index, weights, lse = results[0]
+    if len(chunks) == 1:  # short inputs: the rows are already in order, nothing to copy
+        out, index, weights, lse = _forward_chunk(layout.rows(query5, chunks[0]), key, values, mask, spec, k, sum_mode, chunks[0])
         return out.view(query.shape), layout.split(index), layout.split(weights), layout.split(lse)
     shape5 = (layout.batch, layout.kv_heads, layout.groups, layout.q_len)
     out5 = values.new_empty(*shape5, layout.dim)
     index5 = torch.empty(*shape5, k, dtype=torch.long, device=query.device)
     weights5, lse5 = values.new_empty(*shape5, k), values.new_empty(*shape5, 1)
-    for chunk, chunk_results in zip(chunks, results):
+    for chunk in chunks:
+        chunk_results = _forward_chunk(layout.rows(query5, chunk), key, values, mask, spec, k, sum_mode, chunk)
         for target, rows in zip((out5, index5, weights5, lse5), chunk_results):
             layout.put(target, chunk, rows)
     return out5.view(query.shape), index5, weights5, lse5
@@ -243,13 +244,12 @@ def _forward(query, key, value, mask, spec: ScoreSpec, top_k: int, sum_mode: Sum
 def _forward_chunk(chunk_query, key, values, mask, spec: ScoreSpec, k: int, sum_mode: SumMode, chunk: Chunk):
     """One chunk's ``(out, index, weights, lse)``, each ``(B, Hkv, G * rows, .)``; ``index`` in ``[0, Lk)``."""
     scores, _ = _scores(chunk_query, key[..., chunk.k0 : chunk.k1, :], _mask_rows(mask, chunk), spec, chunk)
-    top_scores, index = scores.topk(k, dim=-1)  # relative to k0
+    top_scores, local = scores.topk(k, dim=-1)  # key positions relative to k0
     lse = _row_logsumexp(scores, may_be_empty=mask is not None)  # scores is now scratch
     weights = (top_scores - lse).exp_()  # picks of invisible keys have weight exp(-inf) = 0
-    if chunk.k0:
-        index = index + chunk.k0
+    index = local + chunk.k0 if chunk.k0 else local
     if sum_mode == "dense":
-        adjacency = scores.zero_().scatter_(-1, index - chunk.k0 if chunk.k0 else index, weights)  # the buffer becomes A
+        adjacency = scores.zero_().scatter_(-1, local, weights)  # the score buffer becomes A
         out = torch.matmul(adjacency, values[..., chunk.k0 : chunk.k1, :])
     else:
         out = _weighted_rows(weights, _gather_rows(values, index))
@@ -357,25 +357,24 @@ def topk_neighbour_sum(
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads.")
     spec = ScoreSpec(scaling=float(scaling), softcap=softcap, sliding_window=sliding_window, groups=heads // kv_heads, q_len=q_len)
-    mode = choose_sum_mode(sum_mode, top_k, k_len)
-    chunks = plan_chunks(q_len, k_len, top_k, attention_mask is not None or q_len == 1, sliding_window, chunk_rows or QUERY_CHUNK_ROWS)
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return TopKNeighbourSum.apply(query, key, value, attention_mask, spec, top_k, mode, chunks)
-    if q_len == 1 and attention_mask is None:
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if q_len == 1 and attention_mask is None and not needs_grad:
         return _decode_step(query, key, value, spec, top_k)
+    mode = choose_sum_mode(sum_mode, top_k, k_len)
+    chunks = plan_chunks(q_len, k_len, top_k, attention_mask is not None, sliding_window, chunk_rows or QUERY_CHUNK_ROWS)
+    if needs_grad:
+        return TopKNeighbourSum.apply(query, key, value, attention_mask, spec, top_k, mode, chunks)
     return _forward(query, key, value, attention_mask, spec, top_k, mode, chunks)[0]  # inference
 
 
 def _decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: ScoreSpec, top_k: int) -> torch.Tensor:
     """One new token against the whole cache, no mask, no autograd: the fewest kernel launches (decode is bound by
-    per-op overhead, not arithmetic). ``softmax`` then ``topk`` of the probabilities (same picks and weights as
-    :func:`_forward`), the k weights scattered into the ``(1, Lk)`` row, one matmul with the values."""
+    per-op overhead, not arithmetic; this path makes about half the kernel calls of :func:`_forward`).
+    ``softmax`` then ``topk`` of the probabilities (same picks and weights as :func:`_forward`), the k weights
+    scattered into the ``(1, Lk)`` row, one matmul with the values."""
     batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    grouped = query.reshape(batch, kv_heads, spec.groups, dim).float()  # the G query heads of each KV head as rows
-    scores = torch.matmul(grouped, key.float().transpose(-1, -2)).mul_(spec.scaling)  # (B, Hkv, G, Lk)
-    if spec.softcap is not None:
-        scores = scores.div_(spec.softcap).tanh_().mul_(spec.softcap)
+    grouped = query.reshape(batch, key.shape[1], spec.groups, dim)  # the G query heads of each KV head as rows
+    scores, _ = _scores(grouped, key, None, spec, Chunk(0, 1, 0, key.shape[-2]))  # (B, Hkv, G, Lk), nothing masked
     probs = torch.softmax(scores, dim=-1)
     weights, index = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     out = torch.matmul(scores.zero_().scatter_(-1, index, weights), value.float())  # (B, Hkv, G, D)
