@@ -935,6 +935,17 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _throughput_table(title: str, rows: list[dict], time_key: str, unit: str, spec: str, qualifier: str = "") -> list[str]:
+    """Markdown lines of a tokens-per-second table; 'vs LoRA' is the median per-round throughput ratio."""
+    lora = _row(rows, "lora") or {}
+    lines = [f"### {title} ({qualifier}'vs LoRA' uses {rows[0].get('timer', 'wall')} time)", "",
+             f"| variant | {unit} per CPU s | {unit} per wall s | vs LoRA |", "|---|---:|---:|---:|"]
+    for r in rows:
+        ratio = round_ratio(lora, r, time_key)
+        lines.append(f"| {r['label']} | {r.get('tokens_per_cpu_s', 0):{spec}} | {r.get('tokens_per_wall_s', 0):{spec}} | {'' if ratio is None else f'{ratio:.2f}'} |")
+    return lines
+
+
 def markdown_tables(results: dict[str, Any]) -> str:
     lines: list[str] = []
     for block in results.get("train", []):
@@ -965,23 +976,13 @@ def markdown_tables(results: dict[str, Any]) -> str:
                          else f"| {c['comparison']} | | {c['max_abs_logit_diff']:.2e} | |")
         lines.append("")
     if results.get("eval"):
-        lora = _row(results["eval"], "lora") or {}
         r0 = results["eval"][0]
-        lines += [f"### Evaluation forward, batch {r0['batch']} x {r0['seq_len']} ('vs LoRA' uses {r0.get('timer', 'wall')} time)", "",
-                  "| variant | tokens per CPU s | tokens per wall s | vs LoRA |", "|---|---:|---:|---:|"]
-        for r in results["eval"]:
-            ratio = round_ratio(lora, r, "forward_s_all")
-            lines.append(f"| {r['label']} | {r.get('tokens_per_cpu_s', 0):.0f} | {r.get('tokens_per_wall_s', 0):.0f} | {'' if ratio is None else f'{ratio:.2f}'} |")
-        lines.append("")
+        lines += _throughput_table(f"Evaluation forward, batch {r0['batch']} x {r0['seq_len']}", results["eval"], "forward_s_all", "tokens", ".0f") + [""]
     gen = results.get("generate", {})
     if gen.get("rows"):
-        lora = _row(gen["rows"], "lora") or {}
         r0 = gen["rows"][0]
-        lines += [f"### Cached generate(), batch {r0['batch']}, prompt {r0['prompt']}, {r0['new_tokens']} new tokens (greedy; 'vs LoRA' uses {r0.get('timer', 'wall')} time)", "",
-                  "| variant | new tokens per CPU s | new tokens per wall s | vs LoRA |", "|---|---:|---:|---:|"]
-        for r in gen["rows"]:
-            ratio = round_ratio(lora, r, "generate_s_all")
-            lines.append(f"| {r['label']} | {r.get('tokens_per_cpu_s', 0):.1f} | {r.get('tokens_per_wall_s', 0):.1f} | {'' if ratio is None else f'{ratio:.2f}'} |")
+        lines += _throughput_table(f"Cached generate(), batch {r0['batch']}, prompt {r0['prompt']}, {r0['new_tokens']} new tokens", gen["rows"],
+                                   "generate_s_all", "new tokens", ".1f", qualifier="greedy; ")
         lines.append(f"\nSame tokens as `gin`: {gen.get('same_tokens_as_gin')}\n")
     if results.get("crossover"):
         lines += ["### Crossover: neighbour sum from a given graph (forward, ms; H=9, D=64, batch 1)", "",
