@@ -103,7 +103,7 @@ def _gin_features(module, query, key, value, attention_mask, scaling, kwargs, ru
     if rule.fused_top_k:
         summed = topk_neighbour_sum(
             graph_query, graph_key, value, attention_mask, top_k=rule.top_k, scaling=scaling, softcap=softcap,
-            sliding_window=sliding_window, sum_mode="dense" if rule.backend == "dense" else "auto",
+            sliding_window=sliding_window, sum_mode=rule.backend if rule.backend in ("dense", "gather") else "auto",
         )
     else:
         args = (graph_query, graph_key, value, attention_mask)

@@ -347,7 +347,8 @@ def topk_neighbour_sum(
         attention_mask: what transformers passes to an attention function (bool, additive float, or ``None``).
         top_k: neighbours kept per query row (all visible keys when fewer).
         scaling: the attention's score scale; softcap, sliding_window: as the model's attention uses them.
-        sum_mode: ``"dense"``, ``"gather"`` or ``"auto"`` (:func:`choose_sum_mode`).
+        sum_mode: ``"dense"``, ``"gather"`` or ``"auto"`` (:func:`choose_sum_mode`; one decoded token without a
+            mask takes the dense decode fast path unless ``"gather"`` is asked for).
         chunk_rows: query rows per chunk (default :data:`QUERY_CHUNK_ROWS`).
     Returns:
         ``(B, H, Lq, D)`` float32, equal to the generic chain's ``sum_j A[i, j] v_j`` for the top-k rule.
@@ -358,8 +359,8 @@ def topk_neighbour_sum(
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads.")
     spec = ScoreSpec(scaling=float(scaling), softcap=softcap, sliding_window=sliding_window, groups=heads // kv_heads, q_len=q_len)
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    if q_len == 1 and attention_mask is None and not needs_grad:
-        return _decode_step(query, key, value, spec, top_k)
+    if q_len == 1 and attention_mask is None and not needs_grad and sum_mode != "gather":
+        return _decode_step(query, key, value, spec, top_k)  # "auto" takes it: the fastest way for one token
     mode = choose_sum_mode(sum_mode, top_k, k_len)
     chunks = plan_chunks(q_len, k_len, top_k, attention_mask is not None, sliding_window, chunk_rows or QUERY_CHUNK_ROWS)
     if needs_grad:

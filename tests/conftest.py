@@ -54,3 +54,24 @@ def perturb_adapter(model: torch.nn.Module, scale: float = 0.5, seed: int = 1) -
 @pytest.fixture
 def make_model():
     return tiny_model
+
+
+@pytest.fixture
+def kernel_paths(monkeypatch):
+    """Records which neighbour-sum path the fused top-k kernel ran: 'dense', 'gather' or 'decode' (one token)."""
+    from gin_adapter import topk_sum
+
+    used: list[str] = []
+    forward, decode = topk_sum._forward, topk_sum._decode_step
+
+    def spy_forward(query, key, value, mask, spec, top_k, sum_mode, chunks):
+        used.append(sum_mode)
+        return forward(query, key, value, mask, spec, top_k, sum_mode, chunks)
+
+    def spy_decode(*args, **kwargs):
+        used.append("decode")
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(topk_sum, "_forward", spy_forward)
+    monkeypatch.setattr(topk_sum, "_decode_step", spy_decode)
+    return used

@@ -80,7 +80,7 @@ BACKEND_CASES = [
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: soft-capped logits and a sliding window
 @pytest.mark.parametrize("rule,backends", BACKEND_CASES)
-def test_backends_agree(arch, rule, backends):
+def test_backends_agree(arch, rule, backends, kernel_paths):
     """Same loss and same adapter gradients from every backend (pyg always runs the generic, checkpointed chain)."""
     ids = _ids(2, 11)
     outputs, grads = {}, {}
@@ -89,8 +89,11 @@ def test_backends_agree(arch, rule, backends):
         model = get_gin_model(base, GinConfig(hidden_dim=8, backend=backend, **rule))
         perturb_adapter(model)
         model.train()
+        kernel_paths.clear()
         loss = model(ids, labels=ids).loss
         loss.backward()
+        fused = GinConfig(**rule).is_per_head_top_k and backend != "pyg"  # the kernel runs, with this sum
+        assert set(kernel_paths) == ({backend} if fused else set()), (backend, kernel_paths)
         outputs[backend] = loss.detach()
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     reference = backends[-1]
@@ -101,7 +104,7 @@ def test_backends_agree(arch, rule, backends):
 
 
 @pytest.mark.parametrize("padding", [False, True])
-def test_backends_agree_over_several_query_chunks(padding):
+def test_backends_agree_over_several_query_chunks(padding, kernel_paths):
     """150 tokens: the kernel runs three query chunks (64, 64, 22) on a real model; same loss and gradients as PyG."""
     ids = _ids(2, 150)
     mask = torch.ones_like(ids)
@@ -112,8 +115,10 @@ def test_backends_agree_over_several_query_chunks(padding):
         model = get_gin_model(tiny_model(), GinConfig(hidden_dim=8, backend=backend))
         perturb_adapter(model)
         model.train()
+        kernel_paths.clear()
         loss = model(ids, attention_mask=mask, labels=ids).loss
         loss.backward()
+        assert set(kernel_paths) == ({backend} if backend != "pyg" else set()), (backend, kernel_paths)
         results[backend] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     for backend in ("dense", "gather"):
         assert torch.allclose(results[backend][0], results["pyg"][0], atol=1e-6), backend
@@ -269,7 +274,7 @@ def test_bf16_base_with_fp32_adapter():
         (dict(sparsify="threshold", head_reduction="none"), False, True),  # sanity check of this test
     ],
 )
-def test_no_full_attention_map_kept_for_backward(rule, recompute, expect_maps):
+def test_no_full_attention_map_kept_for_backward(rule, recompute, expect_maps, kernel_paths):
     """No tensor saved for backward has the (B, H, L, L) size of an attention map (unless the generic chain runs
     with ``recompute_adjacency=False``, which keeps them on purpose)."""
     length = 48
@@ -286,3 +291,5 @@ def test_no_full_attention_map_kept_for_backward(rule, recompute, expect_maps):
         model(_ids(2, length), labels=_ids(2, length)).loss
     maps = [s for s in saved if len(s) == 4 and s[-2:] == (length, length) and s[1] > 1]
     assert bool(maps) == expect_maps, maps
+    if rule.get("backend") == "gather":
+        assert set(kernel_paths) == {"gather"}, kernel_paths

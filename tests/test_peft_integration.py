@@ -151,7 +151,7 @@ def test_corrupt_and_pickle_files_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("rule", [dict(), dict(backend="gather"), dict(sparsify="threshold", head_reduction="sum"), dict(head_reduction="max", top_k=2)])
-def test_cached_generation_equals_uncached(rule):
+def test_cached_generation_equals_uncached(rule, kernel_paths):
     """Greedy tokens with the KV cache equal those without, for a non-zero adapter and left-padded batches."""
     base = tiny_model()
     base.generation_config.pad_token_id = 0
@@ -165,6 +165,10 @@ def test_cached_generation_equals_uncached(rule):
     with_cache = model.generate(**kwargs, use_cache=True)
     without_cache = model.generate(**kwargs, use_cache=False)
     assert torch.equal(with_cache, without_cache)
+    if rule.get("backend") == "gather":  # prefill, decoding and the uncached runs all gathered
+        assert set(kernel_paths) == {"gather"}, kernel_paths
+    elif GinConfig(**rule).is_per_head_top_k:  # auto: dense sums at these lengths (a padding mask: no decode path)
+        assert set(kernel_paths) == {"dense"}, kernel_paths
     with model.disable_adapter():
         plain = model.generate(**kwargs, use_cache=True)
     assert not torch.equal(with_cache, plain), "the adapter should change the generated tokens"
