@@ -6,7 +6,9 @@ Its ``peft_type`` is the string ``"GIN"`` (PEFT's ``PeftType`` enum is closed; s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal, Optional, Union, get_args
 
 from peft import PeftConfig
@@ -125,6 +127,20 @@ class GinConfig(PeftConfig):
                 f"graph='gin'); got sparsify={self.sparsify!r}, head_reduction={self.head_reduction!r}, graph={self.graph!r}. "
                 "Use backend='dense' or 'auto'."
             )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs) -> "GinConfig":
+        """PEFT's loader (``PeftModel.from_pretrained`` reads the config first), plus a check that the folder's
+        ``adapter_model.safetensors`` is complete, so a truncated or corrupt file is reported in plain words before
+        any module is wrapped (local folders; Hub files are checked by :func:`gin_adapter.load_gin_model`)."""
+        from .io import WEIGHTS_NAME, check_weights_file
+
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        weights_file = os.path.join(folder, WEIGHTS_NAME)
+        if os.path.isfile(weights_file):
+            check_weights_file(Path(weights_file))
+        return config
 
     @property
     def is_per_head_top_k(self) -> bool:

@@ -13,12 +13,13 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .config import PEFT_TYPE, GinConfig
@@ -76,7 +77,23 @@ def read_adapter_config(folder: Path) -> GinConfig:
     if data.get("peft_type") != PEFT_TYPE:
         raise ValueError(f"{config_file} describes a {data.get('peft_type')!r} adapter, not a GIN adapter; load it with peft.PeftModel.")
     known = set(GinConfig.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.warn(
+            f"{config_file} has fields this version of gin_adapter does not know: {unknown}. They are ignored; the "
+            "adapter was probably saved by a newer version (upgrade gin_adapter if it loads or behaves wrongly).",
+            stacklevel=2,
+        )
     return GinConfig(**{k: v for k, v in data.items() if k in known})
+
+
+def check_weights_file(weights_file: Path) -> None:
+    """Raise ``ValueError`` if ``weights_file`` is not a complete safetensors file (reads the header only)."""
+    try:
+        with safe_open(str(weights_file), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights_file} is truncated or corrupt ({error}); save or download the adapter again.") from None
 
 
 def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -90,6 +107,7 @@ def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
                 "loads safetensors only: re-save the adapter with save_pretrained(..., safe_serialization=True)."
             )
         raise FileNotFoundError(f"No {WEIGHTS_NAME} in {folder}.")
+    check_weights_file(weights_file)
     try:
         return load_file(weights_file)
     except (SafetensorError, OSError, ValueError) as error:
@@ -104,6 +122,15 @@ def check_compatible(base_model: torch.nn.Module, config: GinConfig, weights: di
     head_dim = in_dim // heads
     expected = {name: tuple(t.shape) for name, t in GinBlock(in_dim, config.hidden_dim, out_dim).state_dict().items()}
     problems = []
+    num_layers = model_config.num_hidden_layers
+    saved_layers = {int(m.group(1)) for key in weights if (m := re.search(r"\.(\d+)\.", key))}
+    wanted = config.layers_to_transform
+    wanted_layers = set(range(num_layers)) if wanted is None else ({wanted} if isinstance(wanted, int) else set(wanted))
+    if saved_layers and saved_layers != wanted_layers:
+        problems.append(
+            f"  the adapter holds layers {_ranges(saved_layers)}, this base model has {num_layers} layers"
+            + (f" (layers_to_transform={wanted})" if wanted is not None else "")
+        )
     for key, tensor in weights.items():
         match = re.search(r"gin_blocks\.(?:[^.]+\.)?((?:mlp\.\d+|out_proj|norm)\.\w+|eps|scale)$", key)
         if match is None:
@@ -111,9 +138,6 @@ def check_compatible(base_model: torch.nn.Module, config: GinConfig, weights: di
         want = expected.get(match.group(1))
         if want is not None and tuple(tensor.shape) != want:
             problems.append(f"  {key}: adapter {tuple(tensor.shape)}, this base model needs {want}")
-        layer = re.search(r"\.(\d+)\.", key)
-        if layer and int(layer.group(1)) >= model_config.num_hidden_layers:
-            problems.append(f"  {key}: layer {layer.group(1)} does not exist (base model has {model_config.num_hidden_layers} layers)")
     if problems:
         saved_for = config.base_model_name_or_path or "an unrecorded model"
         here = getattr(base_model.config, "_name_or_path", "") or type(base_model).__name__
@@ -122,6 +146,20 @@ def check_compatible(base_model: torch.nn.Module, config: GinConfig, weights: di
             f"{out_dim}, {heads} heads of {head_dim}, {model_config.num_hidden_layers} layers). Mismatched tensors:\n"
             + "\n".join(problems[:20])
         )
+
+
+def _ranges(indices: set[int]) -> str:
+    """``{0, 1, 2, 5}`` -> ``'0-2, 5'``."""
+    ordered, parts = sorted(indices), []
+    start = previous = ordered[0]
+    for index in ordered[1:] + [None]:
+        if index is not None and index == previous + 1:
+            previous = index
+            continue
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        if index is not None:
+            start = previous = index
+    return ", ".join(parts)
 
 
 def load_gin_model(base_model: torch.nn.Module, source: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **hub_kwargs: Any) -> PeftModel:

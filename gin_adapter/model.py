@@ -20,7 +20,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from . import attention
 from .config import PEFT_TYPE, GinConfig
-from .layer import GinAttentionLayer
+from .layer import GinAttentionLayer, GinBlock
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,29 @@ class GinModel(BaseTuner):
         else:  # unloading: put the original attention module back as it was
             setattr(parent, child_name, new_module)
 
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Model key -> checkpoint key: ``...gin_blocks.<adapter>.mlp.0.weight`` -> ``...gin_blocks.mlp.0.weight``.
+
+        PEFT's default only drops the adapter name from the last two key components, which left it inside the keys
+        of the block's sub-modules, so an adapter loaded under another name missed its MLP weights.
+        """
+        marker = f".gin_blocks.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, ".gin_blocks.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: GinConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint keys -> model keys; files written by gin_adapter 0.1.0 (``gin_blocks.<saved name>.mlp...``) too."""
+        renamed = {}
+        for key, tensor in state_dict.items():
+            legacy = _LEGACY_KEY.search(key)
+            if legacy and legacy.group(2) not in _BLOCK_TOP_NAMES:
+                key = key[: legacy.start()] + f".gin_blocks.{legacy.group(3)}"
+            renamed[key] = tensor
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, renamed)
+
     def _check_merge_allowed(self) -> None:
         raise ValueError(
             "A GIN adapter cannot be merged into the base model: its correction depends on each input's attention "
@@ -135,6 +158,10 @@ class GinModel(BaseTuner):
             if isinstance(module_config, PretrainedConfig):
                 _set_attn_implementation(module_config, attention.base_implementation(module_config._attn_implementation or "eager"))
         return model
+
+
+_LEGACY_KEY = re.compile(r"\.gin_blocks\.(([^.]+)\.((?:[^.]+\.)*[^.]+))$")
+_BLOCK_TOP_NAMES = frozenset(name.split(".")[0] for name in GinBlock(2, 1, 1).state_dict())
 
 
 def _set_attn_implementation(config: PretrainedConfig, name: str) -> None:

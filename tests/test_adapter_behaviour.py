@@ -208,9 +208,10 @@ def test_eager_equals_sdpa(arch):
     assert (logits["eager"] - logits["sdpa"]).abs().max().item() < 1e-4
 
 
-def test_padded_equals_unpadded():
+@pytest.mark.parametrize("rule", [dict(), dict(sparsify="threshold", threshold=0.2)], ids=["per-head-top-k", "threshold"])
+def test_padded_equals_unpadded(rule):
     """A left-padded row gives the same logits on its real tokens as the same row alone."""
-    model = get_gin_model(tiny_model(), GinConfig(hidden_dim=8, sparsify="threshold", threshold=0.2))
+    model = get_gin_model(tiny_model(), GinConfig(hidden_dim=8, **rule))
     perturb_adapter(model)
     short = _ids(1, 7, seed=3)
     pad = torch.zeros(1, 5, dtype=torch.long)

@@ -67,17 +67,77 @@ def _saved(tmp_path, **config):
     return model, tmp_path / "adapter"
 
 
+def _randomise_adapter(model: torch.nn.Module, seed: int = 7) -> dict[str, torch.Tensor]:
+    """Overwrite every adapter parameter with fresh random numbers (a fresh tiny model re-seeds the same init, so
+    only a full save/load can bring these back); returns them by name."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_save_load_round_trip_both_apis(tmp_path):
-    model, folder = _saved(tmp_path, sparsify="threshold", head_reduction="sum")
+    model = get_gin_model(tiny_model(), GinConfig(hidden_dim=8, sparsify="threshold", head_reduction="sum"))
+    saved = _randomise_adapter(model)
+    folder = save_adapter(model, tmp_path / "adapter")
     ids = _ids()
     expected = model(ids).logits
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "GIN"
     assert not (folder / "adapter_model.bin").exists()
     for loader in (lambda base: PeftModel.from_pretrained(base, folder), lambda base: load_gin_model(base, folder)):
         loaded = loader(tiny_model())
+        reloaded = {n: p.detach() for n, p in loaded.named_parameters() if ".gin_blocks." in n}
+        assert reloaded.keys() == saved.keys()
+        for name, tensor in saved.items():
+            assert torch.equal(reloaded[name], tensor), name
         assert torch.equal(loaded(ids).logits, expected)
         assert loaded.peft_config["default"].sparsify == "threshold"
-        assert layer_scales(loaded) == pytest.approx([0.5, 0.5])
+
+
+def test_two_adapters_loaded_from_disk_each_reproduce_their_outputs(tmp_path):
+    ids = _ids()
+    outputs = {}
+    for name, config in (("first", GinConfig(hidden_dim=8)), ("second", GinConfig(hidden_dim=4, sparsify="threshold", head_reduction="sum"))):
+        model = get_gin_model(tiny_model(), config)
+        _randomise_adapter(model, seed=len(name))
+        save_adapter(model, tmp_path / name)
+        outputs[name] = model(ids).logits
+    assert (outputs["first"] - outputs["second"]).abs().max() > 1e-3
+    model = PeftModel.from_pretrained(tiny_model(), tmp_path / "first", adapter_name="first")
+    model.load_adapter(tmp_path / "second", adapter_name="second")
+    for name in ("first", "second", "first"):
+        model.set_adapter(name)
+        assert torch.allclose(model(ids).logits, outputs[name], atol=1e-6), name
+
+
+def test_adapters_saved_in_the_0_1_0_key_format_still_load(tmp_path):
+    """0.1.0 wrote nested block keys with the adapter name inside (``gin_blocks.default.mlp.0.weight``)."""
+    from safetensors.torch import load_file, save_file
+
+    model = get_gin_model(tiny_model(), GinConfig(hidden_dim=8))
+    _randomise_adapter(model)
+    folder = save_adapter(model, tmp_path / "adapter")
+    weights = load_file(folder / "adapter_model.safetensors")
+    legacy = {k.replace(".gin_blocks.mlp.", ".gin_blocks.default.mlp.").replace(".gin_blocks.out_proj.", ".gin_blocks.default.out_proj.").replace(".gin_blocks.norm.", ".gin_blocks.default.norm."): v for k, v in weights.items()}
+    assert legacy.keys() != weights.keys()
+    save_file(legacy, folder / "adapter_model.safetensors")
+    ids = _ids()
+    loaded = PeftModel.from_pretrained(tiny_model(), folder, adapter_name="renamed")
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_unknown_config_keys_are_named_in_a_warning(tmp_path):
+    from gin_adapter.io import read_adapter_config
+
+    _, folder = _saved(tmp_path)
+    config_file = folder / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**data, "future_field": 3, "another_one": "x"}))
+    with pytest.warns(UserWarning, match=r"\['another_one', 'future_field'\].*newer version"):
+        config = read_adapter_config(folder)
+    assert config.hidden_dim == 8
 
 
 def test_atomic_save_leaves_nothing_half_written(tmp_path, monkeypatch):
@@ -132,6 +192,23 @@ def test_adapter_for_another_base_model_is_reported(tmp_path):
     other = tiny_model(hidden_size=32, intermediate_size=64)
     with pytest.raises(ValueError, match=r"does not match this base model.*hidden size 32.*\n.*adapter \(\d+, ?\d+\)"):
         load_gin_model(other, folder)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_adapter_for_another_number_of_layers_is_reported(tmp_path, layers):
+    _, folder = _saved(tmp_path)  # two layers
+    with pytest.raises(ValueError, match=rf"adapter holds layers 0-1, this base model has {layers} layers"):
+        load_gin_model(tiny_model(num_hidden_layers=layers), folder)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_weights_are_reported_by_peft_loader_too(tmp_path, damage):
+    _, folder = _saved(tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 50)
+    with pytest.raises(ValueError, match="adapter_model.safetensors is truncated or corrupt.*save or download the adapter again"):
+        PeftModel.from_pretrained(tiny_model(), folder)
 
 
 def test_corrupt_and_pickle_files_are_refused(tmp_path):
