@@ -29,7 +29,7 @@ from torch import nn
 from torch_geometric.data import Batch, Data
 from torch_geometric.nn import MessagePassing
 
-from gin_adapter.layer import GinBlock
+from gin_adapter.blocks import GinBlock
 
 
 class GinStyleConv(MessagePassing):
@@ -50,7 +50,7 @@ class PublishedStyleSparseGin(nn.Module):
 
     Args:
         attention: the base attention module (its model must run ``attn_implementation="eager"``).
-        block: the GIN parameters (a :class:`gin_adapter.layer.GinBlock`, shared layout with ``gin_adapter``).
+        block: the GIN parameters (a :class:`gin_adapter.blocks.GinBlock`, shared layout with ``gin_adapter``).
         alpha, tau, threshold: the published sharpen-and-threshold rule.
     """
 

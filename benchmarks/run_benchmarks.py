@@ -702,7 +702,7 @@ def _time_calls(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -
 
 
 def run_crossover(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from gin_adapter.attention import neighbour_sums
+    from gin_adapter.aggregate import neighbour_sums
     from gin_adapter.gin import _PYG_SUM, adjacency_to_edges, neighbour_sum_dense, neighbour_sum_pyg
 
     heads, dim = args.crossover_heads, args.crossover_dim
@@ -794,7 +794,7 @@ def kernel_cases(inputs: tuple[torch.Tensor, ...], top_k: int = 8, chunks: Itera
     import torch.nn.functional as F
     import torch.utils.checkpoint
 
-    from gin_adapter.attention import neighbour_sums
+    from gin_adapter.aggregate import neighbour_sums
 
     q, k, v, weights = inputs
     length, dim, groups = q.shape[2], q.shape[3], q.shape[1] // k.shape[1]

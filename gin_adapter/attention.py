@@ -4,9 +4,11 @@ transformers (>= 5) attention modules call ``ALL_ATTENTION_FUNCTIONS.get_interfa
 eager_attention_forward)(module, q, k, v, mask, dropout=, scaling=, **kw)`` with RoPE and the KV-cache update
 already applied. :func:`install` registers ``gin_<impl>`` for the model's implementation ``<impl>`` (sdpa, eager,
 flash, ...): it runs the original function unchanged and, when the calling module has asked for it through
-:func:`capture`, also computes the GIN neighbourhood sums from the same q, k, v. Only eager attention returns
-probabilities, so they are recomputed here; nothing of size ``(B, H, Lq, Lk)`` is kept for backward (the per-head
-top-k kernel recomputes its scores in backward; other rules are checkpointed when ``recompute`` is on). The mask interface is registered too, or no mask is built.
+:func:`capture`, hands it the call's q, k, v, mask, scale, soft-cap and sliding window
+(:class:`~gin_adapter.aggregate.GraphInputs`). The wrapper builds the graph from them after the module returns
+(:mod:`gin_adapter.aggregate`), when every kind of node feature (values, the hidden state after attention) is
+known. Only eager attention returns probabilities, so the adjacency is recomputed from q and k; nothing of size
+``(B, H, Lq, Lk)`` is kept for backward. The mask interface is registered too, or no mask is built.
 """
 
 from __future__ import annotations
@@ -14,30 +16,25 @@ from __future__ import annotations
 import contextlib
 import sys
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-import torch.utils.checkpoint
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .adjacency import AdjacencyRule, attention_probabilities, sparse_adjacency, visible_keys
-from .gin import NEIGHBOUR_SUMS, neighbour_sum_reference
-from .topk_sum import topk_neighbour_sum
+from .aggregate import GraphInputs
 
 PREFIX = "gin_"
 
 
 @dataclass
 class AggregationRequest:
-    """What a wrapped attention module asks of the attention function during one forward call."""
+    """A wrapped attention module's request for its own attention call's graph inputs (filled by the function)."""
 
     module: torch.nn.Module
-    rules: dict[str, AdjacencyRule]
-    # filled by the attention function: per adapter, x_self (B, Hkv, Lq, D) and neighbour_sum (B, H, Lq, D)
-    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    graph: GraphInputs | None = None
 
 
 _REQUEST: ContextVar[AggregationRequest | None] = ContextVar("gin_adapter_request", default=None)
@@ -51,69 +48,6 @@ def capture(request: AggregationRequest) -> Iterator[AggregationRequest]:
         yield request
     finally:
         _REQUEST.reset(token)
-
-
-def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``(B, Hkv, L, D) -> (B, Hkv * groups, L, D)`` (grouped-query attention)."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def neighbour_sums(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    rule: AdjacencyRule,
-    scaling: float,
-    softcap: float | None = None,
-    sliding_window: int | None = None,
-    groups: int = 1,
-) -> torch.Tensor:
-    """GIN neighbourhood sum ``sum_j A[i, j] v_j`` per head, from the attention's own q, k, v.
-
-    Args:
-        query: ``(B, H, Lq, D)``; key, value: ``(B, H / groups, Lk, D)``, repeated here to ``H`` heads (inside the
-            checkpoint, so only the unrepeated KV tensors are kept for backward).
-    Returns:
-        ``(B, H, Lq, D)`` float32.
-    """
-    key, value = repeat_heads(key, groups), repeat_heads(value, groups)
-    q_len, k_len = query.shape[-2], key.shape[-2]
-    visible = visible_keys(attention_mask, q_len, k_len, query.device, sliding_window)
-    probs = attention_probabilities(query, key, visible, scaling, softcap)
-    adjacency = sparse_adjacency(probs, visible, rule)
-    values = value.float()
-    if rule.graph == "reference":
-        return neighbour_sum_reference(adjacency, values)
-    backend = "pyg" if rule.backend == "pyg" else "dense"
-    return NEIGHBOUR_SUMS[backend](adjacency, values)
-
-
-def _gin_features(module, query, key, value, attention_mask, scaling, kwargs, rule: AdjacencyRule):
-    """``(x_self (B, Hkv, Lq, D), neighbour_sum (B, H, Lq, D) float32)`` for one adapter.
-
-    The per-head top-k rule goes through the fused kernel (:mod:`gin_adapter.topk_sum`); every other rule through
-    the generic chain :func:`neighbour_sums`, checkpointed when ``rule.recompute`` so its ``(B, H, Lq, Lk)``
-    intermediates are rebuilt in backward instead of kept. ``x_self`` stays un-repeated over KV groups (the
-    :class:`~gin_adapter.layer.GinBlock` broadcasts it): the queries are the last ``Lq`` keys.
-    """
-    groups = getattr(module, "num_key_value_groups", 1)
-    softcap, sliding_window = kwargs.get("softcap"), kwargs.get("sliding_window")
-    graph_query, graph_key = (query, key) if rule.adjacency_grad else (query.detach(), key.detach())
-    if rule.fused_top_k:
-        summed = topk_neighbour_sum(
-            graph_query, graph_key, value, attention_mask, top_k=rule.top_k, scaling=scaling, softcap=softcap,
-            sliding_window=sliding_window, sum_mode=rule.backend if rule.backend in ("dense", "gather") else "auto",
-        )
-    else:
-        args = (graph_query, graph_key, value, attention_mask)
-        options = dict(rule=rule, scaling=scaling, softcap=softcap, sliding_window=sliding_window, groups=groups)
-        if rule.recompute and torch.is_grad_enabled():
-            summed = torch.utils.checkpoint.checkpoint(neighbour_sums, *args, use_reentrant=False, **options)
-        else:
-            summed = neighbour_sums(*args, **options)
-    q_len, k_len = query.shape[-2], key.shape[-2]
-    return value[..., k_len - q_len :, :], summed
 
 
 def _model_eager_function(module: torch.nn.Module) -> Callable:
@@ -138,10 +72,10 @@ def make_attention_function(base_implementation: str) -> Callable:
         output = base_fn(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         request = _REQUEST.get()
         if request is not None and request.module is module:
-            if scaling is None:
-                scaling = query.shape[-1] ** -0.5
-            for name, rule in request.rules.items():
-                request.results[name] = _gin_features(module, query, key, value, attention_mask, scaling, kwargs, rule)
+            request.graph = GraphInputs(
+                query, key, value, attention_mask, scaling=query.shape[-1] ** -0.5 if scaling is None else float(scaling),
+                softcap=kwargs.get("softcap"), sliding_window=kwargs.get("sliding_window"),
+            )
         return output
 
     gin_attention.__name__ = f"{PREFIX}{base_implementation}_attention"

@@ -20,7 +20,29 @@ Sparsify = Literal["topk", "threshold", "none"]
 GraphMode = Literal["gin", "reference"]
 Backend = Literal["auto", "dense", "gather", "pyg"]
 ScaleInit = Literal["zero", "linear"]
-Activation = Literal["gelu", "silu", "relu"]
+Activation = Literal["gelu", "silu", "relu", "prelu"]
+NodeFeatures = Literal["values", "hidden", "input"]
+Block = Literal["compact", "published"]
+SelfWeight = Literal["one_plus_eps", "eps"]
+
+#: The published Sparse-GIN computation (DESIGN.md section 2), as GinConfig fields; see GinConfig.published.
+PUBLISHED = dict(
+    node_features="hidden",
+    block="published",
+    hidden_dim=155,
+    self_weight="eps",
+    activation="prelu",
+    dropout=0.1,
+    norm_eps=1e-5,
+    head_reduction="sum",
+    sparsify="threshold",
+    sharpen_alpha=10.0,
+    sharpen_tau=0.1,
+    threshold=0.6,
+    scale_init="linear",
+    scale_max=0.5,
+    graph="reference",
+)
 
 
 @dataclass
@@ -31,10 +53,49 @@ class GinConfig(PeftConfig):
     adjacency ``A`` and adds ``scale * RMSNorm(out(MLP(GIN(A, X))))`` to its output, with
     ``GIN(A, X)_i = (1 + eps) x_i + sum_{j <= i} A[i, j] x_j``. See :mod:`gin_adapter.layer`.
 
+    The fields come in four groups: the node features ``X`` (``node_features``), the GIN block (``block``,
+    ``hidden_dim``, ``self_weight``, ``activation``, ``dropout``, ``norm_eps``, ``scale_init``, ``scale_max``), the
+    graph ``A`` (``head_reduction``, ``sparsify``, ``top_k``, ``sharpen_*``, ``threshold``, ``graph``) and how it is
+    computed (``backend``, ``recompute_adjacency``, ``adjacency_grad``), then PEFT's placement fields.
+    :meth:`published` gives the published Sparse-GIN computation field by field.
+
     Every field raises ``ValueError`` naming the field and the allowed values when it is out of range.
     """
 
+    # --- node features
+    node_features: NodeFeatures = field(
+        default="values",
+        metadata={
+            "help": "What the graph aggregates. 'values': the attention's own value vectors (from the KV cache; note "
+            "that the top-k neighbour sum of values nearly equals the attention output the model already has); "
+            "'hidden': the decoder layer's hidden state after attention, h + attn_out (the published choice); "
+            "'input': the normed layer input the attention receives. 'hidden' and 'input' are projected to hidden_dim "
+            "per token (with bias) before aggregation and kept beside the KV cache for decoding."
+        },
+    )
+    # --- the GIN block
+    block: Block = field(
+        default="compact",
+        metadata={
+            "help": "'compact': MLP(z) = act(W2 act(W1 z)), out projection without bias; 'published': the published "
+            "block, MLP(z) = W2 act(W1 z) + z, then act (one shared PReLU), dropout, out projection with bias. "
+            "'published' needs node_features 'hidden' or 'input' and a head_reduction other than 'none'."
+        },
+    )
     hidden_dim: int = field(default=32, metadata={"help": "Width of the GIN (the paper used 155). Sets the parameter count."})
+    self_weight: SelfWeight = field(
+        default="one_plus_eps",
+        metadata={"help": "'one_plus_eps': z_i = (1 + eps) x_i + sum_j A[i, j] x_j (the GIN paper); 'eps': z_i = eps x_i + sum_j ... (what the published code computes). eps is learnable and starts at 0."},
+    )
+    scale_init: ScaleInit = field(
+        default="zero",
+        metadata={"help": "'zero': every layer's scale starts at 0 so the model starts as the base model; 'linear': published schedule from 0 (first layer) to scale_max (last)."},
+    )
+    scale_max: float = field(default=0.5, metadata={"help": "Last layer's initial scale when scale_init='linear'."})
+    activation: Activation = field(default="gelu", metadata={"help": "Non-linearity of the GIN MLP ('prelu': one learnable slope, shared by every use in the block)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout in the GIN block, in [0, 1): on the MLP's hidden layer ('compact'), after the block's last activation ('published')."})
+    norm_eps: float = field(default=1e-6, metadata={"help": "Epsilon of the RMSNorm on the block's output, > 0 (the published code uses 1e-5)."})
+    # --- the graph
     head_reduction: HeadReduction = field(
         default="none",
         metadata={"help": "'none' keeps one adjacency per head; 'sum' (clamped to 1, as published), 'mean' or 'max' share one over heads."},
@@ -51,6 +112,7 @@ class GinConfig(PeftConfig):
         default="gin",
         metadata={"help": "'gin': messages flow key j -> query i over the adjacency (intended operator); 'reference': self-loops only, as the published code behaves."},
     )
+    # --- how the graph is computed (same numbers whatever these say, except adjacency_grad in backward)
     backend: Backend = field(
         default="auto",
         metadata={
@@ -60,13 +122,6 @@ class GinConfig(PeftConfig):
             "'gather' by sequence length, other rules 'dense' (see docs/benchmarks.md)."
         },
     )
-    scale_init: ScaleInit = field(
-        default="zero",
-        metadata={"help": "'zero': every layer's scale starts at 0 so the model starts as the base model; 'linear': published schedule from 0 (first layer) to scale_max (last)."},
-    )
-    scale_max: float = field(default=0.5, metadata={"help": "Last layer's initial scale when scale_init='linear'."})
-    activation: Activation = field(default="gelu", metadata={"help": "Non-linearity of the GIN MLP."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the GIN MLP's hidden layer, in [0, 1)."})
     recompute_adjacency: bool = field(
         default=True,
         metadata={
@@ -81,6 +136,7 @@ class GinConfig(PeftConfig):
             "the graph as a constant: the GIN and the values still train, and the backward pass is cheaper."
         },
     )
+    # --- placement (PEFT semantics)
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={"help": "Attention modules to wrap (names or a regex). None picks them from the model type (see gin_adapter.model.TARGET_MODULES)."},
@@ -118,6 +174,7 @@ class GinConfig(PeftConfig):
         _check_range("threshold", self.threshold, 0.0, 1.0, high_open=True)
         _check_range("scale_max", self.scale_max, 0.0, None)
         _check_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        _check_range("norm_eps", self.norm_eps, 0.0, None, low_open=True)
         for name in ("recompute_adjacency", "adjacency_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GinConfig.{name} must be True or False, got {getattr(self, name)!r}.")
@@ -127,6 +184,27 @@ class GinConfig(PeftConfig):
                 f"graph='gin'); got sparsify={self.sparsify!r}, head_reduction={self.head_reduction!r}, graph={self.graph!r}. "
                 "Use backend='dense' or 'auto'."
             )
+
+        if self.block == "published" and (self.node_features == "values" or self.head_reduction == "none"):
+            raise ValueError(
+                "GinConfig.block='published' aggregates one graph of projected node features: it needs node_features "
+                f"'hidden' or 'input' and head_reduction 'sum', 'mean' or 'max'; got node_features={self.node_features!r}, "
+                f"head_reduction={self.head_reduction!r}. Use GinConfig.published() or block='compact'."
+            )
+
+    @classmethod
+    def published(cls, **overrides) -> "GinConfig":
+        """The published Sparse-GIN computation (Buehler 2025; DESIGN.md section 2), field by field.
+
+        Hidden-state node features ``u = h + attn_out`` projected ``Linear(d, 155)`` with bias; adjacency summed over
+        heads, clamped to 1, sharpened ``sigmoid(10 (A - 0.1))`` and kept where ``> 0.6``; one GIN layer
+        ``z = eps x + sum_j A[i, j] x_j`` (eps from 0), ``MLP(z) = W2 PReLU(W1 z) + z``, the same PReLU again, dropout
+        0.1, ``Linear(155, d)`` with bias, RMSNorm (eps 1e-5), and a per-layer scale from 0 (first layer) to 0.5
+        (last). ``graph="reference"`` (the default here) is the published code's behaviour, self-loops only;
+        ``graph="gin"`` the intended operator with messages from key j to query i. On SmolLM2-135M: 228,230 trainable
+        parameters per layer. ``overrides`` replace any field.
+        """
+        return cls(**{**PUBLISHED, **overrides})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs) -> "GinConfig":
@@ -156,6 +234,9 @@ _LITERALS = {
     "Backend": Backend,
     "ScaleInit": ScaleInit,
     "Activation": Activation,
+    "NodeFeatures": NodeFeatures,
+    "Block": Block,
+    "SelfWeight": SelfWeight,
 }
 
 

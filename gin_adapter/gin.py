@@ -10,8 +10,8 @@ query ``i`` (target). This module computes the neighbourhood sum ``sum_j A[i, j]
 * :func:`neighbour_sum_reference`: the published code's effective operator, self-loops only
   (``A[i, i] * x_i``); see DESIGN.md "Known defect".
 
-All three take ``adjacency (B, Ha, Lq, Lk)`` with ``Ha`` in ``{1, H}`` and node features ``x (B, H, Lk, D)`` and
-return ``(B, H, Lq, D)``; dense and pyg give the same numbers and gradients.
+All three take ``adjacency (B, Ha, Lq, Lk)`` and node features ``x (B, Hx, Lk, D)`` with ``Ha, Hx`` in ``{1, H}``
+and return ``(B, max(Ha, Hx), Lq, D)``; dense and pyg give the same numbers and gradients.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def adjacency_to_edges(adjacency: torch.Tensor, num_heads: int) -> tuple[torch.T
 
 def neighbour_sum_pyg(adjacency: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Same result as :func:`neighbour_sum_dense`, computed by torch_geometric message passing."""
-    batch, heads, k_len, dim = x.shape
+    heads = max(adjacency.shape[1], x.shape[1])  # features shared by the heads (1) or one graph for all (Ha = 1)
+    batch, _, k_len, dim = x.shape
+    x = x.expand(batch, heads, k_len, dim)
     q_len = adjacency.shape[-2]
     edge_index, edge_weight = adjacency_to_edges(adjacency, heads)
     out = _PYG_SUM(x.reshape(-1, dim), edge_index, edge_weight.to(x.dtype), size=(batch * heads * k_len, batch * heads * q_len))

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .config import PEFT_TYPE, GinConfig
-from .layer import GinBlock
+from .blocks import make_block
 from .model import attention_dims, register, text_config
 
 logger = logging.getLogger(__name__)
@@ -117,10 +117,9 @@ def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
 def check_compatible(base_model: torch.nn.Module, config: GinConfig, weights: dict[str, torch.Tensor], source: str = "") -> None:
     """Raise ``ValueError`` listing every tensor whose shape does not fit ``base_model`` (other base model)."""
     model_config = text_config(base_model.config)
-    in_dim, out_dim = attention_dims(None, model_config)
-    heads = model_config.num_attention_heads
-    head_dim = in_dim // heads
-    expected = {name: tuple(t.shape) for name, t in GinBlock(in_dim, config.hidden_dim, out_dim).state_dict().items()}
+    dims = attention_dims(None, model_config)
+    heads, head_dim, out_dim = dims.heads, dims.head_dim, dims.model_dim
+    expected = {name: tuple(t.shape) for name, t in make_block(config, dims).state_dict().items()}
     problems = []
     num_layers = model_config.num_hidden_layers
     saved_layers = {int(m.group(1)) for key in weights if (m := re.search(r"\.(\d+)\.", key))}
@@ -132,10 +131,11 @@ def check_compatible(base_model: torch.nn.Module, config: GinConfig, weights: di
             + (f" (layers_to_transform={wanted})" if wanted is not None else "")
         )
     for key, tensor in weights.items():
-        match = re.search(r"gin_blocks\.(?:[^.]+\.)?((?:mlp\.\d+|out_proj|norm)\.\w+|eps|scale)$", key)
+        match = re.search(r"gin_blocks\.(.+)$", key)
         if match is None:
             continue
-        want = expected.get(match.group(1))
+        name = match.group(1)
+        want = expected.get(name, expected.get(name.partition(".")[2]))  # without, or with, an adapter name
         if want is not None and tuple(tensor.shape) != want:
             problems.append(f"  {key}: adapter {tuple(tensor.shape)}, this base model needs {want}")
     if problems:

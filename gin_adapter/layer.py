@@ -1,15 +1,24 @@
-"""The wrapper around one attention module: ``output = attention(x) + scale * GIN(attention graph)``.
+"""The wrapper around one attention module: ``output = attention(x) + sum_adapters delta(x)``.
 
-For one wrapped layer with heads ``h``, value vectors ``v_j^h`` (the node features, so the KV cache already holds
-every earlier token's features and cached decoding is exact) and sparse adjacency ``A^h`` (see
-:mod:`gin_adapter.adjacency`):
+For each active adapter (:mod:`gin_adapter.blocks` for the formula and shapes):
 
-    z_i   = (1 + eps) * concat_h v_i^h + concat_h sum_{j <= i} A^h[i, j] v_j^h          (B, L, H * D)
-    delta = scale * RMSNorm(W_out act(W_2 act(W_1 z_i + b_1) + b_2))                   (B, L, d_model)
+1. the attention runs unchanged; the GIN attention function records its q, k, v and mask
+   (:mod:`gin_adapter.attention`);
+2. node features ``x_j`` for every key ``j`` the attention saw: the value vectors (``node_features="values"``, from
+   the KV cache), or ``W_in u_j`` with ``u`` the decoder layer's hidden state after attention
+   (``"hidden"``: ``u = h + attn_out``, ``h`` the decoder layer's input) or the normed input of the attention
+   (``"input"``); projected features of earlier tokens come from the KV cache's layer (:mod:`gin_adapter.cache`);
+3. the neighbour sum ``n_i = sum_j A[i, j] x_j`` over the attention graph (:mod:`gin_adapter.aggregate`);
+4. ``delta = block(x_self, n)`` is added to the attention module's output.
 
-``W_1`` is the paper's projection into the GIN width fused with the first layer of the GIN MLP (two linear maps
-in a row are one); ``W_2`` the MLP's second layer, ``W_out`` the projection back, then RMSNorm and the learnable
-per-layer ``scale`` (zero at init by default, so the wrapped model equals the base model).
+Where the delta lands: the attention module's output, i.e. before the residual add in pre-norm decoders (Llama,
+Qwen, Mistral, Phi-3, GPT-2: ``h + attn_out + delta``), and inside the post-attention norm where the architecture
+normalises the attention output before adding it (Gemma 2/3, OLMo 2: ``h + norm(attn_out + delta)``). With
+``scale = 0`` the model equals the base model either way. ``"hidden"`` uses ``u = h + attn_out`` with the module's
+own output (before any such norm), as the published code did for Llama.
+
+The decoder layer's input ``h`` is captured by a forward pre-hook on the decoder layer, set anew on every call of
+that layer, so gradient checkpointing's recomputation (which calls the layer again) sees its own input.
 """
 
 from __future__ import annotations
@@ -19,94 +28,61 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from torch.nn import functional as F
 
 from .adjacency import AdjacencyRule
+from .aggregate import GraphInputs, graph_neighbour_sum
 from .attention import AggregationRequest, capture
+from .blocks import AttentionDims, make_block
+from .cache import check_supported, feature_cache_layer, find_cache
 from .config import GinConfig
-
-ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
-
-
-class GinBlock(nn.Module):
-    """One adapter's trainable parameters for one layer (scalars live here, not on the wrapper: FSDP-friendly).
-
-    Args:
-        in_dim: ``H * D``, the width of the concatenated per-head node features.
-        hidden_dim: GIN width.
-        out_dim: the model's hidden size.
-        scale_init: initial value of the learnable scale.
-    Shapes:
-        ``x_self (B, Hkv, L, D), neighbours (B, H, L, D) -> (B, L, out_dim)`` with ``in_dim = H * D``.
-    """
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, activation: str = "gelu", dropout: float = 0.0, scale_init: float = 0.0) -> None:
-        super().__init__()
-        self.scale_init = scale_init
-        self.eps = nn.Parameter(torch.zeros(1))
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim),
-            ACTIVATIONS[activation](),
-            nn.Dropout(dropout) if dropout > 0 else nn.Identity(),  # no kernel call at all for the default 0
-            nn.Linear(hidden_dim, hidden_dim),
-            ACTIVATIONS[activation](),
-        )
-        self.out_proj = nn.Linear(hidden_dim, out_dim, bias=False)
-        self.norm = nn.RMSNorm(out_dim, eps=1e-6)
-        self.scale = nn.Parameter(torch.zeros(1))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Default init for the MLP, ``eps = 0``, unit norm weight, ``scale = scale_init``; callable again."""
-        for module in (self.mlp[0], self.mlp[3], self.out_proj):
-            module.reset_parameters()
-        self.norm.reset_parameters()
-        with torch.no_grad():
-            self.eps.zero_()
-            self.scale.fill_(self.scale_init)
-
-    def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-        """``x_self (B, Hkv, L, D)`` (un-repeated over the ``G = H / Hkv`` query groups), ``neighbours (B, H, L, D)``.
-
-        ``z = (1 + eps) x_self + neighbours`` is formed per head (``x_self`` broadcast over groups, no copy of the
-        repeated values) and merged to ``(B, L, H * D)`` once. The scale is folded into the RMSNorm weight,
-        ``scale * (n(y) * w) = n(y) * (scale * w)``, so autograd keeps no normalised output for the scale's gradient.
-        """
-        dtype = self.out_proj.weight.dtype
-        batch, heads, length, dim = neighbours.shape
-        kv_heads = x_self.shape[1]
-        grouped = neighbours.to(dtype).view(batch, kv_heads, heads // kv_heads, length, dim)
-        z = grouped + (1 + self.eps) * x_self.to(dtype).unsqueeze(2)  # (B, Hkv, G, L, D)
-        z = z.permute(0, 3, 1, 2, 4).reshape(batch, length, heads * dim)  # (B, L, H * D), heads h = kv * G + g
-        y = self.out_proj(self.mlp(z))
-        return F.rms_norm(y, self.norm.normalized_shape, self.norm.weight * self.scale, self.norm.eps)  # (B, L, d_model)
 
 
 class GinAttentionLayer(nn.Module, BaseTunerLayer):
     """PEFT tuner layer wrapping one attention module; forward has three branches: disabled, active, none active."""
 
     adapter_layer_names = ("gin_blocks",)
-    other_param_names = ("gin_rules",)
+    other_param_names = ("gin_rules", "gin_node_features")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: GinConfig, *, in_dim: int, out_dim: int, scale_init: float, layer_index: int) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: GinConfig, *, dims: AttentionDims, scale_init: float, layer_index: int) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.gin_blocks = nn.ModuleDict()
         self.gin_rules: dict[str, AdjacencyRule] = {}
-        self.in_dim, self.out_dim, self.layer_index = in_dim, out_dim, layer_index
+        self.gin_node_features: dict[str, str] = {}
+        self.dims, self.layer_index = dims, layer_index
+        self._layer_input: torch.Tensor | None = None
+        self._layer_input_hook: torch.utils.hooks.RemovableHandle | None = None
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self.update_layer(adapter_name, config, scale_init=scale_init)
 
     def update_layer(self, adapter_name: str, config: GinConfig, *, scale_init: float) -> None:
         """Add (or replace) adapter ``adapter_name`` on this layer."""
-        block = GinBlock(self.in_dim, config.hidden_dim, self.out_dim, config.activation, config.dropout, scale_init)
+        block = make_block(config, self.dims, scale_init)
         weight = next(self.base_layer.parameters(), None)
         if weight is not None:
             block.to(weight.device)
+        block.train(self.base_layer.training)  # an adapter added to a model in eval mode has its dropout off
         self.gin_blocks[adapter_name] = block
         self.gin_rules[adapter_name] = AdjacencyRule.from_config(config)
+        self.gin_node_features[adapter_name] = config.node_features
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def watch_layer_input(self, decoder_layer: nn.Module) -> None:
+        """Capture ``decoder_layer``'s input ``h`` on each of its calls (for ``node_features="hidden"``)."""
+        if self._layer_input_hook is None:
+            self._layer_input_hook = decoder_layer.register_forward_pre_hook(self._remember_layer_input, with_kwargs=True)
+
+    def stop_watching(self) -> None:
+        """Remove the decoder-layer hook (when the adapter is unloaded)."""
+        if self._layer_input_hook is not None:
+            self._layer_input_hook.remove()
+            self._layer_input_hook = None
+        self._layer_input = None
+
+    def _remember_layer_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if "hidden" in self.gin_node_features.values():
+            self._layer_input = args[0] if args else kwargs.get("hidden_states")
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(
@@ -119,22 +95,55 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         """Nothing is ever merged."""
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        layer_input, self._layer_input = self._layer_input, None  # never kept past this call
         active = [name for name in self.active_adapters if name in self.gin_blocks]
         if self.disable_adapters or not active:
             return self.base_layer(hidden_states, *args, **kwargs)
-        request = AggregationRequest(module=self.base_layer, rules={name: self.gin_rules[name] for name in active})
+        request = AggregationRequest(module=self.base_layer)
         with capture(request):
             output = self.base_layer(hidden_states, *args, **kwargs)
-        if len(request.results) != len(active):
+        graph = request.graph
+        if graph is None:
             raise RuntimeError(
                 f"{type(self.base_layer).__name__} did not call transformers' attention interface with the GIN "
                 "attention function; this module cannot be wrapped (pass other `target_modules`)."
             )
         attn_output = output[0] if isinstance(output, tuple) else output
-        deltas = [self.gin_blocks[name](*request.results[name]) for name in active]
-        delta = deltas[0] if len(deltas) == 1 else torch.stack(deltas).sum(0)
+        cache, cache_layer = find_cache(kwargs), None
+        if cache is not None:  # refuse caches the adapter cannot follow; keep projected features beside the KV cache
+            needs_features = any(self.gin_node_features[name] != "values" for name in active)
+            cache_layer = (feature_cache_layer if needs_features else check_supported)(cache, self.layer_index, type(self.base_layer).__name__)
+        delta = None
+        for name in active:
+            x_self, features = self._node_features(name, graph, hidden_states, attn_output, layer_input, cache_layer)
+            neighbours = graph_neighbour_sum(graph, features, self.gin_rules[name])
+            update = self.gin_blocks[name](x_self, neighbours)
+            delta = update if delta is None else delta + update
         attn_output = attn_output + delta.to(attn_output.dtype)
         return (attn_output, *output[1:]) if isinstance(output, tuple) else attn_output
+
+    def _node_features(self, name: str, graph: GraphInputs, hidden_states, attn_output, layer_input, cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_self (B, Hs, Lq, F), features of every key (B, Hkv or 1, Lk, F))`` for adapter ``name``."""
+        mode = self.gin_node_features[name]
+        if mode == "values":  # the queries are the last Lq keys (a dynamic cache appends)
+            return graph.value[..., graph.k_len - graph.q_len :, :], graph.value
+        if mode == "hidden":
+            if layer_input is None:
+                raise RuntimeError(
+                    f"node_features='hidden' needs the decoder layer's input, but no call of the layer around "
+                    f"{type(self.base_layer).__name__} was seen; call the model, not the attention module alone."
+                )
+            u = layer_input + attn_output  # (B, Lq, d): the hidden state after attention
+        else:
+            u = hidden_states  # (B, Lq, d): what the attention module received
+        new = self.gin_blocks[name].project(u)  # (B, Lq, F)
+        if cache_layer is not None:
+            every = cache_layer.gin_extend(name, new, graph.k_len)
+        elif graph.k_len != graph.q_len:
+            raise RuntimeError(f"{graph.k_len} keys for {graph.q_len} queries but no KV cache was passed to the attention module.")
+        else:
+            every = new
+        return new.unsqueeze(1), every.unsqueeze(1)
 
     def __repr__(self) -> str:
         return "gin." + super().__repr__()

@@ -20,7 +20,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from . import attention
 from .config import PEFT_TYPE, GinConfig
-from .layer import GinAttentionLayer, GinBlock
+from .blocks import BLOCKS, AttentionDims
+from .layer import GinAttentionLayer
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,8 @@ class GinModel(BaseTuner):
         if isinstance(target, GinAttentionLayer):
             target.update_layer(adapter_name, peft_config, scale_init=scale)
             return
-        in_dim, out_dim = attention_dims(target, model_config)
-        new_module = GinAttentionLayer(target, adapter_name, peft_config, in_dim=in_dim, out_dim=out_dim, scale_init=scale, layer_index=layer_index)
+        new_module = GinAttentionLayer(target, adapter_name, peft_config, dims=attention_dims(target, model_config), scale_init=scale, layer_index=layer_index)
+        new_module.watch_layer_input(parent)  # the decoder layer: its input h is what node_features="hidden" adds to
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -119,6 +120,8 @@ class GinModel(BaseTuner):
         if isinstance(new_module, GinAttentionLayer):
             super()._replace_module(parent, child_name, new_module, child)
         else:  # unloading: put the original attention module back as it was
+            if isinstance(child, GinAttentionLayer):
+                child.stop_watching()
             setattr(parent, child_name, new_module)
 
     @classmethod
@@ -161,7 +164,11 @@ class GinModel(BaseTuner):
 
 
 _LEGACY_KEY = re.compile(r"\.gin_blocks\.(([^.]+)\.((?:[^.]+\.)*[^.]+))$")
-_BLOCK_TOP_NAMES = frozenset(name.split(".")[0] for name in GinBlock(2, 1, 1).state_dict())
+_BLOCK_TOP_NAMES = frozenset(
+    name.split(".")[0]
+    for block in BLOCKS
+    for name in BLOCKS[block](GinConfig(block=block, node_features="hidden", head_reduction="sum", activation="prelu"), AttentionDims(1, 2, 2)).state_dict()
+)
 
 
 def _set_attn_implementation(config: PretrainedConfig, name: str) -> None:
@@ -176,11 +183,11 @@ def _looks_like_attention(module: nn.Module) -> bool:
     return isinstance(module, GinAttentionLayer) or "attention" in type(module).__name__.lower()
 
 
-def attention_dims(module: nn.Module | None, config: PretrainedConfig) -> tuple[int, int]:
-    """``(H * head_dim, hidden_size)``: width of the concatenated value heads and of the model."""
+def attention_dims(module: nn.Module | None, config: PretrainedConfig) -> AttentionDims:
+    """Query heads, head width and model width of one attention module (from the module, else its config)."""
     heads = config.num_attention_heads
     head_dim = getattr(module, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads * head_dim, config.hidden_size
+    return AttentionDims(heads=heads, head_dim=head_dim, model_dim=config.hidden_size)
 
 
 def register() -> None:

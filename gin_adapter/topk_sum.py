@@ -219,7 +219,7 @@ def _mask_rows(mask: torch.Tensor | None, chunk: Chunk) -> torch.Tensor | None:
 
 
 def _forward(query, key, value, mask, spec: ScoreSpec, top_k: int, sum_mode: SumMode, chunks: list[Chunk]):
-    """``(out (B, H, Lq, D) float32, index, weights, lse)``; the last three ``(B, Hkv, G, Lq, k or 1)``.
+    """``(out (B, H, Lq, Dv) float32, index, weights, lse)``; the last three ``(B, Hkv, G, Lq, k or 1)``.
 
     ``index`` holds key positions in ``[0, Lk)``. See the module docstring for the formulas.
     """
@@ -229,16 +229,16 @@ def _forward(query, key, value, mask, spec: ScoreSpec, top_k: int, sum_mode: Sum
     query5 = layout.split(query)
     if len(chunks) == 1:  # short inputs: the rows are already in order, nothing to copy
         out, index, weights, lse = _forward_chunk(layout.rows(query5, chunks[0]), key, values, mask, spec, k, sum_mode, chunks[0])
-        return out.view(query.shape), layout.split(index), layout.split(weights), layout.split(lse)
+        return out.view(*query.shape[:-1], values.shape[-1]), layout.split(index), layout.split(weights), layout.split(lse)
     shape5 = (layout.batch, layout.kv_heads, layout.groups, layout.q_len)
-    out5 = values.new_empty(*shape5, layout.dim)
+    out5 = values.new_empty(*shape5, values.shape[-1])
     index5 = torch.empty(*shape5, k, dtype=torch.long, device=query.device)
     weights5, lse5 = values.new_empty(*shape5, k), values.new_empty(*shape5, 1)
     for chunk in chunks:
         chunk_results = _forward_chunk(layout.rows(query5, chunk), key, values, mask, spec, k, sum_mode, chunk)
         for target, rows in zip((out5, index5, weights5, lse5), chunk_results):
             layout.put(target, chunk, rows)
-    return out5.view(query.shape), index5, weights5, lse5
+    return out5.view(*query.shape[:-1], values.shape[-1]), index5, weights5, lse5
 
 
 def _forward_chunk(chunk_query, key, values, mask, spec: ScoreSpec, k: int, sum_mode: SumMode, chunk: Chunk):
@@ -286,8 +286,8 @@ def _backward(ctx, grad_out):
             if need_q or need_k:
                 grad_weights = torch.matmul(_gather_rows(values, index), grad.unsqueeze(-1)).squeeze(-1)
             if need_v:
-                contributions = (weights.unsqueeze(-1) * grad.unsqueeze(-2)).reshape(-1, layout.dim)
-                grad_value.view(-1, layout.dim).index_add_(0, _flat_rows(index, values.shape[-2]), contributions)
+                contributions = (weights.unsqueeze(-1) * grad.unsqueeze(-2)).reshape(-1, values.shape[-1])
+                grad_value.view(-1, values.shape[-1]).index_add_(0, _flat_rows(index, values.shape[-2]), contributions)
         if grad_weights is None:
             continue
         chunk_query = layout.rows(query5, chunk)
@@ -343,7 +343,9 @@ def topk_neighbour_sum(
 
     Args:
         query: ``(B, H, Lq, D)``; the queries are the last ``Lq`` of the ``Lk`` keys.
-        key, value: ``(B, Hkv, Lk, D)``, *not* repeated to ``H`` heads (``H`` a multiple of ``Hkv``).
+        key: ``(B, Hkv, Lk, D)``, *not* repeated to ``H`` heads (``H`` a multiple of ``Hkv``).
+        value: the node features ``(B, Hkv, Lk, Dv)``: the attention's values, or features shared by the heads
+            expanded to ``Hkv`` (a view); ``Dv`` may differ from ``D``.
         attention_mask: what transformers passes to an attention function (bool, additive float, or ``None``).
         top_k: neighbours kept per query row (all visible keys when fewer).
         scaling: the attention's score scale; softcap, sliding_window: as the model's attention uses them.
@@ -351,7 +353,7 @@ def topk_neighbour_sum(
             mask takes the dense decode fast path unless ``"gather"`` is asked for).
         chunk_rows: query rows per chunk (default :data:`QUERY_CHUNK_ROWS`).
     Returns:
-        ``(B, H, Lq, D)`` float32, equal to the generic chain's ``sum_j A[i, j] v_j`` for the top-k rule.
+        ``(B, H, Lq, Dv)`` float32, equal to the generic chain's ``sum_j A[i, j] v_j`` for the top-k rule.
     """
     heads, q_len = query.shape[1], query.shape[2]
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -379,4 +381,4 @@ def _decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sp
     probs = torch.softmax(scores, dim=-1)
     weights, index = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     out = torch.matmul(scores.zero_().scatter_(-1, index, weights), value.float())  # (B, Hkv, G, D)
-    return out.view(batch, heads, 1, dim)
+    return out.view(batch, heads, 1, value.shape[-1])

@@ -29,6 +29,7 @@ TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow", "comet_ml", "aim", "cle
 
 Method = Literal["gin", "lora"]
 DataSource = Literal["wiki", "hub", "files"]
+DebugNonFinite = Literal["loss", "grad"]
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -169,7 +170,6 @@ class TrainingConfig:
     max_grad_norm: float | None = _help("gradient clipping norm (null = no clipping)", default=0.5)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
     eval_every: int = _help("evaluate validation perplexity every N steps (0 = only at the end)", default=0)
-    eval_at_start: bool = _help("also evaluate each run at step 0 (otherwise the base model's perplexity is used as step 0)", default=False)
     log_every: int = _help("log the training loss (and GIN scales) every N steps", default=1)
     checkpoint_every: int = _help("save a resumable checkpoint every N steps (0 = never)", default=0)
     keep_checkpoints: int = _help("complete checkpoints kept per run (older ones are deleted)", default=2)
@@ -178,6 +178,8 @@ class TrainingConfig:
     budget: BudgetConfig = _help("parameter-budget matching between GIN and LoRA", default_factory=BudgetConfig)
     ddp_find_unused_parameters: bool = _help("pass find_unused_parameters to DDP (only needed if an adapter leaves parameters unused)", default=False)
     debug_crash_at_step: int | None = _help("testing only: os._exit(17) right after this step (checkpoint included) of the first run reaching it; ignored with --resume", default=None)
+    debug_non_finite_at_step: int | None = _help("testing only: make a value NaN at this step of the first run reaching it, so the non-finite checks stop the run; ignored with --resume", default=None)
+    debug_non_finite: DebugNonFinite = _help("what debug_non_finite_at_step makes NaN: 'loss' (caught by the loss check) or 'grad' (every gradient, caught by the gradient-norm check after clipping; needs max_grad_norm)", default="loss")
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -281,6 +283,12 @@ class TrainingConfig:
             _check_choice("log_with", tracker, TRACKERS, hint="Use e.g. log_with: [tensorboard].")
         if self.debug_crash_at_step is not None:
             _check_positive_int("debug_crash_at_step", self.debug_crash_at_step)
+        if self.debug_non_finite_at_step is not None:
+            _check_positive_int("debug_non_finite_at_step", self.debug_non_finite_at_step)
+        _check_choice("debug_non_finite", self.debug_non_finite, get_args(DebugNonFinite))
+        if self.debug_non_finite == "grad" and self.debug_non_finite_at_step is not None and self.max_grad_norm is None:
+            raise ValueError("debug_non_finite='grad' needs max_grad_norm: the gradient norm is only computed (and checked) when "
+                             "gradients are clipped. Set max_grad_norm (e.g. 1.0) or use debug_non_finite: loss.")
 
     def learning_rates_for(self, run: RunConfig) -> list[float]:
         """The learning rates tried for ``run`` (its own list, else the shared one)."""
@@ -289,7 +297,8 @@ class TrainingConfig:
     def comparable_dict(self) -> dict[str, Any]:
         """The fields that must not change when a run is resumed."""
         d = self.to_dict()
-        for key in ("log_with", "debug_crash_at_step", "output_dir", "checkpoint_every", "keep_checkpoints"):
+        for key in ("log_with", "debug_crash_at_step", "debug_non_finite_at_step", "debug_non_finite", "output_dir",
+                    "checkpoint_every", "keep_checkpoints"):
             d.pop(key, None)
         return d
 

@@ -50,7 +50,7 @@ def test_message_passing_happens_in_graph_mode_only(rule):
     q and k are held fixed, so the adjacency is identical in both runs: any change is a message along 2 -> 9.
     """
     from gin_adapter.adjacency import AdjacencyRule
-    from gin_adapter.attention import neighbour_sums
+    from gin_adapter.aggregate import neighbour_sums
 
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 10, 8, generator=generator) for _ in range(3))
@@ -144,7 +144,7 @@ FUSED_CASES = [
 def test_fused_top_k_equals_generic_chain(case, sum_mode, chunk_rows):
     """The fused kernel's values and q, k, v gradients equal the generic chain's (probabilities, top-k, dense sum)."""
     from gin_adapter.adjacency import AdjacencyRule
-    from gin_adapter.attention import neighbour_sums
+    from gin_adapter.aggregate import neighbour_sums
     from gin_adapter.topk_sum import topk_neighbour_sum
 
     k_len, q_len, top_k = 12, case.get("q_len", 12), case.get("top_k", 3)

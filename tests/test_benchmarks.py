@@ -56,10 +56,10 @@ def test_equivalence_checks_pass():
 
 def test_generic_variant_takes_the_generic_chain(monkeypatch):
     """``gin_generic`` must really run the pre-kernel chain (else the benchmark compares the kernel with itself)."""
-    import gin_adapter.attention as attention
+    import gin_adapter.aggregate as aggregate
 
     calls = {"generic": 0, "fused": 0}
-    generic, fused = attention.neighbour_sums, attention.topk_neighbour_sum
+    generic, fused = aggregate.neighbour_sums, aggregate.topk_neighbour_sum
 
     def count(name, fn):
         def wrapped(*args, **kwargs):
@@ -67,8 +67,8 @@ def test_generic_variant_takes_the_generic_chain(monkeypatch):
             return fn(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(attention, "neighbour_sums", count("generic", generic))
-    monkeypatch.setattr(attention, "topk_neighbour_sum", count("fused", fused))
+    monkeypatch.setattr(aggregate, "neighbour_sums", count("generic", generic))
+    monkeypatch.setattr(aggregate, "topk_neighbour_sum", count("fused", fused))
     base = tiny_model("llama")
     with torch.no_grad():
         rb.build_gin(base, "gin_generic")(_ids(1, 8))

@@ -23,6 +23,7 @@ RANGE_CASES = [
     ("scale_max", -1.0, "[0.0, inf]"),
     ("dropout", 1.0, "[0.0, 1.0)"),
     ("dropout", -0.5, "[0.0, 1.0)"),
+    ("norm_eps", 0.0, "(0.0, inf]"),
     ("recompute_adjacency", "yes", "True or False"),
     ("adjacency_grad", 1, "True or False"),
 ]
@@ -33,7 +34,10 @@ CHOICE_CASES = [
     ("graph", ["gin", "reference"]),
     ("backend", ["auto", "dense", "gather", "pyg"]),
     ("scale_init", ["zero", "linear"]),
-    ("activation", ["gelu", "silu", "relu"]),
+    ("activation", ["gelu", "silu", "relu", "prelu"]),
+    ("node_features", ["values", "hidden", "input"]),
+    ("block", ["compact", "published"]),
+    ("self_weight", ["one_plus_eps", "eps"]),
 ]
 
 
@@ -48,7 +52,10 @@ def test_unknown_choices_name_the_field_and_every_allowed_value(name, choices):
     with pytest.raises(ValueError, match=rf"GinConfig\.{name}='bogus'.*{re.escape(str(choices))}"):
         GinConfig(**{name: "bogus"})
     for choice in choices:  # and every allowed value is accepted (alone or with what it needs)
-        needs = dict(sparsify="topk", head_reduction="none", graph="gin") if (name, choice) == ("backend", "gather") else {}
+        needs = {
+            ("backend", "gather"): dict(sparsify="topk", head_reduction="none", graph="gin"),
+            ("block", "published"): dict(node_features="hidden", head_reduction="sum"),
+        }.get((name, choice), {})
         assert getattr(GinConfig(**{**needs, name: choice}), name) == choice
 
 
@@ -65,3 +72,20 @@ def test_every_closed_choice_and_range_is_covered():
 def test_gather_needs_the_per_head_top_k_rule():
     with pytest.raises(ValueError, match=r"GinConfig\.backend='gather' needs the per-head top-k rule.*backend='dense' or 'auto'"):
         GinConfig(backend="gather", sparsify="threshold")
+
+
+@pytest.mark.parametrize("fields", [dict(node_features="values"), dict(node_features="hidden", head_reduction="none")])
+def test_published_block_needs_projected_features_and_one_graph(fields):
+    with pytest.raises(ValueError, match=r"GinConfig\.block='published'.*node_features 'hidden' or 'input' and head_reduction 'sum', 'mean' or 'max'"):
+        GinConfig(block="published", **{"head_reduction": "sum", **fields})
+
+
+def test_published_preset_is_the_published_computation_and_takes_overrides():
+    config = GinConfig.published()
+    assert (config.node_features, config.block, config.hidden_dim, config.self_weight) == ("hidden", "published", 155, "eps")
+    assert (config.activation, config.dropout, config.norm_eps) == ("prelu", 0.1, 1e-5)
+    assert (config.head_reduction, config.sparsify, config.sharpen_alpha, config.sharpen_tau, config.threshold) == ("sum", "threshold", 10.0, 0.1, 0.6)
+    assert (config.scale_init, config.scale_max, config.graph) == ("linear", 0.5, "reference")
+    assert GinConfig.published(graph="gin").graph == "gin"
+    with pytest.raises(ValueError, match="GinConfig.graph"):
+        GinConfig.published(graph="both")

@@ -1,0 +1,116 @@
+"""The GIN neighbour sum ``n_i = sum_j A[i, j] x_j`` over the attention graph, for any node features.
+
+The adjacency ``A`` comes from the attention's own ``q, k`` (with its mask, scale, soft-cap and sliding window,
+:class:`GraphInputs`); the node features ``x`` are either the attention's value vectors ``(B, Hkv, Lk, D)`` or
+features shared by every head ``(B, 1, Lk, F)`` (``node_features="hidden"`` or ``"input"``, projected to the GIN
+width). Two implementations give the same numbers and gradients:
+
+* the per-head top-k rule (the default) runs the fused kernel :func:`gin_adapter.topk_sum.topk_neighbour_sum`,
+  which never forms the probabilities;
+* every other rule (and ``backend="pyg"``) runs the generic chain :func:`neighbour_sums` (probabilities,
+  head reduction, sparsify, sum), checkpointed when ``rule.recompute`` so its ``(B, H, Lq, Lk)`` intermediates are
+  rebuilt in backward instead of kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint
+
+from .adjacency import AdjacencyRule, attention_probabilities, sparse_adjacency, visible_keys
+from .gin import NEIGHBOUR_SUMS, neighbour_sum_reference
+from .topk_sum import topk_neighbour_sum
+
+
+@dataclass
+class GraphInputs:
+    """What one attention call hands the attention function: everything the graph is built from.
+
+    ``query (B, H, Lq, D)``, ``key``/``value (B, Hkv, Lk, D)`` (RoPE and the KV cache already applied, not
+    repeated over query groups), the mask argument as transformers passes it, the score scale, and the
+    architecture's soft-cap and sliding window (``None`` when it has none).
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    scaling: float
+    softcap: float | None
+    sliding_window: int | None
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.query.shape[1] // self.key.shape[1]
+
+    @property
+    def q_len(self) -> int:
+        return self.query.shape[-2]
+
+    @property
+    def k_len(self) -> int:
+        return self.key.shape[-2]
+
+
+def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(B, Hkv, L, D) -> (B, Hkv * groups, L, D)`` (grouped-query attention)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def neighbour_sums(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    rule: AdjacencyRule,
+    scaling: float,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    groups: int = 1,
+) -> torch.Tensor:
+    """The generic chain: ``sum_j A[i, j] x_j`` from the attention's q, k and node features ``value``.
+
+    Args:
+        query: ``(B, H, Lq, D)``; key: ``(B, H / groups, Lk, D)``, repeated here to ``H`` heads (inside the
+            checkpoint, so only the unrepeated tensors are kept for backward).
+        value: node features ``(B, H / groups, Lk, F)`` (repeated like the keys) or ``(B, 1, Lk, F)`` shared by all
+            heads (broadcast, never repeated).
+    Returns:
+        ``(B, H or 1, Lq, F)`` float32: one row per adjacency head (1 when heads are reduced and features shared).
+    """
+    key = repeat_heads(key, groups)
+    if value.shape[1] != 1:
+        value = repeat_heads(value, groups)
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    visible = visible_keys(attention_mask, q_len, k_len, query.device, sliding_window)
+    probs = attention_probabilities(query, key, visible, scaling, softcap)
+    adjacency = sparse_adjacency(probs, visible, rule)
+    features = value.float()
+    if rule.graph == "reference":
+        return neighbour_sum_reference(adjacency, features)
+    backend = "pyg" if rule.backend == "pyg" else "dense"
+    return NEIGHBOUR_SUMS[backend](adjacency, features)
+
+
+def graph_neighbour_sum(graph: GraphInputs, features: torch.Tensor, rule: AdjacencyRule) -> torch.Tensor:
+    """``n_i = sum_j A[i, j] x_j`` for one adapter's rule: features ``(B, Hkv or 1, Lk, F)`` -> ``(B, H or 1, Lq, F)``.
+
+    The fused kernel always returns one row per query head (shared features are expanded over the KV heads as a
+    view); the generic chain returns one row per adjacency head.
+    """
+    query, key = (graph.query, graph.key) if rule.adjacency_grad else (graph.query.detach(), graph.key.detach())
+    if rule.fused_top_k:
+        batch, kv_heads, k_len = key.shape[:3]
+        features = features.expand(batch, kv_heads, k_len, features.shape[-1])
+        return topk_neighbour_sum(
+            query, key, features, graph.mask, top_k=rule.top_k, scaling=graph.scaling, softcap=graph.softcap,
+            sliding_window=graph.sliding_window, sum_mode=rule.backend if rule.backend in ("dense", "gather") else "auto",
+        )
+    args = (query, key, features, graph.mask)
+    options = dict(rule=rule, scaling=graph.scaling, softcap=graph.softcap, sliding_window=graph.sliding_window, groups=graph.groups)
+    if rule.recompute and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(neighbour_sums, *args, use_reentrant=False, **options)
+    return neighbour_sums(*args, **options)
