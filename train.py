@@ -15,7 +15,8 @@ and seeds. The script
    method is scored on,
 2. measures the base model's validation perplexity,
 3. matches the LoRA rank to the GIN adapter's trainable-parameter count (gin_adapter/budget.py),
-4. trains every run x learning rate x seed (``train_one_run``) with checkpoints that survive a crash,
+4. trains every run x learning rate x seed (``train_one_run``) with checkpoints that survive a crash; each trial's
+   step-0 perplexity is measured (and checked against the base model's where the adapter starts as the identity),
 5. writes ``results.json``, ``curves.png``, ``scales.png`` and ``adapters/<run>/`` into ``output_dir`` and prints
    a summary: per run, the best learning rate by validation perplexity and the mean +- std over seeds there.
 
@@ -288,11 +289,10 @@ def train_one_run(trial: Trial, ctx: Context) -> dict[str, Any]:
 
     accelerator.print(f"\n[{trial.id}] {trial.plan.method}: {n_trainable:,} trainable / {n_total:,} parameters, lr={trial.lr:g}, "
                       f"seed={trial.seed}, {cfg.max_steps} steps x {global_batch} blocks x {cfg.data.block_size} tokens")
-    if state.step == 0:
-        if cfg.eval_at_start or (trial.plan.method == "gin" and trial.plan.gin.get("scale_init", "zero") != "zero"):
-            state.val_ppl.append((0, evaluate_perplexity(model, ctx.val_loader, accelerator)["perplexity"]))
-        elif ctx.base_ppl is not None:  # zero-initialised adapters (GIN scale 0, LoRA B 0) are the base model
-            state.val_ppl.append((0, ctx.base_ppl))
+    if state.step == 0:  # measured, not assumed: a broken identity at initialisation shows in the curves
+        state.val_ppl.append((0, evaluate_perplexity(model, ctx.val_loader, accelerator)["perplexity"]))
+        if (warning := identity_at_init_warning(trial, state.val_ppl[0][1], ctx.base_ppl)) is not None:
+            accelerator.print(warning)
         if (scales := gin_scales(accelerator.unwrap_model(model))) is not None:
             state.scales.append((0, scales))
 
@@ -301,16 +301,21 @@ def train_one_run(trial: Trial, ctx: Context) -> dict[str, Any]:
     model.train()
     step_loss = 0.0
     for batch in batches:
+        inject = cfg.debug_non_finite if cfg.debug_non_finite_at_step == state.step + 1 and not ctx.resume else None
         with accelerator.accumulate(model):
             loss = model(**batch).loss
+            if inject == "loss":
+                loss = loss * float("nan")
+            elif inject == "grad":  # NaN enters backward at the loss, so every gradient (all-reduced under DDP) is NaN
+                loss.register_hook(lambda grad: grad * float("nan"))
             global_loss = accelerator.reduce(loss.detach().float(), reduction="mean")  # every process sees the same value
             if not torch.isfinite(global_loss):
-                raise NonFiniteLossError(_non_finite_message("loss", global_loss.item(), state.step + 1, trial, last_ckpt))
+                raise NonFiniteLossError(_non_finite_message("loss", global_loss.item(), state.step + 1, trial, last_ckpt, inject))
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                 grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 if not torch.isfinite(torch.as_tensor(grad_norm)):
-                    raise NonFiniteLossError(_non_finite_message("gradient norm", float(grad_norm), state.step + 1, trial, last_ckpt))
+                    raise NonFiniteLossError(_non_finite_message("gradient norm", float(grad_norm), state.step + 1, trial, last_ckpt, inject))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -367,11 +372,27 @@ def train_one_run(trial: Trial, ctx: Context) -> dict[str, Any]:
     return result
 
 
-def _non_finite_message(what: str, value: float, step: int, trial: Trial, last_ckpt: Path | None) -> str:
-    kept = f"the last complete checkpoint {last_ckpt} is intact" if last_ckpt else "no checkpoint was written for this run"
+def _non_finite_message(what: str, value: float, step: int, trial: Trial, last_ckpt: Path | None, injected: str | None = None) -> str:
+    kept = f"the last complete checkpoint {last_ckpt} is intact (--resume continues from it)" if last_ckpt else "no checkpoint was written for this run"
+    debug = f" (injected by debug_non_finite={injected!r})" if injected else ""
     return (f"non-finite training {what} ({value}) at step {step} of run {trial.run.name!r} (method={trial.plan.method}, "
-            f"learning_rate={trial.lr:g}, seed={trial.seed}). Lower the learning rate (learning_rates / runs[].learning_rates) "
-            f"or set max_grad_norm; {kept}.")
+            f"learning_rate={trial.lr:g}, seed={trial.seed}){debug}. Lower the learning rate (learning_rates / "
+            f"runs[].learning_rates) or set max_grad_norm; {kept}.")
+
+
+INIT_PPL_RTOL = 1e-4  # far above float32 reduction-order noise in a perplexity (~1e-6), far below any real adapter effect
+
+
+def identity_at_init_warning(trial: Trial, step0_ppl: float, base_ppl: float | None) -> str | None:
+    """A warning when an adapter that starts as the identity (LoRA's B = 0, GIN ``scale_init: zero``) does not
+    reproduce the base model's validation perplexity at step 0; None when it does or when no identity is expected."""
+    plan = trial.plan
+    identity = plan.method == "lora" or (plan.method == "gin" and plan.gin.get("scale_init", "zero") == "zero")
+    if base_ppl is None or not identity or math.isclose(step0_ppl, base_ppl, rel_tol=INIT_PPL_RTOL):
+        return None
+    return (f"WARNING: [{trial.id}] the {trial.plan.method} adapter should be the identity at initialisation, but its step-0 "
+            f"validation perplexity {step0_ppl:.6g} differs from the base model's {base_ppl:.6g} by more than {INIT_PPL_RTOL:g} "
+            "(relative); the curves record the measured value.")
 
 
 # ----------------------------------------------------------------------------- summary

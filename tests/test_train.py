@@ -188,10 +188,12 @@ def test_run_learns_and_writes_results(reference_run: dict) -> None:
     base = results["base"]["perplexity"]
     for name in ("gin", "lora"):
         losses = [v for _, v in results["curves"][name]["train_loss"]]
+        steps, ppls = zip(*results["curves"][name]["val_ppl"], strict=True)
+        assert steps == (0, 6, 12)
+        # Step 0 is measured; zero-initialised adapters reproduce the base model (to float32 noise, not bit for bit).
+        assert ppls[0] == pytest.approx(base, rel=1e-4)
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.02, (name, losses)  # the loss goes down
         assert results["summary"][name]["val_ppl_mean"] < base  # and so does validation perplexity
-        assert results["curves"][name]["val_ppl"][0] == [0, base]
-        assert [s for s, _ in results["curves"][name]["val_ppl"]] == [0, 6, 12]
         assert (out / "adapters" / name / "adapter_config.json").is_file()
     # matched budgets, recorded
     counts = results["budget"]["trainable_params"]
@@ -358,16 +360,89 @@ def test_empty_split_is_a_clear_error(tiny: dict, tmp_path: Path, single_thread:
         train.main(["--config", str(config)])
 
 
-def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tiny: dict, tmp_path: Path, single_thread: None) -> None:
+@pytest.mark.parametrize(("what", "label"), [("loss", "loss"), ("grad", "gradient norm")])
+def test_non_finite_value_stops_with_a_clear_error_and_keeps_checkpoints(what: str, label: str, tiny: dict, tmp_path: Path,
+                                                                         single_thread: None) -> None:
+    """A NaN loss, or a NaN gradient norm after clipping, stops the run naming the step and run; checkpoints survive.
+
+    ``debug_non_finite_at_step`` makes the value NaN deterministically (an absurd learning rate overflows or not
+    depending on the CPU's float kernels); the loss check and the gradient-norm check that catch it are the real ones.
+    """
     config = write_config(tiny, tmp_path / "config.yaml", runs=[{"name": "lora", "method": "lora", "lora": {"r": 4}}],
-                          learning_rates=[1.0e30], warmup_steps=2, checkpoint_every=1, max_grad_norm=None)
-    with pytest.raises(ValueError, match=r"non-finite training (loss|gradient norm) .* of run 'lora' .* Lower the learning rate") as info:
+                          eval_every=0, checkpoint_every=1, keep_checkpoints=2, max_grad_norm=1.0,
+                          debug_non_finite_at_step=3, debug_non_finite=what)
+    message = (rf"non-finite training {label} \(nan\) at step 3 of run 'lora' \(method=lora, learning_rate=0.01, seed=0\) "
+               rf"\(injected by debug_non_finite='{what}'\)\. Lower the learning rate")
+    with pytest.raises(train.NonFiniteLossError, match=message) as info:
         train.main(["--config", str(config)])
-    ckpts = train.complete_checkpoints(tmp_path / "out" / "checkpoints" / "lora__lr1e+30__seed0")
-    assert ckpts, "the checkpoints written before the failure must remain"
-    assert str(ckpts[-1]) in str(info.value)
-    state = json.loads((ckpts[-1] / train.TRAINER_STATE).read_text())
-    assert all(math.isfinite(v) for _, v in state["train_loss"])
+    root = tmp_path / "out" / "checkpoints" / "lora__lr0.01__seed0"
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-1", "checkpoint-2"]  # no temp folder left behind
+    for step, ckpt in ((1, root / "checkpoint-1"), (2, root / "checkpoint-2")):
+        assert {train.TRAINER_STATE, "trainable_0.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= {
+            p.name for p in ckpt.iterdir()}
+        state = json.loads((ckpt / train.TRAINER_STATE).read_text())
+        assert state["step"] == step and len(state["train_loss"]) == step
+        assert all(math.isfinite(v) for _, v in state["train_loss"])
+    assert f"the last complete checkpoint {root / 'checkpoint-2'} is intact" in str(info.value)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+    # The surviving checkpoint is usable: --resume (which ignores the debug option) finishes the run from it.
+    resumed = train.main(["--config", str(config), "--resume"])
+    (trial,) = resumed["trials"]
+    assert trial["resumed_from"] == str(root / "checkpoint-2") and trial["steps"] == STEPS
+    assert all(math.isfinite(v) for _, v in resumed["curves"]["lora"]["train_loss"])
+
+
+def test_debug_non_finite_options_are_validated() -> None:
+    from gin_adapter.training_config import TrainingConfig
+
+    lora = {"method": "lora", "lora": {"r": 2}}
+    with pytest.raises(ValueError, match=r"debug_non_finite='weights' is not supported; use one of \['loss', 'grad'\]"):
+        TrainingConfig.from_dict({**lora, "debug_non_finite_at_step": 2, "debug_non_finite": "weights"})
+    with pytest.raises(ValueError, match=r"debug_non_finite_at_step=0 must be a positive integer"):
+        TrainingConfig.from_dict({**lora, "debug_non_finite_at_step": 0})
+    with pytest.raises(ValueError, match=r"debug_non_finite='grad' needs max_grad_norm"):
+        TrainingConfig.from_dict({**lora, "debug_non_finite_at_step": 2, "debug_non_finite": "grad", "max_grad_norm": None})
+    cfg = TrainingConfig.from_dict({**lora, "debug_non_finite_at_step": 2, "debug_non_finite": "grad"})
+    assert not {"debug_non_finite_at_step", "debug_non_finite"} & set(cfg.comparable_dict())  # --resume may drop them
+
+
+# ----------------------------------------------------------------------------- step 0
+def test_step_0_is_measured_and_checked_against_the_base_model(tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture, single_thread: None) -> None:
+    """Step 0 of every curve is the adapter's own evaluation, never the base model's number copied.
+
+    A zero-initialised GIN must match the base model; a GIN with ``scale_init: linear`` and a LoRA whose B is made
+    non-zero behind the config's back must not, and the LoRA (which claims to be the identity) is reported.
+    """
+    real_wrap_model = train.wrap_model
+
+    def wrap_with_broken_lora_init(model: torch.nn.Module, plan: train.RunPlan) -> torch.nn.Module:
+        wrapped = real_wrap_model(model, plan)
+        if plan.method == "lora":
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for name, param in wrapped.named_parameters():
+                    if "lora_B" in name:
+                        param.copy_(torch.randn(param.shape, generator=generator))
+        return wrapped
+
+    monkeypatch.setattr(train, "wrap_model", wrap_with_broken_lora_init)
+    runs = [{"name": "gin", "method": "gin", "gin": {"hidden_dim": 8}},
+            {"name": "gin_linear", "method": "gin", "gin": {"hidden_dim": 8, "scale_init": "linear"}},
+            {"name": "lora", "method": "lora", "lora": {"r": 2}}]
+    config = write_config(tiny, tmp_path / "config.yaml", runs=runs, max_steps=1, warmup_steps=0, eval_every=0)
+    report = train.main(["--config", str(config)])
+    base = report["base"]["perplexity"]
+    step0 = {}
+    for name in ("gin", "gin_linear", "lora"):
+        step, step0[name] = report["curves"][name]["val_ppl"][0]
+        assert step == 0
+    assert step0["gin"] == pytest.approx(base, rel=1e-4)
+    assert step0["gin_linear"] != pytest.approx(base, rel=1e-3)
+    assert step0["lora"] != pytest.approx(base, rel=1e-3)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING: [")]
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING: [lora__lr0.01__seed0] the lora adapter should be the identity"), warnings
 
 
 # ----------------------------------------------------------------------------- the shipped configs
