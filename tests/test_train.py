@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
+from fake_hub import fake_hub  # noqa: E402, F401 - a pytest fixture (tests/ is on sys.path through conftest.py)
 from gin_adapter.metrics import perplexity as perplexity_module  # noqa: E402
 
 STEPS = 12
@@ -210,28 +211,42 @@ def test_run_learns_and_writes_results(reference_run: dict) -> None:
     assert list((out / "logs").rglob("events.out.tfevents.*")), "the tensorboard tracker wrote nothing"
 
 
-def test_push_to_hub_sends_the_best_gin_adapter(reference_run: dict, monkeypatch: pytest.MonkeyPatch, single_thread: None) -> None:
-    """--push-to-hub reloads the chosen adapter and calls gin_adapter.hub.push_adapter (replaced here: no network)."""
-    import types
+def test_push_to_hub_from_the_command_line_loads_back_from_the_hub(tiny: dict, tmp_path: Path, fake_hub, single_thread: None,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.main([..., "--push-to-hub", ...])`` against the local fake Hub (tests/fake_hub.py, real HTTP), then
+    ``PeftModel.from_pretrained`` from that Hub gives the logits of the best GIN adapter saved locally."""
+    import datasets
+    from huggingface_hub import model_info
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
-    from gin_adapter import gin_layers
-    from gin_adapter.training_config import TrainingConfig
+    import gin_adapter  # noqa: F401  (registers the GIN PEFT type)
 
-    calls = []
-    fake = types.ModuleType("gin_adapter.hub")
-    fake.push_adapter = lambda model, repo_id, metrics, base_model, token=None, private=False, **kw: calls.append(locals()) or f"hub/{repo_id}"
-    monkeypatch.setitem(sys.modules, "gin_adapter.hub", fake)
-    cfg = TrainingConfig.from_yaml(reference_run["config"])
-    report = json.loads((reference_run["out"] / "results.json").read_text())
-    args = train.parse_args(["--config", str(reference_run["config"]), "--push-to-hub", "me/gin-tiny", "--hub-private"])
-    from accelerate import Accelerator
+    # datasets pings its download counter for packaged builders (here: text) unless offline; not part of the push
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
+    runs = [{"name": "gin", "method": "gin", "gin": {"hidden_dim": 8}}, {"name": "lora", "method": "lora", "lora": {"r": 2}}]
+    config = write_config(tiny, tmp_path / "config.yaml", runs=runs, eval_every=0)
+    report = train.main(["--config", str(config), "--set", "max_steps=4", "--push-to-hub", "user/gin-tiny", "--hub-private"])
 
-    train.push_best(args, cfg, report, cfg.model, Accelerator(cpu=True))
-    (call,) = calls
-    assert call["repo_id"] == "me/gin-tiny" and call["private"] is True and call["base_model"] == cfg.model
-    assert len(gin_layers(call["model"])) == 2
-    assert call["metrics"]["val_ppl"] == report["summary"]["gin"]["val_ppl_mean"]
-    assert call["metrics"]["lora_val_ppl"] == report["summary"]["lora"]["val_ppl_mean"]
+    files = fake_hub.files("user/gin-tiny")
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    assert json.loads(files["adapter_config.json"])["peft_type"] == "GIN"
+    card = files["README.md"].decode()
+    assert f"| val_ppl | {report['summary']['gin']['val_ppl_mean']:.6g} |" in card
+    assert f"| lora_val_ppl | {report['summary']['lora']['val_ppl_mean']:.6g} |" in card
+    assert f"python train.py --config {config} --set max_steps=4" in card  # the card reproduces this very run
+    assert model_info("user/gin-tiny").private is True
+
+    ids = torch.arange(2 * 12).reshape(2, 12) % 19 + 3
+    with torch.no_grad():
+        pushed = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), "user/gin-tiny").eval()(input_ids=ids).logits
+        local_dir = tmp_path / "out" / "adapters" / "gin"
+        local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), str(local_dir)).eval()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()(input_ids=ids).logits
+    assert ("GET", "/user/gin-tiny/resolve/main/adapter_model.safetensors") in fake_hub.requests
+    assert torch.allclose(pushed, local, rtol=0, atol=1e-6)
+    assert not torch.allclose(local, base, rtol=0, atol=1e-6), "the trained adapter must change the logits"
+    assert fake_hub.unhandled == [] and fake_hub.blocked_hosts == []
 
 
 def test_saved_adapters_reload_to_the_same_perplexity(reference_run: dict, tiny: dict, single_thread: None) -> None:
