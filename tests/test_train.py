@@ -1,8 +1,11 @@
-"""train.py end to end on a tiny random Llama: perplexity, learning, 1 vs 2 processes, crash + resume, bad input.
+"""train.py end to end on a tiny random Llama: perplexity, learning, 1 vs 2 processes, crash + resume, NaN, Hub push.
 
-The tiny model (2 layers, width 32) and its word-level tokenizer are built offline into a temp folder; the corpus
-is a few hundred synthetic sentences with learnable structure. Runs use one CPU thread (tiny matmuls are fastest
-that way, and the numbers are then exactly reproducible).
+The tiny model (2 layers, width 32, weights drawn by this file rather than by transformers' initialisation) and its
+word-level tokenizer are built offline into a temp folder; the corpus is a few hundred synthetic sentences with
+learnable structure. Runs use one CPU thread (tiny matmuls are fastest that way, and the numbers are then exactly
+reproducible within a machine). Results computed along different paths (2 processes vs 1, accumulation vs one
+batch) are compared with a tolerance, since their float32 sums are ordered differently; nothing relies on a
+particular CPU's rounding.
 """
 
 from __future__ import annotations
@@ -57,11 +60,17 @@ def build_tiny_setup(root: Path) -> tuple[Path, Path]:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.train_from_iterator(docs, trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<eos>"]))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
-    torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=64, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
+    model = LlamaForCausalLM(config)
+    # Our own draw, in name order: the weights (and so every curve below) do not change with how or in which order a
+    # transformers release initialises modules.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            param.fill_(1.0) if param.dim() == 1 else param.normal_(0.0, 0.02, generator=generator)  # RMSNorm gains: 1
+    model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     return root / "model", root / "docs.txt"
 
@@ -173,8 +182,9 @@ def test_evaluate_perplexity_equals_token_weighted_model_loss(tiny: dict, single
 
 
 def test_sequence_nll_ignores_masked_labels() -> None:
-    logits = torch.randn(2, 5, 11)
-    labels = torch.randint(0, 11, (2, 5))
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=generator)
+    labels = torch.randint(0, 11, (2, 5), generator=generator)
     labels[1, 3:] = -100
     nll, tokens = train.sequence_nll(logits, labels)
     assert tokens.tolist() == [4, 2]
@@ -193,8 +203,11 @@ def test_run_learns_and_writes_results(reference_run: dict) -> None:
         assert steps == (0, 6, 12)
         # Step 0 is measured; zero-initialised adapters reproduce the base model (to float32 noise, not bit for bit).
         assert ppls[0] == pytest.approx(base, rel=1e-4)
-        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.02, (name, losses)  # the loss goes down
-        assert results["summary"][name]["val_ppl_mean"] < base  # and so does validation perplexity
+        # Learning, with no margin tuned to one machine's numbers: the validation perplexity (the same blocks every
+        # time) falls at each evaluation, and the training loss (a new batch each step) ends below where it began.
+        assert ppls[2] < ppls[1] < ppls[0], (name, ppls)
+        assert sum(losses[-3:]) < sum(losses[:3]), (name, losses)
+        assert results["summary"][name]["val_ppl_mean"] == ppls[-1] < base
         assert (out / "adapters" / name / "adapter_config.json").is_file()
     # matched budgets, recorded
     counts = results["budget"]["trainable_params"]
