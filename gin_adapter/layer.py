@@ -17,13 +17,14 @@ normalises the attention output before adding it (Gemma 2/3, OLMo 2: ``h + norm(
 ``scale = 0`` the model equals the base model either way. ``"hidden"`` uses ``u = h + attn_out`` with the module's
 own output (before any such norm), as the published code did for Llama.
 
-The decoder layer's input ``h`` is captured by a forward pre-hook on the decoder layer, set anew on every call of
-that layer, so gradient checkpointing's recomputation (which calls the layer again) sees its own input.
+The decoder layer's input ``h`` is captured where gradient checkpointing's recomputation sees it too
+(:class:`LayerInputWatcher`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -50,8 +51,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         self.gin_rules: dict[str, AdjacencyRule] = {}
         self.gin_node_features: dict[str, str] = {}
         self.dims, self.layer_index = dims, layer_index
-        self._layer_input: torch.Tensor | None = None
-        self._layer_input_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._layer_input_watcher: LayerInputWatcher | None = None
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self.update_layer(adapter_name, config, scale_init=scale_init)
@@ -70,19 +70,14 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
 
     def watch_layer_input(self, decoder_layer: nn.Module) -> None:
         """Capture ``decoder_layer``'s input ``h`` on each of its calls (for ``node_features="hidden"``)."""
-        if self._layer_input_hook is None:
-            self._layer_input_hook = decoder_layer.register_forward_pre_hook(self._remember_layer_input, with_kwargs=True)
+        if self._layer_input_watcher is None:
+            self._layer_input_watcher = LayerInputWatcher(decoder_layer, lambda: "hidden" in self.gin_node_features.values())
 
     def stop_watching(self) -> None:
-        """Remove the decoder-layer hook (when the adapter is unloaded)."""
-        if self._layer_input_hook is not None:
-            self._layer_input_hook.remove()
-            self._layer_input_hook = None
-        self._layer_input = None
-
-    def _remember_layer_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if "hidden" in self.gin_node_features.values():
-            self._layer_input = args[0] if args else kwargs.get("hidden_states")
+        """Remove the decoder-layer hooks (when the adapter is unloaded)."""
+        if self._layer_input_watcher is not None:
+            self._layer_input_watcher.remove()
+            self._layer_input_watcher = None
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(
@@ -95,7 +90,6 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         """Nothing is ever merged."""
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        layer_input, self._layer_input = self._layer_input, None  # never kept past this call
         active = [name for name in self.active_adapters if name in self.gin_blocks]
         if self.disable_adapters or not active:
             return self.base_layer(hidden_states, *args, **kwargs)
@@ -115,25 +109,20 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
             cache_layer = (feature_cache_layer if needs_features else check_supported)(cache, self.layer_index, type(self.base_layer).__name__)
         delta = None
         for name in active:
-            x_self, features = self._node_features(name, graph, hidden_states, attn_output, layer_input, cache_layer)
+            x_self, features = self._node_features(name, graph, hidden_states, attn_output, cache_layer)
             neighbours = graph_neighbour_sum(graph, features, self.gin_rules[name])
             update = self.gin_blocks[name](x_self, neighbours)
             delta = update if delta is None else delta + update
         attn_output = attn_output + delta.to(attn_output.dtype)
         return (attn_output, *output[1:]) if isinstance(output, tuple) else attn_output
 
-    def _node_features(self, name: str, graph: GraphInputs, hidden_states, attn_output, layer_input, cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
+    def _node_features(self, name: str, graph: GraphInputs, hidden_states, attn_output, cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_self (B, Hs, Lq, F), features of every key (B, Hkv or 1, Lk, F))`` for adapter ``name``."""
         mode = self.gin_node_features[name]
         if mode == "values":  # the queries are the last Lq keys (a dynamic cache appends)
             return graph.value[..., graph.k_len - graph.q_len :, :], graph.value
         if mode == "hidden":
-            if layer_input is None:
-                raise RuntimeError(
-                    f"node_features='hidden' needs the decoder layer's input, but no call of the layer around "
-                    f"{type(self.base_layer).__name__} was seen; call the model, not the attention module alone."
-                )
-            u = layer_input + attn_output  # (B, Lq, d): the hidden state after attention
+            u = self._layer_input_watcher.layer_input(type(self.base_layer).__name__) + attn_output  # (B, Lq, d)
         else:
             u = hidden_states  # (B, Lq, d): what the attention module received
         new = self.gin_blocks[name].project(u)  # (B, Lq, F)
@@ -147,3 +136,61 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "gin." + super().__repr__()
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    return kwargs.get("hidden_states")
+
+
+class LayerInputWatcher:
+    """Captures a decoder layer's input ``h`` where gradient checkpointing's recomputation sees it too.
+
+    transformers (>= 5.24) checkpoints a decoder layer's ``forward``, not its ``__call__``: hooks on the layer itself
+    run once, never in the recomputation, where (with ``use_reentrant=True``) the layer gets a detached copy of its
+    input. Hooks on the layer's *children* do run in the recomputation. So a pre-hook on the layer learns, on its
+    first call, which child the layer's forward calls first with the layer input itself (the input norm in pre-norm
+    decoders: ``input_layernorm``, ``ln_1``; the attention in post-norm ones: OLMo 2), and from then on that child's
+    pre-hook records ``h``, in the forward and in every recomputation alike.
+    """
+
+    def __init__(self, decoder_layer: nn.Module, wanted: Callable[[], bool]) -> None:
+        self.layer_name = type(decoder_layer).__name__
+        self.wanted = wanted
+        self.first_child: nn.Module | None = None
+        self.learning: torch.Tensor | None = None  # the layer input, while the first child is not known yet
+        self.value: torch.Tensor | None = None
+        self.unsupported = False
+        self.handles = [decoder_layer.register_forward_pre_hook(self._layer_called, with_kwargs=True)]
+        for child in decoder_layer.children():
+            self.handles.append(child.register_forward_pre_hook(functools.partial(self._child_called, child), with_kwargs=True))
+
+    def _layer_called(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.first_child is None and self.wanted():
+            self.learning = _first_tensor(args, kwargs)
+
+    def _child_called(self, child: nn.Module, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.learning is not None:
+            self.unsupported = _first_tensor(args, kwargs) is not self.learning
+            self.first_child, self.learning = (None if self.unsupported else child), None
+        if child is self.first_child:
+            self.value = _first_tensor(args, kwargs)
+
+    def layer_input(self, module_name: str) -> torch.Tensor:
+        """The current call's ``h``; kept for a recomputation in backward, dropped at once when there is none."""
+        if self.unsupported or self.value is None:
+            raise RuntimeError(
+                f"node_features='hidden' needs the input of the decoder layer around {module_name}, but "
+                + (f"{self.layer_name}'s first sub-module does not receive it; use node_features='input' or 'values'."
+                   if self.unsupported else "no call of that layer was seen: call the model, not the attention module alone.")
+            )
+        value = self.value
+        if not torch.is_grad_enabled():
+            self.value = None
+        return value
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.value = self.learning = None

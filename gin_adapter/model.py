@@ -111,10 +111,10 @@ class GinModel(BaseTuner):
             target.update_layer(adapter_name, peft_config, scale_init=scale)
             return
         new_module = GinAttentionLayer(target, adapter_name, peft_config, dims=attention_dims(target, model_config), scale_init=scale, layer_index=layer_index)
-        new_module.watch_layer_input(parent)  # the decoder layer: its input h is what node_features="hidden" adds to
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+        new_module.watch_layer_input(parent)  # the decoder layer: its input h is what node_features="hidden" adds to
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         if isinstance(new_module, GinAttentionLayer):

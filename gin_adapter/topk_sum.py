@@ -266,7 +266,7 @@ def _backward(ctx, grad_out):
     keys = key.float()
     grad5 = layout.split(grad_out.float())
     query5 = layout.split(query)
-    grad_query5 = torch.zeros_like(grad5) if need_q else None
+    grad_query5 = layout.split(torch.zeros_like(query, dtype=torch.float32)) if need_q else None
     grad_key = torch.zeros_like(keys) if need_k else None
     grad_value = torch.zeros_like(values) if need_v else None
     for chunk in ctx.chunks:
