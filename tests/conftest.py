@@ -6,12 +6,17 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-import transformers
+# before huggingface_hub / transformers / datasets are imported: they read these at import time (tests that talk to
+# the local fake Hub switch the client's constants back themselves, see fake_hub.py)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "False")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
 
