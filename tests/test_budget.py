@@ -1,4 +1,4 @@
-"""gin_adapter.budget: LoRA counted analytically, GIN counted by wrapping, ranks/hidden sizes matched within 5 %."""
+"""gin_adapter.compare.budget: LoRA counted analytically, GIN counted by wrapping, ranks/hidden sizes matched within 5 %."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gin_adapter.budget import (
+from gin_adapter.compare.budget import (
     count_gin_parameters,
     lora_parameters_per_rank,
     match_budget,
@@ -14,7 +14,7 @@ from gin_adapter.budget import (
     relative_difference,
     skeleton_model,
 )
-from gin_adapter.training_config import TrainingConfig
+from gin_adapter.compare.config import TrainingConfig
 
 
 def tiny_config(**overrides) -> LlamaConfig:

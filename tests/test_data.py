@@ -1,4 +1,4 @@
-"""gin_adapter.data: document split by hash, packing into blocks, templates, and clear errors on bad data."""
+"""gin_adapter.compare.data: document split by hash, packing into blocks, templates, and clear errors on bad data."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from gin_adapter.data import (
+from gin_adapter.compare.data import (
     build_datasets,
     check_block_size,
     collate_blocks,
@@ -18,7 +18,7 @@ from gin_adapter.data import (
     tokenize_and_pack,
     train_order,
 )
-from gin_adapter.training_config import DataConfig, TrainingConfig
+from gin_adapter.compare.config import DataConfig, TrainingConfig
 
 WORDS = "the a cat dog sat ran on under mat rug and then . ### User: Assistant: what is two plus three five".split()
 

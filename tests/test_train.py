@@ -27,7 +27,14 @@ sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
 from fake_hub import fake_hub  # noqa: E402, F401 - a pytest fixture (tests/ is on sys.path through conftest.py)
-from gin_adapter.metrics import perplexity as perplexity_module  # noqa: E402
+from gin_adapter.compare.budget import RunPlan  # noqa: E402
+from gin_adapter.compare.checkpoints import TRAINER_STATE, complete_checkpoints  # noqa: E402
+from gin_adapter.compare.checks import NonFiniteLossError  # noqa: E402
+from gin_adapter.compare.data import collate_blocks  # noqa: E402
+from gin_adapter.compare.evaluation import evaluate_perplexity, sequence_nll  # noqa: E402
+from gin_adapter.compare.launch import single_process_cpu_launch_warning  # noqa: E402
+from gin_adapter.compare.metrics import perplexity as perplexity_module  # noqa: E402
+from gin_adapter.compare.report import summarize  # noqa: E402
 
 STEPS = 12
 
@@ -167,8 +174,8 @@ def test_evaluate_perplexity_equals_token_weighted_model_loss(tiny: dict, single
     torch.manual_seed(0)
     blocks = [{"input_ids": torch.randint(3, model.config.vocab_size, (16,)).tolist()} for _ in range(7)]
     accelerator = Accelerator(cpu=True)
-    loader = accelerator.prepare(DataLoader(blocks, batch_size=3, collate_fn=train.collate_blocks))  # batches of 3, 3, 1
-    got = train.evaluate_perplexity(model, loader, accelerator)
+    loader = accelerator.prepare(DataLoader(blocks, batch_size=3, collate_fn=collate_blocks))  # batches of 3, 3, 1
+    got = evaluate_perplexity(model, loader, accelerator)
 
     total_nll, total_tokens = 0.0, 0
     with torch.no_grad():
@@ -186,7 +193,7 @@ def test_sequence_nll_ignores_masked_labels() -> None:
     logits = torch.randn(2, 5, 11, generator=generator)
     labels = torch.randint(0, 11, (2, 5), generator=generator)
     labels[1, 3:] = -100
-    nll, tokens = train.sequence_nll(logits, labels)
+    nll, tokens = sequence_nll(logits, labels)
     assert tokens.tolist() == [4, 2]
     expected = torch.nn.functional.cross_entropy(logits[1, :2], labels[1, 1:3], reduction="sum")
     assert nll[1].item() == pytest.approx(expected.item(), rel=1e-6)
@@ -269,8 +276,8 @@ def test_saved_adapters_reload_to_the_same_perplexity(reference_run: dict, tiny:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import gin_adapter  # noqa: F401  (registers the GIN PEFT type)
-    from gin_adapter.data import build_datasets, collate_blocks
-    from gin_adapter.training_config import TrainingConfig
+    from gin_adapter.compare.config import TrainingConfig
+    from gin_adapter.compare.data import build_datasets
 
     cfg = TrainingConfig.from_yaml(reference_run["config"])
     _, val = build_datasets(cfg.data, AutoTokenizer.from_pretrained(tiny["model"]))
@@ -279,7 +286,7 @@ def test_saved_adapters_reload_to_the_same_perplexity(reference_run: dict, tiny:
     results = json.loads((reference_run["out"] / "results.json").read_text())
     for name in ("gin", "lora"):
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), str(reference_run["out"] / "adapters" / name))
-        ppl = train.evaluate_perplexity(model, loader, accelerator)["perplexity"]
+        ppl = evaluate_perplexity(model, loader, accelerator)["perplexity"]
         assert ppl == pytest.approx(results["summary"][name]["val_ppl_mean"], rel=1e-5)
 
 
@@ -289,12 +296,12 @@ def test_output_dir_is_not_overwritten_silently(reference_run: dict, single_thre
 
 
 def test_summary_picks_best_learning_rate_and_averages_seeds() -> None:
-    from gin_adapter.training_config import TrainingConfig
+    from gin_adapter.compare.config import TrainingConfig
 
     cfg = TrainingConfig.from_dict({"runs": [{"name": "lora", "method": "lora", "lora": {"r": 2}}], "learning_rates": [1e-3, 1e-2], "seeds": [0, 1]})
     trials = [{"run": "lora", "learning_rate": lr, "seed": s, "final_val_ppl": p, "trainable_params": 10}
               for lr, s, p in [(1e-3, 0, 10.0), (1e-3, 1, 12.0), (1e-2, 0, 9.0), (1e-2, 1, 9.5)]]
-    s = train.summarize(cfg, trials)["lora"]
+    s = summarize(cfg, trials)["lora"]
     assert s["best_learning_rate"] == 1e-2 and s["n_seeds"] == 2
     assert s["val_ppl_mean"] == pytest.approx(9.25) and s["val_ppl_std"] == pytest.approx(math.sqrt(0.125))
 
@@ -331,8 +338,8 @@ def test_warns_when_accelerate_cpu_launch_starts_one_process(monkeypatch: pytest
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert "torchrun --nproc_per_node N" in train.single_process_cpu_launch_warning(1)
-    assert train.single_process_cpu_launch_warning(2) is None
+    assert "torchrun --nproc_per_node N" in single_process_cpu_launch_warning(1)
+    assert single_process_cpu_launch_warning(2) is None
 
 
 # ----------------------------------------------------------------------------- crash safety
@@ -346,7 +353,7 @@ def test_resume_after_crash_matches_uninterrupted_run(reference_run: dict, tiny:
     # a checkpoint killed half-way through writing: a temp folder without trainer_state.json
     (ckpts / ".checkpoint-8.tmp").mkdir()
     (ckpts / ".checkpoint-8.tmp" / "optimizer.bin").write_bytes(b"garbage")
-    assert [p.name for p in train.complete_checkpoints(ckpts)] == ["checkpoint-4"]
+    assert [p.name for p in complete_checkpoints(ckpts)] == ["checkpoint-4"]
 
     resumed = train.main(["--config", str(config), "--resume"])
     gin_trial = next(t for t in resumed["trials"] if t["run"] == "gin")
@@ -401,14 +408,14 @@ def test_non_finite_value_stops_with_a_clear_error_and_keeps_checkpoints(what: s
                           debug_non_finite_at_step=3, debug_non_finite=what)
     message = (rf"non-finite training {label} \(nan\) at step 3 of run 'lora' \(method=lora, learning_rate=0.01, seed=0\) "
                rf"\(injected by debug_non_finite='{what}'\)\. Lower the learning rate")
-    with pytest.raises(train.NonFiniteLossError, match=message) as info:
+    with pytest.raises(NonFiniteLossError, match=message) as info:
         train.main(["--config", str(config)])
     root = tmp_path / "out" / "checkpoints" / "lora__lr0.01__seed0"
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-1", "checkpoint-2"]  # no temp folder left behind
     for step, ckpt in ((1, root / "checkpoint-1"), (2, root / "checkpoint-2")):
-        assert {train.TRAINER_STATE, "trainable_0.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= {
+        assert {TRAINER_STATE, "trainable_0.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= {
             p.name for p in ckpt.iterdir()}
-        state = json.loads((ckpt / train.TRAINER_STATE).read_text())
+        state = json.loads((ckpt / TRAINER_STATE).read_text())
         assert state["step"] == step and len(state["train_loss"]) == step
         assert all(math.isfinite(v) for _, v in state["train_loss"])
     assert f"the last complete checkpoint {root / 'checkpoint-2'} is intact" in str(info.value)
@@ -422,7 +429,7 @@ def test_non_finite_value_stops_with_a_clear_error_and_keeps_checkpoints(what: s
 
 
 def test_debug_non_finite_options_are_validated() -> None:
-    from gin_adapter.training_config import TrainingConfig
+    from gin_adapter.compare.config import TrainingConfig
 
     lora = {"method": "lora", "lora": {"r": 2}}
     with pytest.raises(ValueError, match=r"debug_non_finite='weights' is not supported; use one of \['loss', 'grad'\]"):
@@ -445,7 +452,7 @@ def test_step_0_is_measured_and_checked_against_the_base_model(tiny: dict, tmp_p
     """
     real_wrap_model = train.wrap_model
 
-    def wrap_with_broken_lora_init(model: torch.nn.Module, plan: train.RunPlan) -> torch.nn.Module:
+    def wrap_with_broken_lora_init(model: torch.nn.Module, plan: RunPlan) -> torch.nn.Module:
         wrapped = real_wrap_model(model, plan)
         if plan.method == "lora":
             generator = torch.Generator().manual_seed(0)

@@ -78,7 +78,7 @@ def count_gin_parameters(model_config: Any, gin_kwargs: dict[str, Any]) -> int:
     Counted by wrapping a ``meta``-device skeleton with :func:`gin_adapter.get_gin_model`, so the count is exactly
     what training will see.
     """
-    from . import GinConfig, count_trainable_parameters, get_gin_model
+    from gin_adapter import GinConfig, count_trainable_parameters, get_gin_model
 
     return count_trainable_parameters(get_gin_model(skeleton_model(model_config), GinConfig(**gin_kwargs)))
 
@@ -208,7 +208,7 @@ class RunPlan:
 
 
 def plan_runs(cfg: Any, model_config: Any) -> tuple[dict[str, RunPlan], dict[str, Any]]:
-    """Resolve every run of a :class:`~gin_adapter.training_config.TrainingConfig` to concrete sizes.
+    """Resolve every run of a :class:`~gin_adapter.compare.config.TrainingConfig` to concrete sizes.
 
     LoRA runs with ``lora.r: null`` get the rank that matches the reference GIN run (``budget.reference``, default
     the first GIN run). If no rank fits within ``budget.tolerance``, the reference run's ``hidden_dim`` is adjusted
@@ -217,7 +217,7 @@ def plan_runs(cfg: Any, model_config: Any) -> tuple[dict[str, RunPlan], dict[str
     Raises:
         ValueError: a run's ``gin:`` block is not a valid ``GinConfig``, or no budget pair fits.
     """
-    from . import GinConfig
+    from gin_adapter import GinConfig
 
     gin_kwargs: dict[str, dict[str, Any]] = {}
     for i, run in enumerate(cfg.runs):

@@ -1,4 +1,4 @@
-"""The YAML schema of ``train.py``: dataclasses with validation.
+"""The experiment config of ``train.py`` (one YAML file): dataclasses with validation.
 
 One YAML file describes one experiment: a model, a corpus, a training recipe and
 a list of runs (``method: gin`` or ``method: lora``) that share that recipe, the

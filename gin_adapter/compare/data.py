@@ -18,11 +18,14 @@ The pipeline, all through :mod:`datasets`:
 4. :func:`collate_blocks` turns blocks into ``input_ids``/``attention_mask``/
    ``labels`` tensors (labels are the inputs; the model shifts them).
 
-``train.py`` wraps steps 1-3 in ``accelerator.main_process_first()``.
+``train.py`` wraps steps 1-3 in ``accelerator.main_process_first()``. Local sources (``files``, or a local
+dataset folder as ``hub``) load without the Hub download-counter ping that ``datasets`` sends for its packaged
+builders (``text``, ``json``, ``csv``) unless ``HF_HUB_OFFLINE`` is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 from collections.abc import Iterator, Sequence
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from .training_config import DataConfig
+from .config import DataConfig
 
 __all__ = [
     "load_documents",
@@ -63,7 +66,7 @@ def load_documents(cfg: DataConfig, split: str | None = None) -> Dataset:
         ValueError: missing text column or template field, unreadable file type, no documents.
     """
     if cfg.source == "wiki":
-        from .embedded import wiki_corpus_path
+        from gin_adapter.embedded import wiki_corpus_path
 
         path = wiki_corpus_path()
         stat = path.stat()
@@ -74,21 +77,37 @@ def load_documents(cfg: DataConfig, split: str | None = None) -> Dataset:
     elif cfg.source == "hub":
         import datasets
 
-        raw = datasets.load_dataset(cfg.name, cfg.subset, split=split or cfg.split)
+        local = Path(cfg.name).exists()
+        with _no_download_count() if local else contextlib.nullcontext():
+            raw = datasets.load_dataset(cfg.name, cfg.subset, split=split or cfg.split)
         key_column = cfg.split_key
     elif cfg.source == "files":
         import datasets
 
-        raw = datasets.load_dataset(_file_builder(cfg.files), data_files=[str(f) for f in cfg.files], split=split or cfg.split)
+        with _no_download_count():
+            raw = datasets.load_dataset(_file_builder(cfg.files), data_files=[str(f) for f in cfg.files], split=split or cfg.split)
         key_column = cfg.split_key
     else:  # validated earlier; kept so a new source cannot fall through silently
         raise ValueError(f"data.source={cfg.source!r} is not supported; use 'wiki', 'hub' or 'files'.")
     return _to_text_and_key(raw, cfg, key_column)
 
 
+@contextlib.contextmanager
+def _no_download_count() -> Iterator[None]:
+    """Switch off ``datasets``' download-counter request (a HEAD to the Hub) while local data loads."""
+    import datasets
+
+    before = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    try:
+        yield
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = before
+
+
 def _wiki_rows(path: str, size: int, mtime: int) -> Iterator[dict[str, str]]:
     """Rows ``{"title", "text"}`` of the embedded Wikipedia intros (``path``/``size``/``mtime`` only key the cache)."""
-    from .embedded import load_wiki_articles
+    from gin_adapter.embedded import load_wiki_articles
 
     for title, extract in load_wiki_articles():
         yield {"title": title, "text": extract}

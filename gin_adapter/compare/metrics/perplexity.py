@@ -4,7 +4,7 @@ Hub metric scripts cannot be fetched offline, so this module is kept in the
 repository and loaded by path::
 
     import evaluate
-    from gin_adapter.metrics import perplexity
+    from gin_adapter.compare.metrics import perplexity
     metric = evaluate.load(perplexity.__file__, keep_in_memory=True)
     metric.add_batch(predictions=nll_sums, references=token_counts)
     metric.compute()  # {"perplexity": ..., "nll": ..., "tokens": ...}
@@ -36,7 +36,7 @@ Returns:
     nll (float): mean NLL per token, sum(predictions) / sum(references).
     tokens (int): sum(references).
 Examples:
-    >>> metric = evaluate.load("gin_adapter/metrics/perplexity.py", keep_in_memory=True)
+    >>> metric = evaluate.load("gin_adapter/compare/metrics/perplexity.py", keep_in_memory=True)
     >>> metric.compute(predictions=[2.0, 4.0], references=[2, 2])["perplexity"]  # exp(6 / 4)
     4.4816890703380645
 """
