@@ -1,4 +1,4 @@
-"""Tests for gin_adapter.plotting: every function writes a complete, non-trivial PNG."""
+"""Tests for gin_adapter.analysis.plotting: every function writes a complete, non-trivial PNG."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from matplotlib import image as mpimg
 
-from gin_adapter import plotting
+from gin_adapter.analysis import plotting
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

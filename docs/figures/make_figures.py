@@ -28,9 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from gin_adapter import GinConfig, plotting  # noqa: E402
+from gin_adapter import GinConfig  # noqa: E402
 from gin_adapter.adjacency import AdjacencyRule, sparse_adjacency  # noqa: E402
-from gin_adapter.analysis import layer_attention_probabilities  # noqa: E402
+from gin_adapter.analysis import layer_attention_probabilities, plotting  # noqa: E402
 from gin_adapter.embedded import load_embedded_model  # noqa: E402
 
 SENTENCE = "The trophy did not fit into the brown suitcase because it was too big."

@@ -137,8 +137,8 @@ def write_report(cfg: TrainingConfig, report: dict[str, Any], out: Path, acceler
 
 
 def write_plots(report: dict[str, Any], out: Path) -> None:
-    """curves.png and scales.png through gin_adapter.plotting."""
-    from gin_adapter.plotting import plot_scales, plot_training_curves
+    """curves.png and scales.png through gin_adapter.analysis.plotting."""
+    from gin_adapter.analysis.plotting import plot_scales, plot_training_curves
 
     plot_training_curves(report["curves"], out / "curves.png")
     if report["scale_history"]:

@@ -1,0 +1,7 @@
+"""``python -m gin_adapter.analysis``: the same as the ``gin-analysis`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
