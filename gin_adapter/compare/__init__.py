@@ -13,6 +13,7 @@ Nothing in the adapter (``gin_adapter`` itself) imports this package; it imports
 * :mod:`~gin_adapter.compare.checkpoints`: adapter-only Accelerate checkpoints, written atomically, resumed;
 * :mod:`~gin_adapter.compare.outputs`: the output folder (refusing to mix configs) and atomic JSON;
 * :mod:`~gin_adapter.compare.launch`: launcher pitfalls and trackers;
+* :mod:`~gin_adapter.compare.stats`: mean +- std over seeds, paired differences with a 95 % interval;
 * :mod:`~gin_adapter.compare.report`: the summary over seeds, the verdict, the table, ``results.json`` and plots;
 * :mod:`~gin_adapter.compare.publish`: pushing the best run's adapter with a model card.
 """
