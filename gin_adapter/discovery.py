@@ -1,0 +1,158 @@
+"""Which modules of a causal LM the adapter wraps: found by structure, not from a table of model types.
+
+**The rule.** A module is wrapped when all of these hold:
+
+1. its class's ``forward`` calls transformers' attention interface (its source names ``ALL_ATTENTION_FUNCTIONS``
+   or ``AttentionInterface``): that call is where :mod:`gin_adapter.attention` sees q, k and v. Modules that compute
+   attention inline (BLOOM, Falcon, XLNet, ...) and state-space or recurrent mixers (Mamba, RWKV, xLSTM) do not;
+2. it is causal self-attention: ``module.is_causal`` is not ``False``. That excludes cross-attention
+   (``encoder_attn`` of BART-style decoders), encoders built bidirectional (BERT-style models with
+   ``is_decoder=False``) and helper modules that also call the interface (e.g. depth-attention residuals);
+3. it belongs to the text decoder: its ``config`` is the text config (``config.get_text_config(decoder=True)``), so
+   a multimodal model's vision or audio tower is left alone;
+4. it lies inside an element of an ``nn.ModuleList`` (a decoder layer), and no module above it in that layer
+   already qualifies (the outermost interface caller is the attention module; BERT-style ``attention.self`` and
+   LongCat's per-layer list of two attentions are found too). Hybrid models (attention interleaved with Mamba or
+   linear-attention layers) thus get their attention layers only, with their true layer indices.
+
+**Why no dry forward at wrap time.** A forward on two tokens would confirm the rule exactly, but ``get_peft_model``
+is also called on models whose weights are not materialised yet (DeepSpeed ZeRO-3 partitions, ``init_empty_weights``
+/ meta tensors, disk offload), where a forward fails or is slow. The rule above reads only classes and attributes.
+It is confirmed at the first real call instead: :class:`~gin_adapter.layer.GinAttentionLayer` raises, naming the
+module and the model type, when the wrapped module did not reach the GIN attention function with itself as
+``module``; ``tests/test_architectures.py`` runs every causal-LM type of transformers through that check.
+
+**Where the correction lands.** The adapter adds ``delta`` to the attention module's output. In a pre-norm decoder
+(Llama, Qwen, Mistral, ...) that is the residual branch: ``h + attn(x) + delta``. Architectures that normalise the
+attention output before the residual add (Gemma 2/3, OLMo 2, ...; the generated docs/architectures.md lists them)
+give ``h + norm(attn(x) + delta)``; BERT-style blocks give ``LayerNorm(h + dense(attn(x) + delta))``. Identity at
+init holds everywhere: the delta is exactly zero while ``scale`` is zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+
+from torch import nn
+from transformers import PretrainedConfig
+
+#: Names whose presence in a ``forward``'s source marks a call through transformers' attention interface.
+INTERFACE_MARKERS = ("ALL_ATTENTION_FUNCTIONS", "AttentionInterface")
+
+
+class NoAttentionError(ValueError):
+    """The model has no module the adapter can wrap by default (the message says which model type and why)."""
+
+
+def text_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The decoder's config (multimodal configs nest it, e.g. Gemma 3's ``text_config``)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+@functools.lru_cache(maxsize=None)
+def _class_calls_interface(cls: type) -> bool:
+    forward = getattr(cls, "forward", None)
+    if forward is None or cls.forward is nn.Module.forward:
+        return False
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):  # built-in or generated class: cannot tell, so not by default
+        return False
+    return any(marker in source for marker in INTERFACE_MARKERS)
+
+
+def calls_attention_interface(module: nn.Module) -> bool:
+    """True when ``module``'s forward calls transformers' attention interface (rule 1)."""
+    base = getattr(module, "base_layer", None)  # already wrapped by gin_adapter: judge the original module
+    return _class_calls_interface(type(base if isinstance(base, nn.Module) else module))
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    base = getattr(module, "base_layer", None)
+    return base if isinstance(base, nn.Module) else module
+
+
+def _belongs_to_text(module: nn.Module, config: PretrainedConfig, multimodal: bool) -> bool:
+    module_config = getattr(module, "config", None)
+    if not isinstance(module_config, PretrainedConfig):
+        return not multimodal  # cannot tell; only a model with separate towers needs to
+    return module_config is config or type(module_config) is type(config)
+
+
+def _layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+
+
+def find_attention_modules(model: nn.Module) -> list[str]:
+    """Names (as in ``model.named_modules()``) of the attention modules to wrap, by the rule in the module docstring.
+
+    Raises:
+        NoAttentionError: none qualifies; the message names the model type and why.
+    """
+    config = text_config(model.config)
+    multimodal = config is not model.config
+    found: list[str] = []
+    for list_name, layers in _layer_lists(model):
+        for index, layer in enumerate(layers):
+            prefix = f"{list_name}.{index}." if list_name else f"{index}."
+            taken: list[str] = []
+            for name, module in layer.named_modules():
+                if not name or any(name.startswith(t + ".") for t in taken) or ".base_layer" in f".{name}":
+                    continue
+                original = _unwrapped(module)
+                if calls_attention_interface(original) and getattr(original, "is_causal", True) is not False and _belongs_to_text(original, config, multimodal):
+                    taken.append(name)
+                    found.append(prefix + name)
+    found = [name for name in dict.fromkeys(found) if not any(name.startswith(other + ".") for other in found if other != name)]
+    if not found:
+        raise NoAttentionError(_why_nothing(model, config, multimodal))
+    return found
+
+
+def target_regex(names: list[str]) -> str:
+    """One full-match regex for PEFT's ``target_modules`` (stored in adapter_config.json) matching exactly ``names``."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        match = re.fullmatch(r"(.*?)\.(\d+)\.(.+)", name)
+        key = (match.group(1), match.group(3)) if match else (name, "")
+        groups.setdefault(key, []).append(match.group(2) if match else "")
+    parts = []
+    for (head, tail), indices in groups.items():
+        if not tail:
+            parts.append(re.escape(head))
+        else:
+            alternatives = "|".join(indices)
+            parts.append(f"{re.escape(head)}\\.(?:{alternatives})\\.{re.escape(tail)}")
+    return parts[0] if len(parts) == 1 else "|".join(f"(?:{part})" for part in parts)
+
+
+def _why_nothing(model: nn.Module, config: PretrainedConfig, multimodal: bool) -> str:
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    callers = [m for m in model.modules() if calls_attention_interface(m)]
+    named = sorted({type(m).__name__ for m in model.modules() if re.search("attention|attn", type(m).__name__, re.I)})
+    how = (
+        "Pass GinConfig(target_modules=[...]) naming a causal self-attention module whose forward calls "
+        "transformers' attention interface, if the model has one."
+    )
+    if not callers:
+        if named:
+            reason = (
+                f"its attention ({', '.join(named[:3])}) computes attention itself instead of calling transformers' "
+                "attention interface, which is where the adapter reads q, k and v"
+            )
+        else:
+            reason = "it has no attention layers (state-space or recurrent token mixers only)"
+    else:
+        caller_types = sorted({type(m).__name__ for m in callers})
+        if all(getattr(m, "is_causal", True) is False for m in callers):
+            reason = (
+                f"its attention modules ({', '.join(caller_types[:3])}) are not causal (is_causal=False): an encoder "
+                "or a bidirectional configuration (for BERT-style models, build the config with is_decoder=True)"
+            )
+        elif multimodal or not any(_belongs_to_text(m, config, multimodal) for m in callers):
+            reason = f"only modules outside its text decoder ({', '.join(caller_types[:3])}) call the attention interface"
+        else:
+            reason = f"no causal self-attention module ({', '.join(caller_types[:3])}) sits inside a decoder layer list"
+    return f"gin_adapter found no attention module to wrap in model_type={model_type!r}: {reason}. {how}"
