@@ -41,6 +41,10 @@ from transformers import PretrainedConfig
 #: Names whose presence in a ``forward``'s source marks a call through transformers' attention interface.
 INTERFACE_MARKERS = ("ALL_ATTENTION_FUNCTIONS", "AttentionInterface")
 
+#: A forward that compares the implementation's *name* with "eager"/"sdpa" (DeepSeek-V3.2-style sparse attention
+#: builds its index mask only then) would change behaviour under the adapter's ``gin_<impl>`` name.
+NAME_BRANCH = re.compile(r"_attn_implementation\s+in\s*[(\[]\s*[\"']eager[\"']\s*,\s*[\"']sdpa[\"']")
+
 
 class NoAttentionError(ValueError):
     """The model has no module the adapter can wrap by default (the message says which model type and why)."""
@@ -52,15 +56,23 @@ def text_config(config: PretrainedConfig) -> PretrainedConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def _class_calls_interface(cls: type) -> bool:
+def _forward_source(cls: type) -> str:
     forward = getattr(cls, "forward", None)
     if forward is None or cls.forward is nn.Module.forward:
-        return False
+        return ""
     try:
-        source = inspect.getsource(forward)
+        return inspect.getsource(forward)
     except (OSError, TypeError):  # built-in or generated class: cannot tell, so not by default
-        return False
-    return any(marker in source for marker in INTERFACE_MARKERS)
+        return ""
+
+
+def _class_calls_interface(cls: type) -> bool:
+    return any(marker in _forward_source(cls) for marker in INTERFACE_MARKERS)
+
+
+def branches_on_implementation_name(module: nn.Module) -> bool:
+    """True when ``module``'s forward behaves differently for the implementation names "eager"/"sdpa"."""
+    return bool(NAME_BRANCH.search(_forward_source(type(_unwrapped(module)))))
 
 
 def calls_attention_interface(module: nn.Module) -> bool:
@@ -108,7 +120,25 @@ def find_attention_modules(model: nn.Module) -> list[str]:
     found = [name for name in dict.fromkeys(found) if not any(name.startswith(other + ".") for other in found if other != name)]
     if not found:
         raise NoAttentionError(_why_nothing(model, config, multimodal))
+    modules = dict(model.named_modules())
+    by_name = sorted({type(_unwrapped(modules[name])).__name__ for name in found if branches_on_implementation_name(modules[name])})
+    if by_name:
+        raise NoAttentionError(
+            f"gin_adapter cannot wrap model_type={_model_type(model)!r} yet: its attention ({', '.join(by_name)}) branches "
+            "on the attention implementation's name ('eager'/'sdpa', e.g. to build a sparse index mask), and the adapter "
+            "runs it under the name 'gin_<implementation>', which would change the base model's output."
+        )
     return found
+
+
+def attention_layer_numbers(model: nn.Module, num_layers: int) -> set[int]:
+    """Layer-list positions of the modules discovery wraps (hybrids: the attention layers only); all ``num_layers``
+    when discovery finds none (the adapter then names its modules through ``target_modules``)."""
+    try:
+        names = find_attention_modules(model)
+    except NoAttentionError:
+        return set(range(num_layers))
+    return {int(match.group(1)) for name in names if (match := re.search(r"\.(\d+)\.", f".{name}"))}
 
 
 def target_regex(names: list[str]) -> str:
@@ -128,8 +158,12 @@ def target_regex(names: list[str]) -> str:
     return parts[0] if len(parts) == 1 else "|".join(f"(?:{part})" for part in parts)
 
 
+def _model_type(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
+
+
 def _why_nothing(model: nn.Module, config: PretrainedConfig, multimodal: bool) -> str:
-    model_type = getattr(model.config, "model_type", type(model).__name__)
+    model_type = _model_type(model)
     callers = [m for m in model.modules() if calls_attention_interface(m)]
     named = sorted({type(m).__name__ for m in model.modules() if re.search("attention|attn", type(m).__name__, re.I)})
     how = (
@@ -146,13 +180,19 @@ def _why_nothing(model: nn.Module, config: PretrainedConfig, multimodal: bool) -
             reason = "it has no attention layers (state-space or recurrent token mixers only)"
     else:
         caller_types = sorted({type(m).__name__ for m in callers})
-        if all(getattr(m, "is_causal", True) is False for m in callers):
+        text_callers = [m for m in callers if _belongs_to_text(m, config, multimodal)]
+        if not text_callers:
+            others = [name for name in named if name not in caller_types]
             reason = (
-                f"its attention modules ({', '.join(caller_types[:3])}) are not causal (is_causal=False): an encoder "
-                "or a bidirectional configuration (for BERT-style models, build the config with is_decoder=True)"
+                f"only modules outside its text decoder ({', '.join(caller_types[:3])}) call the attention interface"
+                + (f"; the decoder's own attention ({', '.join(others[:3])}) computes attention itself" if others else "")
             )
-        elif multimodal or not any(_belongs_to_text(m, config, multimodal) for m in callers):
-            reason = f"only modules outside its text decoder ({', '.join(caller_types[:3])}) call the attention interface"
+        elif all(getattr(m, "is_causal", True) is False for m in text_callers):
+            reason = (
+                f"its attention modules ({', '.join(sorted({type(m).__name__ for m in text_callers})[:3])}) are not "
+                "causal (is_causal=False): an encoder, or a bidirectional configuration (BERT-style models are causal "
+                "with is_decoder=True)"
+            )
         else:
             reason = f"no causal self-attention module ({', '.join(caller_types[:3])}) sits inside a decoder layer list"
     return f"gin_adapter found no attention module to wrap in model_type={model_type!r}: {reason}. {how}"

@@ -34,7 +34,7 @@ def text_config(config: PretrainedConfig) -> PretrainedConfig:
 
 def _layer_index(module: nn.Module, name: str) -> int:
     index = getattr(module, "layer_idx", None)
-    if index is None:
+    if not isinstance(index, int) or index < 0:  # Zamba 2's shared attention block says -1: use its layer's place
         numbers = re.findall(r"\.(\d+)(?:\.|$)", name)
         if not numbers:
             raise ValueError(f"Cannot tell which layer {name!r} belongs to; wrap modules inside numbered layer lists.")
@@ -167,7 +167,11 @@ def _model_type(model: nn.Module) -> str:
 def attention_dims(module: nn.Module | None, config: PretrainedConfig) -> tuple[int, int]:
     """``(H * head_dim, hidden_size)``: width of the concatenated value heads and of the model."""
     heads = config.num_attention_heads
-    head_dim = getattr(module, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // heads
+    # value heads: multi-head latent attention (DeepSeek V2/V3, MiniCPM3, ...) gives values their own width
+    head_dim = (
+        getattr(module, "v_head_dim", None) or getattr(config, "v_head_dim", None)
+        or getattr(module, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // heads
+    )
     return heads * head_dim, config.hidden_size
 
 

@@ -62,6 +62,13 @@ def prepare(model_type: str) -> Case:
         case.skip = f"the tiny base model does not run: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
         return case
     try:
+        problem = generation_difference(base)
+    except Exception as error:  # noqa: BLE001
+        problem = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+    if problem:  # a transformers limitation on this tiny model, not the adapter's
+        case.skip = f"the base model's own cached generation fails here: {problem}"
+        return case
+    try:
         with _quiet():
             case.model = get_gin_model(base, GinConfig(hidden_dim=8)).eval()
     except NoAttentionError as error:
@@ -108,23 +115,41 @@ def check_causality(case: Case) -> None:
     assert early <= ATOL, f"{case.model_type}: changing tokens {CHANGED_FROM}+ moved earlier logits by {early:.2e}"
 
 
+def _generate(model: torch.nn.Module, use_cache: bool):
+    ids = prompt()
+    pad = getattr(text_config(model.config), "pad_token_id", None)
+    pad = pad[0] if isinstance(pad, list) else pad
+    # models that derive positions from padding (RoBERTa) read a generated pad token as padding: never emit it
+    with torch.no_grad(), _quiet():
+        return model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            do_sample=False, use_cache=use_cache, output_logits=True, return_dict_in_generate=True,
+            pad_token_id=0 if pad is None else pad, suppress_tokens=None if pad is None else [pad],
+        )
+
+
+def generation_difference(model: torch.nn.Module) -> str:
+    """What differs between cached and uncached greedy generation ('' when nothing beyond the tolerance)."""
+    cached, uncached = _generate(model, True), _generate(model, False)
+    steps = torch.stack([step.float() for step in cached.logits], dim=1)  # (1, new, V): cached decoding
+    full = logits(model, cached.sequences)[:, PROMPT - 1 : -1]  # (1, new, V): one uncached forward, same tokens
+    difference = (steps - full).abs().max().item()
+    if difference > ATOL_GENERATE:
+        return f"cached step logits differ from an uncached forward by {difference:.2e}"
+    a, b = cached.sequences[0, PROMPT:], uncached.sequences[0, PROMPT:]
+    if not torch.equal(a, b):
+        step = int((a != b).nonzero()[0])
+        raw = uncached.logits[step][0].float()
+        gap = (raw[a[step]] - raw[b[step]]).abs().item()
+        if gap > 2 * ATOL_GENERATE:  # not a near-tie between the two choices: a real difference
+            return f"cached and uncached greedy tokens differ at step {step} (logit gap {gap:.2e})"
+    return ""
+
+
 def check_cached_generation(case: Case) -> None:
     set_scale(case.model, 0.5)
-    ids = prompt()
-    with torch.no_grad(), _quiet():
-        out = case.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-            do_sample=False, use_cache=True, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-        )
-    sequence = out.sequences
-    steps = torch.stack([step.float() for step in out.logits], dim=1)  # (1, new, V), the cached path
-    full = logits(case.model, sequence)[:, PROMPT - 1 : sequence.shape[1] - 1]  # (1, new, V), uncached
-    difference = (steps - full).abs().max().item()
-    assert difference <= ATOL_GENERATE, f"{case.model_type}: cached step logits differ from uncached by {difference:.2e}"
-    top2 = full.topk(2, dim=-1).values
-    decided = (top2[..., 0] - top2[..., 1]) > 2 * ATOL_GENERATE
-    generated = sequence[:, PROMPT:]
-    assert torch.equal(generated[decided], full.argmax(-1)[decided]), f"{case.model_type}: cached greedy tokens differ"
+    problem = generation_difference(case.model)
+    assert not problem, f"{case.model_type}: {problem}"
 
 
 CHECKS = {

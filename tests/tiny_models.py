@@ -24,6 +24,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 VOCAB = 128
+MAX_PARAMETERS = 20_000_000  # bigger means the shrinker missed a size field: too slow for the suite
 
 #: Applied to every config class that has the field (names differ between model families).
 SIZES: dict[str, Any] = {
@@ -60,7 +61,28 @@ SIZES: dict[str, Any] = {
 }
 
 #: Per-type fields that no generic rule can find (set after SIZES, on the top-level config).
-FIXES: dict[str, dict[str, Any]] = {}
+FIXES: dict[str, dict[str, Any]] = {
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
+    "bamba": dict(attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16),
+    "falcon_h1": dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_ssm=128),
+    "mamba2": dict(num_heads=8),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"], attention_window_size=8),
+    "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention"]),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=8),
+    "codegen": dict(rotary_dim=8),
+    "gptj": dict(rotary_dim=8),
+    "longcat_flash": dict(qk_head_dim=16),
+    "zaya": dict(num_experts_per_tok=1),
+    "xlstm": dict(embedding_dim=64),
+    "gemma3n_text": dict(num_kv_shared_layers=0),
+    "gemma4_assistant": dict(hidden_size_per_layer_input=0),
+    "dots3_note": dict(num_key_value_heads=4),
+    "dots3_note_text": dict(num_key_value_heads=4),
+    "axk2": dict(index_n_heads=4),
+    "deepseek_v32": dict(index_n_heads=4),
+    "glm_moe_dsa": dict(index_n_heads=4),
+    "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=16, layer_types=["mamba", "attention"]),
+}
 
 
 def model_types() -> list[str]:
@@ -83,23 +105,47 @@ def _shrunk_kwargs(config_class: type, defaults: Any) -> dict[str, Any]:
     if "is_decoder" in names:  # encoder families as causal LMs (their *ForCausalLM warns without it)
         kwargs["is_decoder"] = True
     for name in names:
-        value = getattr(defaults, name, None)
+        try:
+            value = getattr(defaults, name, None)
+        except Exception:  # noqa: BLE001 - per-layer attributes (Gemma 4) refuse a global read
+            value = None
         if name.endswith("token_id") or name.endswith("token_index"):
             if isinstance(value, int) and value >= VOCAB - 8:
                 kwargs[name] = VOCAB - 1 - (abs(hash(name)) % 6)
             elif isinstance(value, list) and any(isinstance(v, int) and v >= VOCAB - 8 for v in value):
                 kwargs[name] = [2]
         elif name == "layer_types" or name.endswith("_layer_types") or name == "layers_block_type":
-            kwargs[name] = None  # derived again from the new depth
+            kwargs[name] = _two_layers(value)
     for key, sub_class in (getattr(config_class, "sub_configs", None) or {}).items():
         sub_default = getattr(defaults, key, None)
-        if sub_class is None or not isinstance(sub_class, type):
+        if sub_default is not None and not isinstance(sub_default, dict):
+            sub_class = type(sub_default)  # AutoConfig-typed slots: the class the default actually holds
+        if sub_class is None or not isinstance(sub_class, type) or sub_class.__name__ == "AutoConfig":
             continue
         if sub_default is None and key != "text_config":
             continue
         sub_kwargs = _shrunk_kwargs(sub_class, sub_default if sub_default is not None else sub_class())
+        if "model_type" in getattr(sub_class, "__dict__", {}) or hasattr(sub_class, "model_type"):
+            sub_kwargs.setdefault("model_type", sub_class.model_type)
         kwargs[key] = sub_kwargs
     return kwargs
+
+
+def _is_attention(layer_type: object) -> bool:
+    text = str(layer_type)
+    return ("attention" in text and "linear" not in text) or text in ("attention", "hybrid")
+
+
+def _two_layers(value: object) -> object:
+    """A per-layer type list for two layers: one non-attention and one attention layer when the default mixes them
+    (hybrids keep both kinds), else the first two; ``None`` (derived from the depth) when there is no default list."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    attention = next((v for v in value if _is_attention(v)), None)
+    other = next((v for v in value if v != attention), None)
+    if attention is not None and other is not None:
+        return [other, attention]
+    return list(value[:2]) if len(value) >= 2 else list(value) * 2
 
 
 def tiny_config(model_type: str) -> transformers.PretrainedConfig:
@@ -140,6 +186,9 @@ def build(model_type: str, seed: int = 0) -> tuple[torch.nn.Module | None, str]:
             torch.manual_seed(seed)
             with _quiet():
                 model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation, dtype=torch.float32)
+            count = sum(p.numel() for p in model.parameters())
+            if count > MAX_PARAMETERS:
+                return None, f"not tiny: {count / 1e6:.0f}M parameters with the shrunk config (a size field the generic shrinker does not know)"
             return model.eval(), ""
         except ImportError as error:
             return None, f"needs an extra package: {_short(error)}"
