@@ -14,6 +14,13 @@
    already qualifies (the outermost interface caller is the attention module; BERT-style ``attention.self`` and
    LongCat's per-layer list of two attentions are found too). Hybrid models (attention interleaved with Mamba or
    linear-attention layers) thus get their attention layers only, with their true layer indices.
+5. its keys are tokens: an attention with a KV compressor child (DeepSeek-V4's compressed blocks) is left out, since
+   the adapter's graph takes key ``j`` to be token ``j`` (measured: the correction was not causal there).
+
+A model whose candidates all fail a rule raises :class:`NoAttentionError` naming the model type and the rule. So do
+attention modules that branch on the implementation's *name* (``_attn_implementation in ("eager", "sdpa")``,
+DeepSeek-V3.2-style sparse index masks): the adapter runs attention as ``gin_<implementation>``, which would change
+their output.
 
 **Why no dry forward at wrap time.** A forward on two tokens would confirm the rule exactly, but ``get_peft_model``
 is also called on models whose weights are not materialised yet (DeepSpeed ZeRO-3 partitions, ``init_empty_weights``
@@ -93,6 +100,10 @@ def _belongs_to_text(module: nn.Module, config: PretrainedConfig, multimodal: bo
     return module_config is config or type(module_config) is type(config)
 
 
+def _compresses_keys(module: nn.Module) -> bool:
+    return any("compressor" in type(child).__name__.lower() for child in module.children())
+
+
 def _layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
 
@@ -114,7 +125,7 @@ def find_attention_modules(model: nn.Module) -> list[str]:
                 if not name or any(name.startswith(t + ".") for t in taken) or ".base_layer" in f".{name}":
                     continue
                 original = _unwrapped(module)
-                if calls_attention_interface(original) and getattr(original, "is_causal", True) is not False and _belongs_to_text(original, config, multimodal):
+                if calls_attention_interface(original) and getattr(original, "is_causal", True) is not False and _belongs_to_text(original, config, multimodal) and not _compresses_keys(original):
                     taken.append(name)
                     found.append(prefix + name)
     found = [name for name in dict.fromkeys(found) if not any(name.startswith(other + ".") for other in found if other != name)]
@@ -186,6 +197,11 @@ def _why_nothing(model: nn.Module, config: PretrainedConfig, multimodal: bool) -
             reason = (
                 f"only modules outside its text decoder ({', '.join(caller_types[:3])}) call the attention interface"
                 + (f"; the decoder's own attention ({', '.join(others[:3])}) computes attention itself" if others else "")
+            )
+        elif all(_compresses_keys(m) for m in text_callers):
+            reason = (
+                f"its attention ({', '.join(sorted({type(m).__name__ for m in text_callers})[:3])}) attends to "
+                "compressed KV blocks, not one key per token as the adapter's graph assumes"
             )
         elif all(getattr(m, "is_causal", True) is False for m in text_callers):
             reason = (

@@ -20,7 +20,7 @@ import torch
 from tiny_models import _quiet, build
 
 from gin_adapter import GinConfig, get_gin_model, gin_layers
-from gin_adapter.discovery import NoAttentionError, text_config
+from gin_adapter.discovery import NoAttentionError, find_attention_modules, text_config
 
 ATOL = 1e-5
 ATOL_GENERATE = 1e-4
@@ -60,6 +60,11 @@ def prepare(model_type: str) -> Case:
             case.base_logits = base(prompt()).logits.float()
     except Exception as error:  # noqa: BLE001 - the base model itself does not run tiny on a CPU
         case.skip = f"the tiny base model does not run: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
+        return case
+    try:
+        find_attention_modules(base)
+    except NoAttentionError as error:
+        case.refused = str(error)
         return case
     try:
         problem = generation_difference(base)

@@ -21,11 +21,6 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
         "the fused per-head top-k kernel's cached decoding differs from the uncached forward (6e-3) on ZAYA's "
         "CCA attention; the dense and reference rules agree"
     ),
-    ("deepseek_v4", "causal"): (
-        "DeepSeek-V4 attends to compressed KV blocks as well as tokens, so its keys are not one per earlier token as "
-        "the adapter's graph assumes: the GIN correction sees later tokens"
-    ),
-    ("deepseek_v4", "cached == uncached generation"): "as for 'causal': compressed KV blocks are not tokens",
 }
 
 
@@ -102,6 +97,8 @@ def test_refusals_name_the_model_type_and_the_reason():
         "mamba": "no attention layers",
         "bloom": "computes attention itself",
         "hy_v4": "branches on the attention implementation's name",
+        "deepseek_v4": "compressed KV blocks",
+        "git": "only modules outside its text decoder",
     }
     for model_type, reason in expected.items():
         base, why = build(model_type)

@@ -58,6 +58,8 @@ SIZES: dict[str, Any] = {
     # vision and audio towers of multimodal configs
     "image_size": 32, "patch_size": 8, "num_channels": 3, "projection_dim": 64, "vision_output_dim": 64,
     "out_hidden_size": 64, "num_mel_bins": 16,
+    # per-layer input embeddings (Gemma 3n / 4)
+    "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 16,
 }
 
 #: Per-type fields that no generic rule can find (set after SIZES, on the top-level config).
