@@ -84,11 +84,11 @@ def branches_on_implementation_name(module: nn.Module) -> bool:
 
 def calls_attention_interface(module: nn.Module) -> bool:
     """True when ``module``'s forward calls transformers' attention interface (rule 1)."""
-    base = getattr(module, "base_layer", None)  # already wrapped by gin_adapter: judge the original module
-    return _class_calls_interface(type(base if isinstance(base, nn.Module) else module))
+    return _class_calls_interface(type(_unwrapped(module)))
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
+    """The original module of a :class:`~gin_adapter.layer.GinAttentionLayer` (a second adapter), else itself."""
     base = getattr(module, "base_layer", None)
     return base if isinstance(base, nn.Module) else module
 
@@ -98,6 +98,16 @@ def _belongs_to_text(module: nn.Module, config: PretrainedConfig, multimodal: bo
     if not isinstance(module_config, PretrainedConfig):
         return not multimodal  # cannot tell; only a model with separate towers needs to
     return module_config is config or type(module_config) is type(config)
+
+
+def _is_target(module: nn.Module, config: PretrainedConfig, multimodal: bool) -> bool:
+    """Rules 1, 2, 3 and 5 of the module docstring (rule 4, the position, is the caller's walk)."""
+    return (
+        calls_attention_interface(module)
+        and getattr(module, "is_causal", True) is not False
+        and _belongs_to_text(module, config, multimodal)
+        and not _compresses_keys(module)
+    )
 
 
 def _compresses_keys(module: nn.Module) -> bool:
@@ -116,6 +126,8 @@ def find_attention_modules(model: nn.Module) -> list[str]:
     """
     config = text_config(model.config)
     multimodal = config is not model.config
+    modules = dict(model.named_modules())  # one name per module: a block shared by several layers appears once
+    first_name = {id(module): name for name, module in reversed(list(modules.items()))}
     found: list[str] = []
     for list_name, layers in _layer_lists(model):
         for index, layer in enumerate(layers):
@@ -124,14 +136,12 @@ def find_attention_modules(model: nn.Module) -> list[str]:
             for name, module in layer.named_modules():
                 if not name or any(name.startswith(t + ".") for t in taken) or ".base_layer" in f".{name}":
                     continue
-                original = _unwrapped(module)
-                if calls_attention_interface(original) and getattr(original, "is_causal", True) is not False and _belongs_to_text(original, config, multimodal) and not _compresses_keys(original):
+                if _is_target(_unwrapped(module), config, multimodal):
                     taken.append(name)
-                    found.append(prefix + name)
+                    found.append(first_name.get(id(module), prefix + name))
     found = [name for name in dict.fromkeys(found) if not any(name.startswith(other + ".") for other in found if other != name)]
     if not found:
         raise NoAttentionError(_why_nothing(model, config, multimodal))
-    modules = dict(model.named_modules())
     by_name = sorted({type(_unwrapped(modules[name])).__name__ for name in found if branches_on_implementation_name(modules[name])})
     if by_name:
         raise NoAttentionError(

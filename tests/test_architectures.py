@@ -62,11 +62,21 @@ def test_architecture(cases, model_type, check, request):
     CHECKS[check](case)
 
 
+def _present(*types):
+    """The given types that this transformers version has (older 5.x lack some)."""
+    return [t for t in types if t in model_types()]
+
+
+def _built(model_type: str) -> torch.nn.Module:
+    base, why = build(model_type)
+    assert base is not None, why
+    return base
+
+
 def test_wrapped_layer_indices_are_the_attention_layers(cases):
     """Hybrids wrap their attention layers only, each with its own layer index, and scale_init='linear' follows it."""
-    for model_type in ("jamba", "bamba", "qwen3_next", "nemotron_h", "zamba2", "lfm2", "llama"):
-        base, why = build(model_type)
-        assert base is not None, why
+    for model_type in _present("jamba", "bamba", "qwen3_next", "nemotron_h", "zamba2", "lfm2", "llama"):
+        base = _built(model_type)
         names = find_attention_modules(base)
         model = get_gin_model(base, GinConfig(hidden_dim=4, scale_init="linear", scale_max=0.5))
         layers = gin_layers(model)
@@ -80,9 +90,10 @@ def test_wrapped_layer_indices_are_the_attention_layers(cases):
 
 def test_multimodal_models_wrap_the_language_model_only():
     """Vision and audio towers call the attention interface too; only the text decoder's attention is wrapped."""
-    for model_type, tower in (("gemma3", "vision_tower"), ("phi4_multimodal", "img_processor"), ("moss_transcribe_diarize", "audio_tower")):
-        base, why = build(model_type)
-        assert base is not None, why
+    towers = {"gemma3": "vision_tower", "phi4_multimodal": "img_processor", "moss_transcribe_diarize": "audio_tower"}
+    for model_type in _present(*towers):
+        tower = towers[model_type]
+        base = _built(model_type)
         tower_attention = [n for n, m in base.named_modules() if tower in n and calls_attention_interface(m)]
         assert tower_attention, model_type
         model = get_gin_model(base, GinConfig(hidden_dim=4))
@@ -100,9 +111,9 @@ def test_refusals_name_the_model_type_and_the_reason():
         "deepseek_v4": "compressed KV blocks",
         "git": "only modules outside its text decoder",
     }
-    for model_type, reason in expected.items():
-        base, why = build(model_type)
-        assert base is not None, why
+    for model_type in _present(*expected):
+        reason = expected[model_type]
+        base = _built(model_type)
         with pytest.raises(NoAttentionError, match=rf"model_type={model_type!r}.*{reason}"):
             get_gin_model(base, GinConfig(hidden_dim=4))
 

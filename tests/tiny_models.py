@@ -65,6 +65,7 @@ SIZES: dict[str, Any] = {
 #: Per-type fields that no generic rule can find (set after SIZES, on the top-level config).
 FIXES: dict[str, dict[str, Any]] = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
+    "zamba2": dict(num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"]),
     "bamba": dict(attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16),
     "falcon_h1": dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_ssm=128),
     "mamba2": dict(num_heads=8),
