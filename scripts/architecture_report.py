@@ -116,13 +116,14 @@ def summary(rows: list[dict]) -> str:
     count = {status: sum(row["status"] == status for row in rows) for status in ("works", "fails", "refused", "skipped")}
     post_norm = sorted(row["type"] for row in rows if row["status"] == "works" and "post-attention norm" in row["placement"])
     refused = ", ".join(f"`{row['type']}`" for row in rows if row["status"] == "refused")
+    fails = ", ".join(f"`{row['type']}`" for row in rows if row["status"] == "fails")
     return (
         f"With transformers {transformers.__version__}, **{count['works']} of the {len(rows)} causal-LM model types** "
         "in transformers' auto mapping work with the default `GinConfig()`: built tiny, wrapped by discovery, identity "
         "at init, a non-zero adapter changes the output, causal, cached == uncached generation "
         f"(`tests/test_architectures.py`; the table per type is [docs/architectures.md](docs/architectures.md), "
-        f"written by `scripts/architecture_report.py`). {count['fails']} are wrapped but fail a check for a known reason "
-        f"outside discovery, {count['refused']} are refused with an error naming the model type and why ({refused}), "
+        f"written by `scripts/architecture_report.py`). {count['fails']} wrapped but fail a check for a known reason "
+        f"outside discovery ({fails or 'none'}), {count['refused']} are refused with an error naming the model type and why ({refused}), "
         f"and {count['skipped']} cannot be built as tiny models on a CPU here (skipped, with the reason). In "
         f"{len(post_norm)} working types the attention output goes through a post-attention norm before the residual "
         "add, so the correction lands inside it, `h + norm(attn + delta)` (identity at init still holds): "
