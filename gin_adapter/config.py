@@ -139,7 +139,7 @@ class GinConfig(PeftConfig):
     # --- placement (PEFT semantics)
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
-        metadata={"help": "Attention modules to wrap (names or a regex). None picks them from the model type (see gin_adapter.model.TARGET_MODULES)."},
+        metadata={"help": "Attention modules to wrap (names or a regex). None finds them by structure (see gin_adapter.discovery)."},
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex to leave unwrapped."}

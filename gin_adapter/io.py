@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from .config import PEFT_TYPE, GinConfig
 from .blocks import make_block
+from .discovery import attention_layer_numbers
 from .model import attention_dims, register, text_config
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def check_compatible(base_model: torch.nn.Module, config: GinConfig, weights: di
     num_layers = model_config.num_hidden_layers
     saved_layers = {int(m.group(1)) for key in weights if (m := re.search(r"\.(\d+)\.", key))}
     wanted = config.layers_to_transform
-    wanted_layers = set(range(num_layers)) if wanted is None else ({wanted} if isinstance(wanted, int) else set(wanted))
+    wanted_layers = attention_layer_numbers(base_model, num_layers) if wanted is None else ({wanted} if isinstance(wanted, int) else set(wanted))
     if saved_layers and saved_layers != wanted_layers:
         problems.append(
             f"  the adapter holds layers {_ranges(saved_layers)}, this base model has {num_layers} layers"

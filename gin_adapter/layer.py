@@ -99,8 +99,9 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         graph = request.graph
         if graph is None:
             raise RuntimeError(
-                f"{type(self.base_layer).__name__} did not call transformers' attention interface with the GIN "
-                "attention function; this module cannot be wrapped (pass other `target_modules`)."
+                f"{getattr(self, 'target_description', type(self.base_layer).__name__)} did not call transformers' "
+                "attention interface with the GIN attention function and itself as `module`, so it cannot be wrapped; "
+                "pass GinConfig(target_modules=[...]) naming the module that does."
             )
         attn_output = output[0] if isinstance(output, tuple) else output
         cache, cache_layer = find_cache(kwargs), None

@@ -18,7 +18,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from . import attention
+from . import attention, discovery
 from .config import PEFT_TYPE, GinConfig
 from .blocks import BLOCKS, AttentionDims
 from .layer import GinAttentionLayer
@@ -27,33 +27,15 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "gin_"
 
-#: Attention modules wrapped by default, per ``config.model_type``.
-TARGET_MODULES: dict[str, list[str]] = {
-    "llama": ["self_attn"],
-    "mistral": ["self_attn"],
-    "mixtral": ["self_attn"],
-    "qwen2": ["self_attn"],
-    "qwen2_moe": ["self_attn"],
-    "qwen3": ["self_attn"],
-    "qwen3_moe": ["self_attn"],
-    "gemma": ["self_attn"],
-    "gemma2": ["self_attn"],
-    "gemma3": ["self_attn"],
-    "gemma3_text": ["self_attn"],
-    "phi3": ["self_attn"],
-    "olmo2": ["self_attn"],
-    "gpt2": ["attn"],
-}
-
 
 def text_config(config: PretrainedConfig) -> PretrainedConfig:
     """The decoder's config (multimodal configs nest it, e.g. Gemma 3's ``text_config``)."""
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return discovery.text_config(config)
 
 
 def _layer_index(module: nn.Module, name: str) -> int:
     index = getattr(module, "layer_idx", None)
-    if index is None:
+    if not isinstance(index, int) or index < 0:  # Zamba 2's shared attention block says -1: use its layer's place
         numbers = re.findall(r"\.(\d+)(?:\.|$)", name)
         if not numbers:
             raise ValueError(f"Cannot tell which layer {name!r} belongs to; wrap modules inside numbered layer lists.")
@@ -73,22 +55,21 @@ class GinModel(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = GinAttentionLayer
-    target_module_mapping = TARGET_MODULES
+    target_module_mapping: dict[str, list[str]] = {}  # no table: gin_adapter.discovery finds the modules
 
-    def _prepare_adapter_config(self, peft_config: GinConfig, model_config: dict) -> GinConfig:
-        if peft_config.target_modules is None:
-            model_type = model_config.get("model_type")
-            text_type = model_config.get("text_config", {}).get("model_type") if isinstance(model_config.get("text_config"), dict) else None
-            targets = TARGET_MODULES.get(model_type) or TARGET_MODULES.get(text_type)
-            if targets is None:
-                raise ValueError(
-                    f"gin_adapter does not know which attention modules to wrap for model_type={model_type!r}. "
-                    f"Known: {sorted(TARGET_MODULES)}. Pass GinConfig(target_modules=[...]) with the name of the "
-                    "self-attention module inside each decoder layer (e.g. 'self_attn'); it must call transformers' "
-                    "attention interface."
-                )
-            peft_config.target_modules = list(targets)
-        return peft_config
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """Find the attention modules (:mod:`gin_adapter.discovery`) when ``target_modules`` is not given, then wrap.
+
+        Discovery runs here rather than in ``_prepare_adapter_config``, which PEFT hands only the config dict; this
+        also covers ``add_adapter``. The found names become one regex in ``target_modules``, so the saved
+        adapter_config.json names exactly the wrapped modules.
+        """
+        config = self.peft_config[adapter_name]
+        if config.target_modules is None:
+            names = discovery.find_attention_modules(model)
+            config.target_modules = discovery.target_regex(names)
+            logger.info("gin_adapter wraps %d attention modules of %s: %s", len(names), _model_type(model), names)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _pre_injection_hook(self, model: nn.Module, config: GinConfig, adapter_name: str) -> None:
         implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
@@ -111,6 +92,7 @@ class GinModel(BaseTuner):
             target.update_layer(adapter_name, peft_config, scale_init=scale)
             return
         new_module = GinAttentionLayer(target, adapter_name, peft_config, dims=attention_dims(target, model_config), scale_init=scale, layer_index=layer_index)
+        new_module.target_description = f"{current_key!r} ({type(target).__name__}) of model_type={_model_type(self.model)!r}"
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -180,13 +162,23 @@ def _set_attn_implementation(config: PretrainedConfig, name: str) -> None:
 
 
 def _looks_like_attention(module: nn.Module) -> bool:
-    return isinstance(module, GinAttentionLayer) or "attention" in type(module).__name__.lower()
+    if isinstance(module, GinAttentionLayer) or discovery.calls_attention_interface(module):
+        return True
+    return "attention" in type(module).__name__.lower() or "attn" in type(module).__name__.lower()
+
+
+def _model_type(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
 
 
 def attention_dims(module: nn.Module | None, config: PretrainedConfig) -> AttentionDims:
-    """Query heads, head width and model width of one attention module (from the module, else its config)."""
+    """Query heads, value-head width and model width of one attention module (from the module, else its config)."""
     heads = config.num_attention_heads
-    head_dim = getattr(module, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // heads
+    # value heads: multi-head latent attention (DeepSeek V2/V3, MiniCPM3, ...) gives values their own width
+    head_dim = (
+        getattr(module, "v_head_dim", None) or getattr(config, "v_head_dim", None)
+        or getattr(module, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // heads
+    )
     return AttentionDims(heads=heads, head_dim=head_dim, model_dim=config.hidden_size)
 
 

@@ -47,12 +47,16 @@ def test_every_architecture_wraps_trains_and_starts_at_identity(arch):
     assert sum(g.abs().sum().item() for g in grads) > 0
 
 
-def test_unknown_architecture_gives_clear_error():
+def test_model_without_causal_attention_gives_clear_error():
+    """BERT built bidirectional (is_decoder=False) has no causal self-attention to wrap; as a decoder it is wrapped."""
     from transformers import BertConfig, BertLMHeadModel
 
-    base = BertLMHeadModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, is_decoder=True))
-    with pytest.raises(ValueError, match="model_type='bert'.*target_modules"):
-        get_gin_model(base, GinConfig(hidden_dim=4))
+    def bert(is_decoder: bool) -> BertLMHeadModel:
+        return BertLMHeadModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, is_decoder=is_decoder))
+
+    with pytest.raises(ValueError, match="model_type='bert'.*not causal.*is_decoder=True.*target_modules"):
+        get_gin_model(bert(False), GinConfig(hidden_dim=4))
+    assert len(gin_layers(get_gin_model(bert(True), GinConfig(hidden_dim=4)))) == 1
 
 
 def test_non_attention_target_is_refused():
