@@ -50,13 +50,14 @@ from gin_adapter.compare.budget import plan_runs
 from gin_adapter.compare.checkpoints import TrainerState, register_adapter_checkpointing, resume_latest, save_checkpoint
 from gin_adapter.compare.checks import NonFiniteLossError, identity_at_init_warning, inject_non_finite, non_finite_message
 from gin_adapter.compare.config import TrainingConfig
-from gin_adapter.compare.data import build_datasets, check_block_size, collate_blocks, train_order
+from gin_adapter.compare.data import build_datasets, build_ood_blocks, check_block_size, collate_blocks, train_order
 from gin_adapter.compare.evaluation import evaluate_perplexity, load_metric
 from gin_adapter.compare.launch import init_trackers, single_process_cpu_launch_warning
+from gin_adapter.compare.memory import PeakMemory
 from gin_adapter.compare.outputs import prepare_output_dir, write_json
 from gin_adapter.compare.publish import push_best, reproduce_command
 from gin_adapter.compare.report import build_report, write_report
-from gin_adapter.compare.runs import Trial, gin_scales, load_base_model, trials, wrap_model
+from gin_adapter.compare.runs import Trial, gin_scales, load_base_model, next_trial, wrap_model
 from gin_adapter.embedded import resolve_model_path
 
 
@@ -88,6 +89,7 @@ class Context:
     out: Path
     resume: bool
     base_ppl: float | None = None
+    ood_loader: DataLoader | None = None  # an out-of-domain corpus scored after training (forgetting)
 
 
 # ----------------------------------------------------------------------------- one trial = run x lr x seed
@@ -95,6 +97,7 @@ def train_one_run(trial: Trial, ctx: Context) -> dict[str, Any]:
     """Train one run at one learning rate and seed; return its metrics and curves (also written to trials/<id>.json)."""
     cfg, accelerator = ctx.cfg, ctx.accelerator
     ckpt_root = ctx.out / "checkpoints" / trial.id
+    memory = PeakMemory(accelerator.device).__enter__()  # peak over the whole trial (closed below)
     set_seed(trial.seed)  # same seed -> same adapter init and the same data order for every method
     model = wrap_model(load_base_model(cfg, ctx.model_path), trial.plan)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -172,6 +175,9 @@ def train_one_run(trial: Trial, ctx: Context) -> dict[str, Any]:
     progress.close()
     if state.step < cfg.max_steps:
         raise RuntimeError(f"[{trial.id}] the training loader ran out at step {state.step} of {cfg.max_steps}.")
+    train_wall = time.perf_counter() - started
+    ood_ppl = evaluate_perplexity(model, ctx.ood_loader, accelerator)["perplexity"] if ctx.ood_loader is not None else None
+    memory.__exit__(None, None, None)
 
     adapter_dir = ctx.out / "adapters" / trial.run.name / "trials" / trial.id
     accelerator.wait_for_everyone()
@@ -182,7 +188,8 @@ def train_one_run(trial: Trial, ctx: Context) -> dict[str, Any]:
         "final_val_ppl": state.val_ppl[-1][1], "best_val_ppl": min(v for _, v in state.val_ppl),
         "final_train_loss": state.train_loss[-1][1], "steps": state.step,
         "trainable_params": n_trainable, "total_params": n_total, "plan": trial.plan.to_dict(),
-        "wall_time_s": wall, "train_tokens_per_s": state.step * global_batch * cfg.data.block_size / max(wall, 1e-9),
+        "ood_ppl": ood_ppl, "peak_memory": memory.result(),
+        "wall_time_s": wall, "train_tokens_per_s": state.step * global_batch * cfg.data.block_size / max(train_wall, 1e-9),
         "resumed_from": str(resumed_from) if resumed_from else None, "adapter_dir": str(adapter_dir.relative_to(ctx.out)),
         "curves": {"train_loss": state.train_loss, "val_ppl": state.val_ppl}, "scale_history": state.scales,
     }
@@ -228,9 +235,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with accelerator.main_process_first():
         train_blocks, val_blocks = build_datasets(cfg.data, tokenizer)
         load_metric()  # copy the metric script into the modules cache once
+        ood_blocks = build_ood_blocks(cfg.ood, tokenizer) if cfg.ood is not None else None
     val_loader = accelerator.prepare_data_loader(DataLoader(val_blocks, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate_blocks))
-    accelerator.print(f"data: {len(train_blocks)} training and {len(val_blocks)} validation blocks of {cfg.data.block_size} tokens")
+    accelerator.print(f"data: {len(train_blocks)} training and {len(val_blocks)} validation blocks of {cfg.data.block_size} tokens"
+                      + (f"; {len(ood_blocks)} out-of-domain blocks ({cfg.ood.source})" if ood_blocks is not None else ""))
     ctx = Context(cfg, accelerator, model_path, train_blocks, val_loader, out, args.resume)
+    if ood_blocks is not None:
+        ctx.ood_loader = accelerator.prepare_data_loader(DataLoader(ood_blocks, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate_blocks))
     init_trackers(accelerator, cfg, out)
 
     # The base model's perplexity (cached in base_eval.json so --resume does not redo it).
@@ -242,21 +253,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         base = evaluate_perplexity(model, val_loader, accelerator)
         base["wall_time_s"] = time.perf_counter() - t0
+        if ctx.ood_loader is not None:
+            base["ood_perplexity"] = evaluate_perplexity(model, ctx.ood_loader, accelerator)["perplexity"]
         accelerator.free_memory(model)
         if accelerator.is_main_process:
             write_json(base_file, base)
     ctx.base_ppl = base["perplexity"]
     accelerator.print(f"base model: validation perplexity {base['perplexity']:.4f} over {base['tokens']:,} tokens")
 
-    # Every run x learning rate x seed; finished trials are read back when resuming.
-    results = []
-    for trial in trials(cfg, plans):
-        done = out / "trials" / f"{trial.id}.json"
-        if args.resume and done.is_file():
-            accelerator.print(f"[{trial.id}] already finished; reading {done}")
-            results.append(json.loads(done.read_text()))
-        else:
-            results.append(train_one_run(trial, ctx))
+    # The sweep (every run x learning rate x seed), then grid extensions and extra seeds as the results ask;
+    # finished trials are read back when resuming, so a study continues where it stopped.
+    results = [json.loads(f.read_text()) for f in sorted((out / "trials").glob("*.json"))] if args.resume else []
+    if results:
+        accelerator.print(f"resuming: {len(results)} finished trial(s) read from {out / 'trials'}")
+    while (trial := next_trial(cfg, plans, results)) is not None:
+        results.append(train_one_run(trial, ctx))
 
     # Summary, results.json, plots, adapters; then the optional Hub push.
     report = build_report(cfg, results, base, budget, model_path, accelerator, t_start)

@@ -370,7 +370,7 @@ def test_resume_after_crash_matches_uninterrupted_run(reference_run: dict, tiny:
 # ----------------------------------------------------------------------------- bad input
 def test_unknown_method_is_a_clear_error(tiny: dict, tmp_path: Path, single_thread: None) -> None:
     config = write_config(tiny, tmp_path / "config.yaml", runs=[{"name": "x", "method": "adalora"}])
-    with pytest.raises(ValueError, match=r"runs\[0\]\.method='adalora' is not supported; use one of \['gin', 'lora'\]"):
+    with pytest.raises(ValueError, match=r"runs\[0\]\.method='adalora' is not supported; use one of \['gin', 'lora', 'peft'\].*method: peft"):
         train.main(["--config", str(config)])
 
 

@@ -72,15 +72,41 @@ def skeleton_model(model_config: Any) -> nn.Module:
         return AutoModelForCausalLM.from_config(model_config)
 
 
+def gin_config(fields: dict[str, Any]) -> Any:
+    """A run's ``gin:`` block as a :class:`~gin_adapter.GinConfig`; ``preset: published`` starts from
+    :meth:`GinConfig.published <gin_adapter.GinConfig.published>` and the other fields override it."""
+    from gin_adapter import GinConfig
+
+    rest = {k: v for k, v in fields.items() if k != "preset"}
+    return GinConfig.published(**rest) if fields.get("preset") == "published" else GinConfig(**rest)
+
+
+def peft_config(fields: dict[str, Any]) -> Any:
+    """A run's ``peft:`` block as a PEFT config (``peft.get_peft_config``), causal-LM task unless it says otherwise."""
+    from peft import get_peft_config
+
+    return get_peft_config({"task_type": "CAUSAL_LM", **fields})
+
+
 def count_gin_parameters(model_config: Any, gin_kwargs: dict[str, Any]) -> int:
-    """Trainable parameters of a GIN adapter with ``GinConfig(**gin_kwargs)`` on the model ``model_config`` describes.
+    """Trainable parameters of a GIN adapter with the ``gin:`` fields ``gin_kwargs`` on the model ``model_config``
+    describes.
 
     Counted by wrapping a ``meta``-device skeleton with :func:`gin_adapter.get_gin_model`, so the count is exactly
     what training will see.
     """
-    from gin_adapter import GinConfig, count_trainable_parameters, get_gin_model
+    from gin_adapter import count_trainable_parameters, get_gin_model
 
-    return count_trainable_parameters(get_gin_model(skeleton_model(model_config), GinConfig(**gin_kwargs)))
+    return count_trainable_parameters(get_gin_model(skeleton_model(model_config), gin_config(gin_kwargs)))
+
+
+def count_peft_parameters(model_config: Any, peft_fields: dict[str, Any]) -> int:
+    """Trainable parameters of any PEFT method (a ``peft:`` block) on a ``meta``-device skeleton of the model."""
+    from peft import get_peft_model
+
+    from gin_adapter import count_trainable_parameters
+
+    return count_trainable_parameters(get_peft_model(skeleton_model(model_config), peft_config(peft_fields)))
 
 
 def _peft_target_match(module_name: str, targets: list[str]) -> bool:
@@ -202,6 +228,7 @@ class RunPlan:
     lora_target_modules: list[str] | None
     lora_dropout: float | None
     trainable_params: int
+    peft: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,7 +250,7 @@ def plan_runs(cfg: Any, model_config: Any) -> tuple[dict[str, RunPlan], dict[str
     for i, run in enumerate(cfg.runs):
         if run.method == "gin":
             try:
-                gin_kwargs[run.name] = _gin_fields(GinConfig(**run.gin), run.gin)
+                gin_kwargs[run.name] = _gin_fields(gin_config(run.gin), run.gin)
             except TypeError as exc:
                 valid = sorted(f for f in GinConfig.__dataclass_fields__ if not f.startswith("_"))
                 raise ValueError(f"runs[{i}].gin has a field GinConfig does not know ({exc}); valid fields include {valid}.") from exc
@@ -234,47 +261,25 @@ def plan_runs(cfg: Any, model_config: Any) -> tuple[dict[str, RunPlan], dict[str
     gin_runs = [run for run in cfg.runs if run.method == "gin"]
     reference = next((run for run in gin_runs if run.name == cfg.budget.reference), gin_runs[0] if gin_runs else None)
     ranks = {run.name: run.lora.r for run in cfg.runs if run.method == "lora"}
-    auto = [run for run in cfg.runs if run.method == "lora" and run.lora.r is None and cfg.budget.match]
     record: dict[str, Any] = {"tolerance": cfg.budget.tolerance, "reference": reference.name if reference else None, "matches": {}}
-    if auto:
-        ref_kwargs = gin_kwargs[reference.name]
-        per_rank = {run.name: lora_parameters_per_rank(skeleton, run.lora.target_modules) for run in auto}
-
-        @functools.cache
-        def gin_count(h: int) -> int:
-            return count_gin_parameters(model_config, {**ref_kwargs, "hidden_dim": h})
-
-        def matches_at(h: int) -> dict[str, BudgetMatch]:
-            return {run.name: match_budget(gin_count, h, per_rank[run.name], cfg.budget.tolerance, adjust_hidden_dim=False) for run in auto}
-
-        # Keep the configured hidden_dim if every LoRA run finds a fitting rank; otherwise try the hidden sizes that
-        # make each LoRA run fit (match_budget's search) and keep the one closest to the configured size that fits all.
-        original = ref_kwargs["hidden_dim"]
-        candidates = [original] + sorted({match_budget(gin_count, original, per_rank[r.name], cfg.budget.tolerance).hidden_dim
-                                          for r in auto} - {original}, key=lambda h: abs(h - original))
-        chosen, errors = None, []
-        for h in candidates:
-            try:
-                chosen = (h, matches_at(h))
-                break
-            except ValueError as exc:
-                errors.append(str(exc))
-        if chosen is None:
-            raise ValueError(errors[-1])
-        hidden, found = chosen
-        for name, match in found.items():
-            ranks[name] = match.rank
-            record["matches"][name] = {"reference": reference.name, **match.to_dict(), "hidden_dim_adjusted": hidden != original}
-        if hidden != original:
-            for kwargs in gin_kwargs.values():
-                if kwargs["hidden_dim"] == original:
-                    kwargs["hidden_dim"] = hidden
+    auto = [run for run in cfg.runs if run.method == "lora" and run.lora.r is None and cfg.budget.match]
+    groups: dict[str, list[Any]] = {}  # GIN run name -> the LoRA runs whose rank matches its parameter count
+    for run in auto:
+        groups.setdefault(run.budget_reference or reference.name, []).append(run)
+    for ref_name, group in groups.items():
+        _match_group(cfg, model_config, skeleton, ref_name, group, gin_kwargs, ranks, record)
 
     plans: dict[str, RunPlan] = {}
     for run in cfg.runs:
         if run.method == "gin":
             kwargs = gin_kwargs[run.name]
             plans[run.name] = RunPlan(run.name, "gin", kwargs, None, None, None, None, count_gin_parameters(model_config, kwargs))
+        elif run.method == "peft":
+            try:
+                count = count_peft_parameters(model_config, run.peft)
+            except (TypeError, ValueError, KeyError) as exc:
+                raise ValueError(f"run {run.name!r}: peft: {run.peft} is not a valid PEFT config for this model ({exc}).") from exc
+            plans[run.name] = RunPlan(run.name, "peft", None, None, None, None, None, count, peft=dict(run.peft))
         else:
             rank = ranks[run.name]
             per_rank = lora_parameters_per_rank(skeleton, run.lora.target_modules)
@@ -287,6 +292,46 @@ def plan_runs(cfg: Any, model_config: Any) -> tuple[dict[str, RunPlan], dict[str
             name: relative_difference(plan.trainable_params, ref_params) for name, plan in plans.items()
         }
     return plans, record
+
+
+def _match_group(cfg: Any, model_config: Any, skeleton: nn.Module, ref_name: str, group: list[Any], gin_kwargs: dict[str, dict[str, Any]],
+                 ranks: dict[str, int | None], record: dict[str, Any]) -> None:
+    """Ranks for the LoRA runs of ``group`` matching GIN run ``ref_name`` (written into ``ranks`` and ``record``).
+
+    Keeps the configured hidden_dim if every LoRA run finds a fitting rank; otherwise tries the hidden sizes that make
+    each LoRA run fit (match_budget's search) and keeps the one closest to the configured size that fits all; GIN
+    runs that shared the reference's hidden_dim (and its fields otherwise) follow it.
+    """
+    ref_kwargs = gin_kwargs[ref_name]
+    per_rank = {run.name: lora_parameters_per_rank(skeleton, run.lora.target_modules) for run in group}
+
+    @functools.cache
+    def gin_count(h: int) -> int:
+        return count_gin_parameters(model_config, {**ref_kwargs, "hidden_dim": h})
+
+    def matches_at(h: int) -> dict[str, BudgetMatch]:
+        return {run.name: match_budget(gin_count, h, per_rank[run.name], cfg.budget.tolerance, adjust_hidden_dim=False) for run in group}
+
+    original = ref_kwargs["hidden_dim"]
+    candidates = [original] + sorted({match_budget(gin_count, original, per_rank[r.name], cfg.budget.tolerance).hidden_dim
+                                      for r in group} - {original}, key=lambda h: abs(h - original))
+    chosen, errors = None, []
+    for h in candidates:
+        try:
+            chosen = (h, matches_at(h))
+            break
+        except ValueError as exc:
+            errors.append(str(exc))
+    if chosen is None:
+        raise ValueError(errors[-1])
+    hidden, found = chosen
+    for name, match in found.items():
+        ranks[name] = match.rank
+        record["matches"][name] = {"reference": ref_name, **match.to_dict(), "hidden_dim_adjusted": hidden != original}
+    if hidden != original:
+        for kwargs in gin_kwargs.values():
+            if kwargs["hidden_dim"] == original and kwargs.get("preset") == ref_kwargs.get("preset"):
+                kwargs["hidden_dim"] = hidden
 
 
 def _gin_fields(config: Any, given: dict[str, Any]) -> dict[str, Any]:

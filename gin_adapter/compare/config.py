@@ -15,44 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
+from .yaml_config import apply_override, load_yaml
 
-METHODS = ("gin", "lora")
-DATA_SOURCES = ("wiki", "hub", "files")
+METHODS = ("gin", "lora", "peft")
+DATA_SOURCES = ("wiki", "jargon", "hub", "files")
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
 TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "all")
 
-Method = Literal["gin", "lora"]
-DataSource = Literal["wiki", "hub", "files"]
+Method = Literal["gin", "lora", "peft"]
+DataSource = Literal["wiki", "jargon", "hub", "files"]
 DebugNonFinite = Literal["loss", "grad"]
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``2e-4`` as a float (PyYAML's YAML 1.1 rules make it a string)."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def load_yaml(text: str) -> Any:
-    """Parse YAML text safely, with ``1e-4``-style floats."""
-    return yaml.load(text, Loader=_YamlLoader)
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -64,7 +40,7 @@ def _help(text: str, **kwargs: Any) -> Any:
 class DataConfig:
     """Where the text comes from and how it becomes fixed-length training blocks."""
 
-    source: DataSource = _help("'wiki' (embedded Wikipedia intros), 'hub' (datasets.load_dataset(name)) or 'files' (local text/json/csv)", default="wiki")
+    source: DataSource = _help("'wiki' (embedded Wikipedia intros), 'jargon' (the Jargon File, fetched by scripts/setup.sh), 'hub' (datasets.load_dataset(name)) or 'files' (local text/json/csv)", default="wiki")
     name: str | None = _help("dataset name or local dataset folder for source=hub", default=None)
     subset: str | None = _help("dataset configuration name for source=hub (the second argument of load_dataset)", default=None)
     split: str = _help("split to read documents from (slicing such as 'train[:5000]' works)", default="train")
@@ -119,19 +95,28 @@ class RunConfig:
     """One fine-tuning run of the comparison: a method and its settings."""
 
     name: str = _help("label of the run in results.json, plots and adapters/<name>/")
-    method: Method = _help("'gin' (Sparse-GIN adapter) or 'lora' (PEFT LoRA)", default="gin")
-    gin: dict[str, Any] = _help("GinConfig fields for method=gin (GinConfig(**gin))", default_factory=dict)
+    method: Method = _help("'gin' (Sparse-GIN adapter), 'lora' (PEFT LoRA, rank matched to a GIN run) or 'peft' (any PEFT method, given as a PEFT config)", default="gin")
+    gin: dict[str, Any] = _help("GinConfig fields for method=gin (GinConfig(**gin)); 'preset: published' starts from GinConfig.published()", default_factory=dict)
     lora: LoraSettings = _help("LoRA settings for method=lora", default_factory=LoraSettings)
+    peft: dict[str, Any] = _help("for method=peft: a PEFT config as a mapping with peft_type, e.g. {peft_type: IA3, target_modules: [k_proj, v_proj, down_proj], feedforward_modules: [down_proj]}", default_factory=dict)
+    budget_reference: str | None = _help("for method=lora with r: null: the GIN run whose parameter count the rank matches (default: budget.reference)", default=None)
+    baseline: str | None = _help("the run this run is compared with in the summary (paired differences over shared seeds), e.g. the LoRA run of its budget", default=None)
     learning_rates: list[float] | None = _help("overrides the top-level learning_rates for this run", default=None)
 
     def validate(self, where: str) -> None:
         if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"{where}.name={self.name!r} must be a non-empty folder-safe string (no '/').")
-        _check_choice(f"{where}.method", self.method, METHODS, hint="Set method: gin or method: lora.")
+        _check_choice(f"{where}.method", self.method, METHODS, hint="Other PEFT methods run as method: peft with peft: {peft_type: ..., ...}.")
         if self.method != "gin" and self.gin:
             raise ValueError(f"{where} has method={self.method!r} but a gin: block; remove it or set method: gin.")
         if not isinstance(self.gin, dict):
             raise ValueError(f"{where}.gin must be a mapping of GinConfig fields, got {self.gin!r}.")
+        if self.gin.get("preset", "published") != "published":
+            raise ValueError(f"{where}.gin.preset={self.gin['preset']!r} is not known; the only preset is 'published' (GinConfig.published()).")
+        if self.method == "peft" and not (isinstance(self.peft, dict) and self.peft.get("peft_type")):
+            raise ValueError(f"{where} has method=peft but no peft: {{peft_type: ...}} block; e.g. peft: {{peft_type: IA3, target_modules: [k_proj, v_proj, down_proj], feedforward_modules: [down_proj]}}.")
+        if self.method != "peft" and self.peft:
+            raise ValueError(f"{where} has method={self.method!r} but a peft: block; remove it or set method: peft.")
         self.lora.validate(f"{where}.lora")
         if self.learning_rates is not None:
             _check_learning_rates(f"{where}.learning_rates", self.learning_rates)
@@ -161,7 +146,10 @@ class TrainingConfig:
     data: DataConfig = _help("corpus and blocking", default_factory=DataConfig)
     runs: list[RunConfig] = _help("the runs to compare; each is trained for every learning rate and seed", default_factory=list)
     learning_rates: list[float] = _help("peak learning rates tried for every run (the best one is reported)", default_factory=lambda: [2e-4])
-    seeds: list[int] = _help("seeds; the summary gives mean and std over them at the best learning rate", default_factory=lambda: [0])
+    seeds: list[int] = _help("seeds of the learning-rate sweep: every run is trained at every rate with each of these", default_factory=lambda: [0])
+    extra_seeds: list[int] = _help("more seeds, trained only at each run's best learning rate once its sweep is done; the summary gives mean and std over all seeds there", default_factory=list)
+    extend_grid: int = _help("how many times a run's learning-rate grid may grow by one rate beyond an edge when its best rate sits at that edge (by the grid's ratio, 3 for a single rate)", default=0)
+    ood: DataConfig | None = _help("an out-of-domain corpus scored for the base model and after every trial (forgetting), e.g. {source: jargon, block_size: 256, max_val_blocks: 100}", default=None)
     max_steps: int = _help("optimizer steps per run", default=100)
     per_device_batch_size: int = _help("blocks per device per micro-batch", default=4)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
@@ -177,6 +165,7 @@ class TrainingConfig:
     mixed_precision: str | None = _help("no/fp16/bf16; null = whatever the Accelerate config or launch flags say", default=None)
     budget: BudgetConfig = _help("parameter-budget matching between GIN and LoRA", default_factory=BudgetConfig)
     ddp_find_unused_parameters: bool = _help("pass find_unused_parameters to DDP (only needed if an adapter leaves parameters unused)", default=False)
+    export_adapter_dtype: str = _help("dtype of the adapters/<run>/ copies of each run's best trial: float32 or bfloat16 (half the size, for committing results)", default="float32")
     debug_crash_at_step: int | None = _help("testing only: os._exit(17) right after this step (checkpoint included) of the first run reaching it; ignored with --resume", default=None)
     debug_non_finite_at_step: int | None = _help("testing only: make a value NaN at this step of the first run reaching it, so the non-finite checks stop the run; ignored with --resume", default=None)
     debug_non_finite: DebugNonFinite = _help("what debug_non_finite_at_step makes NaN: 'loss' (caught by the loss check) or 'grad' (every gradient, caught by the gradient-norm check after clipping; needs max_grad_norm)", default="loss")
@@ -201,6 +190,8 @@ class TrainingConfig:
             kwargs["data"] = _build(DataConfig, raw["data"] or {}, "data")
         if "budget" in raw:
             kwargs["budget"] = _build(BudgetConfig, raw["budget"] or {}, "budget")
+        if raw.get("ood") is not None:
+            kwargs["ood"] = _build(DataConfig, raw["ood"], "ood")
         runs = raw.get("runs") or []
         if not isinstance(runs, list):
             raise ValueError(f"runs must be a list of runs, got {runs!r}.")
@@ -212,11 +203,12 @@ class TrainingConfig:
             run.setdefault("name", str(run.get("method", f"run{i}")))
             if "lora" in run:
                 run["lora"] = _build(LoraSettings, run["lora"] or {}, f"runs[{i}].lora")
-            if run.get("gin") is None:
-                run["gin"] = {}
+            for block in ("gin", "peft"):
+                if run.get(block) is None:
+                    run[block] = {}
             built.append(_build(RunConfig, run, f"runs[{i}]"))
         kwargs["runs"] = built
-        for name in ("log_with", "learning_rates", "seeds"):
+        for name in ("log_with", "learning_rates", "seeds", "extra_seeds"):
             if name in kwargs and not isinstance(kwargs[name], list):
                 kwargs[name] = [kwargs[name]]
         cfg = cls(**kwargs)
@@ -269,6 +261,19 @@ class TrainingConfig:
             raise ValueError(f"seeds={self.seeds!r} must be a non-empty list of integers, e.g. [0, 1].")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds={self.seeds!r} contains duplicates.")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.extra_seeds) or set(self.extra_seeds) & set(self.seeds) or len(set(self.extra_seeds)) != len(self.extra_seeds):
+            raise ValueError(f"extra_seeds={self.extra_seeds!r} must be distinct integers not already in seeds={self.seeds!r}.")
+        if not isinstance(self.extend_grid, int) or isinstance(self.extend_grid, bool) or self.extend_grid < 0:
+            raise ValueError(f"extend_grid={self.extend_grid!r} must be an integer >= 0 (0: never extend the learning-rate grid).")
+        if self.ood is not None:
+            self.ood.validate()
+        for run in self.runs:
+            for field_name in ("budget_reference", "baseline"):
+                other = getattr(run, field_name)
+                if other is not None and other not in names:
+                    raise ValueError(f"run {run.name!r}: {field_name}={other!r} is not the name of a run; runs: {names}.")
+            if run.budget_reference is not None and (run.method != "lora" or not any(r.name == run.budget_reference and r.method == "gin" for r in self.runs)):
+                raise ValueError(f"run {run.name!r}: budget_reference must name a GIN run and is for method: lora runs only.")
         for name in ("max_steps", "per_device_batch_size", "gradient_accumulation_steps", "eval_batch_size", "log_every", "keep_checkpoints"):
             _check_positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
@@ -277,6 +282,7 @@ class TrainingConfig:
                 raise ValueError(f"{name}={value!r} must be an integer >= 0.")
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be positive or null (no clipping).")
+        _check_choice("export_adapter_dtype", self.export_adapter_dtype, ("float32", "bfloat16"))
         if self.mixed_precision is not None:
             _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         for tracker in self.log_with:
@@ -297,39 +303,13 @@ class TrainingConfig:
     def comparable_dict(self) -> dict[str, Any]:
         """The fields that must not change when a run is resumed."""
         d = self.to_dict()
-        for key in ("log_with", "debug_crash_at_step", "debug_non_finite_at_step", "debug_non_finite", "output_dir",
+        for key in ("log_with", "export_adapter_dtype", "debug_crash_at_step", "debug_non_finite_at_step", "debug_non_finite", "output_dir",
                     "checkpoint_every", "keep_checkpoints"):
             d.pop(key, None)
         return d
 
 
 # ---------------------------------------------------------------------- helpers
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``dotted.key=value`` override in place; list items are addressed by index (``runs.0.gin.hidden_dim=16``)."""
-    if "=" not in item:
-        raise ValueError(f"override {item!r} must look like key=value, e.g. max_steps=10 or data.block_size=128.")
-    key, value = item.split("=", 1)
-    parts = key.strip().split(".")
-    node: Any = raw
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ValueError(f"override {item!r}: {'.'.join(parts[:i])} has {len(node)} items; {part!r} is not a valid index.")
-            index = int(part)
-            if last:
-                node[index] = load_yaml(value)
-            else:
-                node = node[index]
-        else:
-            if last:
-                node[part] = load_yaml(value)
-            else:
-                node = node.setdefault(part, {})
-                if node is None:
-                    raise ValueError(f"override {item!r}: {part!r} is null in the config.")
-
-
 def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ValueError(f"{where} must be a mapping, got {raw!r}.")

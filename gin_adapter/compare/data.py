@@ -74,6 +74,12 @@ def load_documents(cfg: DataConfig, split: str | None = None) -> Dataset:
         # (other processes and later runs reuse the tokenised blocks). The file's size and mtime key the cache.
         raw = Dataset.from_generator(_wiki_rows, gen_kwargs={"path": str(path), "size": stat.st_size, "mtime": stat.st_mtime_ns})
         key_column = cfg.split_key or "title"
+    elif cfg.source == "jargon":  # the out-of-domain corpus (gin_adapter.embedded.jargon), one entry a document
+        from gin_adapter.embedded.jargon import load_jargon_entries
+
+        entries = load_jargon_entries()
+        raw = Dataset.from_dict({"title": [head for head, _ in entries], "text": [text for _, text in entries]})
+        key_column = cfg.split_key or "title"
     elif cfg.source == "hub":
         import datasets
 
@@ -88,7 +94,7 @@ def load_documents(cfg: DataConfig, split: str | None = None) -> Dataset:
             raw = datasets.load_dataset(_file_builder(cfg.files), data_files=[str(f) for f in cfg.files], split=split or cfg.split)
         key_column = cfg.split_key
     else:  # validated earlier; kept so a new source cannot fall through silently
-        raise ValueError(f"data.source={cfg.source!r} is not supported; use 'wiki', 'hub' or 'files'.")
+        raise ValueError(f"data.source={cfg.source!r} is not supported; use 'wiki', 'jargon', 'hub' or 'files'.")
     return _to_text_and_key(raw, cfg, key_column)
 
 
@@ -238,6 +244,15 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[Dataset, Dataset]:
                 f"tokens (data.val_fraction={cfg.val_fraction}). Raise data.val_fraction, lower data.block_size, or add data."
             )
     return train, val
+
+
+def build_ood_blocks(cfg: DataConfig, tokenizer: Any) -> Dataset:
+    """An out-of-domain evaluation set: every document of ``cfg`` (no split: training never sees this corpus),
+    packed into blocks, subsampled to ``cfg.max_val_blocks``."""
+    blocks = _subsample(tokenize_and_pack(_subsample(load_documents(cfg), cfg.max_documents), tokenizer, cfg.block_size, "out-of-domain"), cfg.max_val_blocks)
+    if len(blocks) == 0:
+        raise ValueError(f"the out-of-domain corpus (ood.source={cfg.source!r}) gave no complete block of {cfg.block_size} tokens.")
+    return blocks
 
 
 # ----------------------------------------------------------------------------- model limits

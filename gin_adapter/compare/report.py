@@ -17,34 +17,77 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 
 from .config import TrainingConfig
 from .outputs import write_json
+from .runs import best_sweep_rate, sweep_grid
+from .stats import grid_edge, mean_std, paired_difference
 
 QUESTION = "At the same number of trainable parameters, does Sparse-GIN fine-tuning reach lower validation perplexity than LoRA?"
 
 
 def summarize(cfg: TrainingConfig, results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per run: mean +- std over seeds at each learning rate, and the learning rate with the lowest mean val ppl."""
+    """Per run: mean +- std at each learning rate tried, the best rate (chosen on the sweep seeds), whether it sits
+    at an edge of the grid, mean +- std over every seed there, out-of-domain perplexity, cost, and the paired
+    difference to the run's ``baseline`` over shared seeds at each one's best rate."""
     summary: dict[str, dict[str, Any]] = {}
     for run in cfg.runs:
         mine = [r for r in results if r["run"] == run.name]
+        if not mine:
+            continue
+        grid = sweep_grid(cfg, run, results)
         by_lr = {}
-        for lr in cfg.learning_rates_for(run):
-            ppls = [r["final_val_ppl"] for r in mine if r["learning_rate"] == lr]
-            by_lr[f"{lr:g}"] = {"learning_rate": lr, "mean": statistics.fmean(ppls), "std": statistics.stdev(ppls) if len(ppls) > 1 else 0.0,
-                                "n": len(ppls), "val_ppl_by_seed": ppls}
-        best = min(by_lr.values(), key=lambda d: d["mean"])
+        for lr in sorted({r["learning_rate"] for r in mine}):
+            at = [r for r in mine if r["learning_rate"] == lr]
+            mean, std = mean_std([r["final_val_ppl"] for r in at])
+            by_lr[f"{lr:g}"] = {"learning_rate": lr, "mean": mean, "std": std, "n": len(at),
+                                "val_ppl_by_seed": {str(r["seed"]): r["final_val_ppl"] for r in at}}
+        best_lr = best_sweep_rate(cfg, run, results)
+        if best_lr is None:  # sweep unfinished: the best rate so far, flagged
+            best_lr = min((d for d in by_lr.values()), key=lambda d: d["mean"])["learning_rate"]
+        at_best = [r for r in mine if r["learning_rate"] == best_lr]
+        ood = [r["ood_ppl"] for r in at_best if r.get("ood_ppl") is not None]
         summary[run.name] = {
-            "method": run.method, "trainable_params": mine[0]["trainable_params"], "best_learning_rate": best["learning_rate"],
-            "val_ppl_mean": best["mean"], "val_ppl_std": best["std"], "n_seeds": best["n"], "by_learning_rate": by_lr,
+            "method": run.method, "trainable_params": mine[0]["trainable_params"], "best_learning_rate": best_lr,
+            "grid": grid, "best_at_edge": grid_edge(grid, best_lr), "sweep_complete": best_sweep_rate(cfg, run, results) is not None,
+            "val_ppl_mean": by_lr[f"{best_lr:g}"]["mean"], "val_ppl_std": by_lr[f"{best_lr:g}"]["std"], "n_seeds": len(at_best),
+            "val_ppl_by_seed": {str(r["seed"]): r["final_val_ppl"] for r in at_best},  # str keys: as JSON stores them
+            "ood_ppl_mean": mean_std(ood)[0] if ood else None,
+            "train_tokens_per_s": _median([r.get("train_tokens_per_s") for r in at_best]),
+            "peak_memory_mb": max((r.get("peak_memory") or {}).get("peak_mb", 0.0) for r in at_best) or None,
+            "wall_time_s_per_trial": _median([r.get("wall_time_s") for r in at_best]),
+            "baseline": run.baseline, "by_learning_rate": by_lr,
         }
+    for name, entry in summary.items():
+        base = summary.get(entry["baseline"]) if entry["baseline"] else None
+        entry["paired_difference_to_baseline"] = paired_difference(entry["val_ppl_by_seed"], base["val_ppl_by_seed"]) if base else None
     return summary
 
 
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
 def verdict(summary: dict[str, dict[str, Any]], base_ppl: float | None) -> str:
-    """One honest sentence per GIN/LoRA pair: which is lower, by how much, and whether seeds separate them."""
+    """One honest sentence per run with a baseline (paired over seeds), else per GIN/LoRA pair (unpaired)."""
     lines = []
+    for name, s in summary.items():
+        diff = s.get("paired_difference_to_baseline")
+        if diff is None:
+            continue
+        other = s["baseline"]
+        where = "lower" if diff["mean"] < 0 else "higher"
+        if diff["n"] < 2:
+            certainty = "one shared seed, no interval"
+        elif diff["ci95_high"] < 0 or diff["ci95_low"] > 0:
+            certainty = f"95 % CI [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}] excludes 0"
+        else:
+            certainty = f"95 % CI [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}] includes 0: not distinguishable"
+        lines.append(f"{name} is {abs(diff['mean']):.3f} ppl {where} than {other} (paired over {diff['n']} seeds; {certainty}).")
+    if lines:
+        return " ".join(lines)
     gins = [n for n, s in summary.items() if s["method"] == "gin"]
     loras = [n for n, s in summary.items() if s["method"] == "lora"]
     for g in gins:
@@ -63,25 +106,34 @@ def verdict(summary: dict[str, dict[str, Any]], base_ppl: float | None) -> str:
     return " ".join(lines)
 
 
-def format_table(summary: dict[str, dict[str, Any]], base_ppl: float | None) -> str:
-    header = f"{'run':<18}{'method':<8}{'trainable':>12}{'best lr':>10}   {'val ppl (mean ± std, n)':<28}{'vs base':>9}"
+def format_table(summary: dict[str, dict[str, Any]], base_ppl: float | None, base_ood: float | None = None) -> str:
+    """The summary as a fixed-width table (``!`` marks a best learning rate at an edge of its grid)."""
+    header = (f"{'run':<22}{'method':<7}{'trainable':>11}{'best lr':>10}  {'val ppl (mean ± std, n)':<27}{'vs base':>8}"
+              f"{'paired diff to baseline (95 % CI)':>38}{'ood ppl':>9}{'tok/s':>7}{'peak MB':>9}")
     rows = [header, "-" * len(header)]
     if base_ppl is not None:
-        rows.append(f"{'base model':<18}{'-':<8}{0:>12,}{'-':>10}   {base_ppl:<28.4f}{'':>9}")
+        rows.append(f"{'base model':<22}{'-':<7}{0:>11,}{'-':>10}  {base_ppl:<27.4f}{'':>8}{'':>38}{(f'{base_ood:.3f}' if base_ood else '-'):>9}")
     for name, s in summary.items():
         ppl = f"{s['val_ppl_mean']:.4f} ± {s['val_ppl_std']:.4f} (n={s['n_seeds']})"
         delta = f"{s['val_ppl_mean'] - base_ppl:+.3f}" if base_ppl is not None else ""
-        rows.append(f"{name:<18}{s['method']:<8}{s['trainable_params']:>12,}{s['best_learning_rate']:>10.2g}   {ppl:<28}{delta:>9}")
+        diff = s.get("paired_difference_to_baseline")
+        paired = f"{diff['mean']:+.3f} [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}] vs {s['baseline']}" if diff else "-"
+        lr = f"{s['best_learning_rate']:.2g}{'!' if s['best_at_edge'] else ''}"
+        ood = f"{s['ood_ppl_mean']:.3f}" if s.get("ood_ppl_mean") else "-"
+        memory = f"{s['peak_memory_mb']:.0f}" if s.get("peak_memory_mb") else "-"
+        rows.append(f"{name:<22}{s['method']:<7}{s['trainable_params']:>11,}{lr:>10}  {ppl:<27}{delta:>8}{paired:>38}{ood:>9}{(s['train_tokens_per_s'] or 0):>7.0f}{memory:>9}")
+    if any(s["best_at_edge"] for s in summary.values()):
+        rows.append("! best learning rate at an edge of the grid tried: the optimum was not bracketed.")
     return "\n".join(rows)
 
 
 def representative(summary: dict[str, dict[str, Any]], results: list[dict[str, Any]], cfg: TrainingConfig) -> dict[str, dict[str, Any]]:
-    """Per run, the trial plotted and exported: the best learning rate, first seed."""
+    """Per run, the trial plotted and exported: the best learning rate, and there the seed with the lowest val ppl."""
     chosen = {}
     for name, s in summary.items():
-        for r in results:
-            if r["run"] == name and r["learning_rate"] == s["best_learning_rate"] and r["seed"] == cfg.seeds[0]:
-                chosen[name] = r
+        at_best = [r for r in results if r["run"] == name and r["learning_rate"] == s["best_learning_rate"]]
+        if at_best:
+            chosen[name] = min(at_best, key=lambda r: (r["final_val_ppl"], r["seed"]))
     return chosen
 
 
@@ -122,16 +174,22 @@ def build_report(cfg: TrainingConfig, results: list[dict[str, Any]], base: dict[
 
 
 def write_report(cfg: TrainingConfig, report: dict[str, Any], out: Path, accelerator: Accelerator) -> None:
-    """On the main process: ``adapters/<run>/`` (best learning rate, first seed), ``results.json``, the plots, the table."""
+    """On the main process: ``adapters/<run>/`` (best learning rate, best seed there; stored in
+    ``export_adapter_dtype``), ``results.json``, the plots, the table."""
     if not accelerator.is_main_process:
         return
     for name, r in representative(report["summary"], report["trials"], cfg).items():
         src, dst = out / r["adapter_dir"], out / "adapters" / name
         for f in src.iterdir():
-            shutil.copy2(f, dst / f.name)
+            if f.suffix == ".safetensors" and cfg.export_adapter_dtype != "float32":
+                tensors = load_file(f)
+                dtype = getattr(torch, cfg.export_adapter_dtype)
+                save_file({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}, dst / f.name)
+            else:
+                shutil.copy2(f, dst / f.name)
     write_json(out / "results.json", report)
     write_plots(report, out)
-    accelerator.print("\n" + format_table(report["summary"], report["base"]["perplexity"]))
+    accelerator.print("\n" + format_table(report["summary"], report["base"]["perplexity"], report["base"].get("ood_perplexity")))
     accelerator.print(report["answer"])
     accelerator.print(f"results: {out / 'results.json'} (wall time {report['wall_time_s']:.0f} s)")
 

@@ -1,0 +1,84 @@
+"""The study machinery of train.py: any PEFT method as an arm, the published GIN preset, per-arm budgets, grid
+extension at an edge, extra seeds at the best rate, paired differences, out-of-domain perplexity, cost per trial."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import single_thread, tiny, write_config  # noqa: F401 - pytest fixtures shared with test_train
+
+import train
+from gin_adapter.compare.config import TrainingConfig
+from gin_adapter.compare.runs import next_trial
+
+
+def _result(run: str, lr: float, seed: int, ppl: float) -> dict:
+    return {"trial": f"{run}__lr{lr:g}__seed{seed}", "run": run, "learning_rate": lr, "seed": seed, "final_val_ppl": ppl}
+
+
+def test_schedule_sweeps_then_extends_an_edge_then_adds_seeds_at_the_best_rate():
+    cfg = TrainingConfig.from_dict({"runs": [{"name": "a", "method": "lora", "lora": {"r": 2}}], "learning_rates": [1e-3, 3e-3],
+                                    "seeds": [0], "extra_seeds": [1, 2], "extend_grid": 1})
+    plans = {"a": None}
+    results: list[dict] = []
+    ppl = {1e-3: 12.0, 3e-3: 10.0, 9e-3: 11.0}  # best at the high edge of the grid, then bracketed by 9e-3
+    order = []
+    while (trial := next_trial(cfg, plans, results)) is not None:
+        order.append((trial.lr, trial.seed))
+        results.append(_result("a", trial.lr, trial.seed, ppl[trial.lr] + 0.1 * trial.seed))
+    assert order == [(1e-3, 0), (3e-3, 0), (9e-3, 0), (3e-3, 1), (3e-3, 2)]
+
+
+def test_schedule_stops_extending_after_extend_grid_steps():
+    cfg = TrainingConfig.from_dict({"runs": [{"name": "a", "method": "lora", "lora": {"r": 2}}], "learning_rates": [1e-3, 3e-3], "extend_grid": 1})
+    results = [_result("a", 1e-3, 0, 12.0), _result("a", 3e-3, 0, 11.0), _result("a", 9e-3, 0, 10.0)]  # still at the edge
+    assert next_trial(cfg, {"a": None}, results) is None
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(method="peft"), "method=peft but no peft"),
+    (dict(method="gin", gin={"preset": "paper"}), "only preset is 'published'"),
+    (dict(method="lora", budget_reference="nope"), "budget_reference='nope' is not the name of a run"),
+])
+def test_study_fields_are_validated(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingConfig.from_dict({"runs": [{"name": "g", "method": "gin"}, {"name": "x", **fields}]})
+
+
+def test_study_end_to_end_on_a_tiny_model(tiny: dict, tmp_path: Path, single_thread: None) -> None:  # noqa: F811
+    """Two budgets (a small GIN and the published preset), each with its rank-matched LoRA, plus IA3 through
+    method: peft; one rate extended past an edge, one extra seed at the best rate; an out-of-domain corpus."""
+    ood = tmp_path / "ood.txt"
+    ood.write_text("\n".join(["carl buys figs and dora eats bread ."] * 80) + "\n")
+    runs = [
+        {"name": "gin_small", "method": "gin", "gin": {"hidden_dim": 8, "node_features": "hidden"}, "baseline": "lora_small"},
+        {"name": "lora_small", "method": "lora", "budget_reference": "gin_small"},
+        {"name": "published", "method": "gin", "gin": {"preset": "published", "hidden_dim": 16, "graph": "gin"}, "baseline": "lora_big"},
+        {"name": "lora_big", "method": "lora", "budget_reference": "published"},
+        {"name": "ia3", "method": "peft", "peft": {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}, "baseline": "lora_small"},
+    ]
+    config = write_config(tiny, tmp_path / "config.yaml", runs=runs, max_steps=4, eval_every=0, learning_rates=[1e-2], extend_grid=1,
+                          extra_seeds=[1], budget={"tolerance": 0.2}, export_adapter_dtype="bfloat16",
+                          ood={"source": "files", "files": [str(ood)], "block_size": 32, "max_val_blocks": 4})
+    report = train.main(["--config", str(config)])
+    summary, trials = report["summary"], {t["trial"]: t for t in report["trials"]}
+    budget = report["budget"]["matches"]
+    assert budget["lora_small"]["reference"] == "gin_small" and budget["lora_big"]["reference"] == "published"
+    assert summary["lora_big"]["trainable_params"] > summary["lora_small"]["trainable_params"]  # two budgets, two ranks
+    for name, s in summary.items():
+        # a single rate is an edge: one extension each (by x3), then the extra seed at the better of the two
+        assert s["grid"] == [1e-2, 3e-2] and s["n_seeds"] == 2, name
+        assert {t["learning_rate"] for t in trials.values() if t["run"] == name} == {1e-2, 3e-2}
+        assert s["ood_ppl_mean"] > 1 and s["peak_memory_mb"] > 0 and s["train_tokens_per_s"] > 0
+    assert report["base"]["ood_perplexity"] > 1
+    paired = summary["gin_small"]["paired_difference_to_baseline"]
+    assert paired["n"] == 2 and paired["ci95_low"] <= paired["mean"] <= paired["ci95_high"]
+    assert summary["ia3"]["method"] == "peft" and summary["ia3"]["paired_difference_to_baseline"]["n"] >= 1
+    exported = json.loads((Path(report["config"]["output_dir"]) / "adapters" / "published" / "adapter_config.json").read_text())
+    assert exported["block"] == "published" and exported["graph"] == "gin" and exported["node_features"] == "hidden"
+    weights = load_file(Path(report["config"]["output_dir"]) / "adapters" / "published" / "adapter_model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
