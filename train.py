@@ -53,6 +53,7 @@ from gin_adapter.compare.config import TrainingConfig
 from gin_adapter.compare.data import build_datasets, build_ood_blocks, check_block_size, collate_blocks, train_order
 from gin_adapter.compare.evaluation import evaluate_perplexity, load_metric
 from gin_adapter.compare.launch import init_trackers, single_process_cpu_launch_warning
+from gin_adapter.compare.machine import machine
 from gin_adapter.compare.memory import PeakMemory
 from gin_adapter.compare.outputs import prepare_output_dir, write_json
 from gin_adapter.compare.publish import push_best, reproduce_command
@@ -188,7 +189,7 @@ def train_one_run(trial: Trial, ctx: Context) -> dict[str, Any]:
         "final_val_ppl": state.val_ppl[-1][1], "best_val_ppl": min(v for _, v in state.val_ppl),
         "final_train_loss": state.train_loss[-1][1], "steps": state.step,
         "trainable_params": n_trainable, "total_params": n_total, "plan": trial.plan.to_dict(),
-        "ood_ppl": ood_ppl, "peak_memory": memory.result(),
+        "ood_ppl": ood_ppl, "peak_memory": memory.result(), "machine": machine(accelerator.device),
         "wall_time_s": wall, "train_tokens_per_s": state.step * global_batch * cfg.data.block_size / max(train_wall, 1e-9),
         "resumed_from": str(resumed_from) if resumed_from else None, "adapter_dir": str(adapter_dir.relative_to(ctx.out)),
         "curves": {"train_loss": state.train_loss, "val_ppl": state.val_ppl}, "scale_history": state.scales,

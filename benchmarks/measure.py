@@ -34,31 +34,22 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     import torch_geometric
     import transformers
 
+    from gin_adapter.compare.machine import machine
+
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "torch_geometric": torch_geometric.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "device": str(device),
+        **machine(device),
     }
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-        info["cpu_model"] = names[0] if names else platform.processor()
-        info["cpu_logical"] = len(names)
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-        info["avx512"] = "avx512f" in flags
-    except OSError:
-        info["cpu_model"] = platform.processor()
+    info["threads"] = info["torch_threads"]  # the name earlier results files use
     try:
         mem = {line.split(":")[0]: line.split(":")[1].strip() for line in Path("/proc/meminfo").read_text().splitlines()[:3]}
         info["mem_total"] = mem.get("MemTotal")
     except OSError:
         pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
     info["loadavg_start"] = _loadavg()
     return info
 

@@ -18,24 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
 import transformers
 
+from gin_adapter.compare.machine import machine
 from gin_adapter.embedded import load_embedded_model, load_wiki_articles
 
 
 def _quantiles(x: torch.Tensor) -> dict[str, float]:
     q = torch.quantile(x.flatten().double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
     return {"p25": round(q[0].item(), 4), "median": round(q[1].item(), 4), "p75": round(q[2].item(), 4)}
-
-
-def _cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def topk_sum(probs: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -94,7 +88,7 @@ def main() -> None:
         "tokens": length,
         "layers": len(out.attentions),
         "results": results,
-        "machine": {"cpu": _cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__},
+        "machine": {**machine(), "torch": torch.__version__, "transformers": transformers.__version__},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from .config import TrainingConfig
+from .machine import machine
 from .outputs import write_json
 from .runs import best_sweep_rate, sweep_grid
 from .stats import grid_edge, mean_std, paired_difference
@@ -169,6 +170,7 @@ def build_report(cfg: TrainingConfig, results: list[dict[str, Any]], base: dict[
         "trial_curves": {r["trial"]: r["curves"] for r in results},
         "config": cfg.to_dict(), "model_path": model_path, "versions": software_versions(),
         "accelerate": {"num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device)},
+        "machine": machine(accelerator.device),  # of the process that wrote the report; each trial records its own
         "wall_time_s": time.perf_counter() - started,
     }
 
