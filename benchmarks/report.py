@@ -43,6 +43,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         step = lambda v, ref: round_ratio(_row(rows, v), _row(rows, ref), "step_s_all")  # noqa: E731
         for variant in ("gin", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "base"):
             out[f"train_{variant}_over_lora"] = step(variant, "lora")
+        out["train_gin_hidden_over_lora"] = step("gin_hidden", "lora")
+        out["train_gin_published_over_lora_b"] = step("gin_published", "lora_b")  # each at its own budget
+        out["memory_total_gin_hidden_over_lora"] = _ratio(get("gin_hidden", "total_peak_mib"), get("lora", "total_peak_mib"))
+        out["memory_total_gin_published_over_lora_b"] = _ratio(get("gin_published", "total_peak_mib"), get("lora_b", "total_peak_mib"))
         out["train_lora_over_base"] = step("lora", "base")
         out["train_gin_over_base"] = step("gin", "base")
         out["published_over_gin_thr"] = step("published", "gin_thr")

@@ -2,7 +2,9 @@
 
 ``base`` (frozen floor), ``lora`` (rank matched to the GIN's trainable-parameter count), ``gin`` (package default:
 the fused top-k kernel), ``gin_generic`` (the same rule through the generic chain), ``gin_pyg``, ``gin_detached``,
-``gin_thr`` (the published adjacency rule) and ``published`` (``benchmarks/published.py``); see
+``gin_thr`` (the published adjacency rule), ``published`` (``benchmarks/published.py``), ``gin_hidden``
+(hidden-state node features), ``gin_published`` (``GinConfig.published(graph="gin")``) with ``lora_b`` matched to
+it; see
 ``run_benchmarks.py``. Also the inputs: real text from the embedded corpus.
 """
 
@@ -22,7 +24,7 @@ from gin_adapter import GinConfig, count_trainable_parameters, get_gin_model, gi
 logger = logging.getLogger("benchmarks")
 
 
-ALL_VARIANTS = ("base", "lora", "gin", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published")
+ALL_VARIANTS = ("base", "lora", "gin", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_published", "lora_b")
 LABELS = {
     "base": "frozen base (floor)",
     "lora": "LoRA (q_proj, v_proj), matched params",
@@ -32,6 +34,9 @@ LABELS = {
     "gin_detached": "GIN, adjacency_grad=False",
     "gin_thr": "GIN, published rule (sum + threshold), dense",
     "published": "published-style re-creation of gin_thr",
+    "gin_hidden": "GIN, node_features='hidden' (h + attn_out), hidden_dim 27",
+    "gin_published": "GIN, GinConfig.published(graph='gin') (6.85M params on SmolLM2)",
+    "lora_b": "LoRA (q_proj, v_proj), matched to gin_published",
 }
 GIN_CONFIGS: dict[str, dict] = {
     "gin": dict(),
@@ -39,6 +44,8 @@ GIN_CONFIGS: dict[str, dict] = {
     "gin_pyg": dict(backend="pyg"),
     "gin_detached": dict(adjacency_grad=False),
     "gin_thr": dict(head_reduction="sum", sparsify="threshold"),
+    "gin_hidden": dict(node_features="hidden", hidden_dim=27),
+    "gin_published": dict(preset="published", graph="gin"),
 }
 
 
@@ -121,7 +128,8 @@ class Variant:
 
 
 def gin_config(name: str) -> GinConfig:
-    return GinConfig(**GIN_CONFIGS[name])
+    fields = dict(GIN_CONFIGS[name])
+    return GinConfig.published(**fields) if fields.pop("preset", None) == "published" else GinConfig(**fields)
 
 
 def build_gin(base: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -148,13 +156,13 @@ def build_variants(base: torch.nn.Module, names: list[str], *, compile_: bool = 
             if name == "gin_thr":
                 thr_model = model
             gin_params = gin_params or count_trainable_parameters(model)
-        elif name == "lora":
-            if lora_rank is None:
-                probe = get_gin_model(share_copy(base), gin_config("gin"))
-                gin_params = count_trainable_parameters(probe)
+        elif name in ("lora", "lora_b"):
+            rank = lora_rank if name == "lora" else None
+            if rank is None:
+                probe = get_gin_model(share_copy(base), gin_config("gin" if name == "lora" else "gin_published"))
+                rank, _ = lora_rank_for(base, count_trainable_parameters(probe))
                 del probe
-                lora_rank, _ = lora_rank_for(base, gin_params)
-            model = get_peft_model(share_copy(base), LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+            model = get_peft_model(share_copy(base), LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
         elif name == "published":
             if thr_model is None:
                 thr_model = get_gin_model(share_copy(base), gin_config("gin_thr"))

@@ -45,6 +45,8 @@ def test_train_suite_rows_and_saved_tensor_accounting():
     assert rows["base"]["trainable_params"] == 0
     # LoRA rank matched to the GIN's parameter count
     assert abs(rows["lora"]["trainable_params"] - rows["gin"]["trainable_params"]) <= rows["gin"]["trainable_params"] * 0.5
+    assert abs(rows["lora_b"]["trainable_params"] - rows["gin_published"]["trainable_params"]) <= rows["gin_published"]["trainable_params"] * 0.5
+    assert rows["gin_published"]["trainable_params"] > rows["gin"]["trainable_params"]  # the published preset's budget
     for row in rows.values():
         assert row["step_s"] > 0 and row["step_peak_mib"] > 0
     # the sdpa path keeps nothing of size (B, H, L, L) for backward; the published-style eager path does
