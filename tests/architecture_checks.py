@@ -157,9 +157,25 @@ def check_cached_generation(case: Case) -> None:
     assert not problem, f"{case.model_type}: {problem}"
 
 
+def check_hidden_features(case: Case) -> None:
+    """A second adapter with ``node_features="hidden"`` (the decoder layer's input captured by a sub-module
+    pre-hook, projected features kept beside the KV cache): identity at scale 0, causal, cached == uncached."""
+    if "hidden" not in case.model.peft_config:
+        with _quiet():
+            case.model.add_adapter("hidden", GinConfig(hidden_dim=8, node_features="hidden"))
+    case.model.set_adapter("hidden")
+    try:
+        check_identity(case)
+        check_causality(case)
+        check_cached_generation(case)
+    finally:
+        case.model.set_adapter("default")
+
+
 CHECKS = {
     "identity at init": check_identity,
     "adapter changes the output": check_adapter_acts,
     "causal": check_causality,
     "cached == uncached generation": check_cached_generation,
+    "hidden-state features": check_hidden_features,
 }

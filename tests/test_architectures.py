@@ -1,6 +1,6 @@
 """Every causal-LM type in transformers' auto mapping, built tiny: the default GinConfig wraps it (or refuses it with
 a reason), starts as the identity, changes the output once non-zero, stays causal, and generates the same tokens
-with and without the KV cache. Types that cannot be built tiny on a CPU are skipped with the reason.
+with and without the KV cache; a second adapter with hidden-state node features does the same. Types that cannot be built tiny on a CPU are skipped with the reason.
 
 scripts/architecture_report.py runs the same checks and writes docs/architectures.md (the README quotes its counts).
 """
@@ -20,6 +20,19 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("zaya", "cached == uncached generation"): (
         "the fused per-head top-k kernel's cached decoding differs from the uncached forward (6e-3) on ZAYA's "
         "CCA attention; the dense and reference rules agree"
+    ),
+    ("zaya", "hidden-state features"): "as above: cached decoding differs from uncached (9e-4) with the fused top-k kernel",
+    ("gemma3n_text", "hidden-state features"): (
+        "refused with a clear error: the decoder layer's first sub-module (AltUp's predict step) does not receive the "
+        "layer input, so h cannot be captured where checkpointing's recomputation sees it"
+    ),
+    ("zamba2", "hidden-state features"): (
+        "refused with a clear error: the shared attention block's first sub-module gets the hidden state concatenated "
+        "with the original embeddings, not the layer input"
+    ),
+    ("hrm_text", "hidden-state features"): (
+        "cached decoding differs (0.1): HRM runs each layer several times per forward with a different cache slot per "
+        "cycle, and the feature cache is looked up by the module's own layer index"
     ),
 }
 
