@@ -267,7 +267,7 @@ def plan_runs(cfg: Any, model_config: Any) -> tuple[dict[str, RunPlan], dict[str
     for run in auto:
         groups.setdefault(run.budget_reference or reference.name, []).append(run)
     for ref_name, group in groups.items():
-        _match_group(cfg, model_config, skeleton, ref_name, group, gin_kwargs, ranks, record)
+        _match_group(cfg, model_config, skeleton, ref_name, group, gin_kwargs, ranks, record, fixed=set(groups) - {ref_name})
 
     plans: dict[str, RunPlan] = {}
     for run in cfg.runs:
@@ -295,12 +295,13 @@ def plan_runs(cfg: Any, model_config: Any) -> tuple[dict[str, RunPlan], dict[str
 
 
 def _match_group(cfg: Any, model_config: Any, skeleton: nn.Module, ref_name: str, group: list[Any], gin_kwargs: dict[str, dict[str, Any]],
-                 ranks: dict[str, int | None], record: dict[str, Any]) -> None:
+                 ranks: dict[str, int | None], record: dict[str, Any], fixed: set[str] = frozenset()) -> None:
     """Ranks for the LoRA runs of ``group`` matching GIN run ``ref_name`` (written into ``ranks`` and ``record``).
 
     Keeps the configured hidden_dim if every LoRA run finds a fitting rank; otherwise tries the hidden sizes that make
     each LoRA run fit (match_budget's search) and keeps the one closest to the configured size that fits all; GIN
-    runs that shared the reference's hidden_dim (and its fields otherwise) follow it.
+    runs that shared the reference's hidden_dim (and its preset) follow it, except the references of other groups
+    (``fixed``), whose LoRA ranks were matched to their own size.
     """
     ref_kwargs = gin_kwargs[ref_name]
     per_rank = {run.name: lora_parameters_per_rank(skeleton, run.lora.target_modules) for run in group}
@@ -329,6 +330,12 @@ def _match_group(cfg: Any, model_config: Any, skeleton: nn.Module, ref_name: str
         ranks[name] = match.rank
         record["matches"][name] = {"reference": ref_name, **match.to_dict(), "hidden_dim_adjusted": hidden != original}
     if hidden != original:
+        if fixed & {name for name, kwargs in gin_kwargs.items() if kwargs["hidden_dim"] == original and name != ref_name}:
+            raise ValueError(
+                f"matching the LoRA run(s) {[run.name for run in group]} to {ref_name!r} needs hidden_dim {hidden} instead of "
+                f"{original}, which would also move another budget's reference ({sorted(fixed)}); give {ref_name!r} its own "
+                "hidden_dim, set lora.r explicitly, or raise budget.tolerance."
+            )
         for kwargs in gin_kwargs.values():
             if kwargs["hidden_dim"] == original and kwargs.get("preset") == ref_kwargs.get("preset"):
                 kwargs["hidden_dim"] = hidden
