@@ -34,3 +34,4 @@ def test_t_quantiles():
 def test_grid_edges():
     grid = [1e-4, 3e-4, 1e-3]
     assert grid_edge(grid, 1e-4) == "low" and grid_edge(grid, 1e-3) == "high" and grid_edge(grid, 3e-4) is None
+    assert grid_edge([1e-3], 1e-3) == "only"

@@ -52,11 +52,11 @@ def paired_difference(arm: Mapping[int, float], reference: Mapping[int, float]) 
 
 
 def grid_edge(learning_rates: Sequence[float], best: float) -> str | None:
-    """``"low"`` or ``"high"`` when ``best`` is the smallest or largest of a grid of at least two rates, else ``None``
-    (an optimum at an edge was never bracketed: the grid must be extended that way)."""
+    """``"low"`` or ``"high"`` when ``best`` is the smallest or largest of the grid, ``"only"`` for a single rate,
+    else ``None`` (an optimum at an edge was never bracketed: the grid must be extended that way)."""
     grid = sorted(set(learning_rates))
     if len(grid) < 2:
-        return "low" if len(grid) == 1 else None
+        return "only" if grid else None
     if best == grid[0]:
         return "low"
     if best == grid[-1]:
