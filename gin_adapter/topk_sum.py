@@ -9,26 +9,28 @@ with ``G = H / Hkv`` query heads per key/value head (grouped-query attention) an
 the model soft-caps its logits (Gemma-2). This module computes exactly what the generic chain in
 :mod:`gin_adapter.attention` computes for that rule (same values, same gradients to q, k, v), but
 
-* never materialises the probabilities: softmax is monotonic per row, so the top-k of the masked *scores* picks the
-  same keys, and the k kept weights are ``exp(s - logsumexp(s))``;
+* picks the top-k on the probabilities of one query chunk at a time (one fused ``softmax`` per chunk: the
+  same picks as the chain, which takes the top-k of the probabilities too), through :func:`top_k_last`, which
+  is 1.2-2x faster than ``torch.topk`` on CPU for rows of 128 keys and more;
 * handles grouped-query attention by viewing the queries as ``(B, Hkv, G * Lq, D)``: keys and values are never
   repeated, and the tensors saved for backward are the q, k, v that the attention itself keeps;
-* sums the neighbours either densely (the k weights scattered into the score buffer, one batched matmul: best on
+* sums the neighbours either densely (the k weights scattered into the probability buffer, one batched matmul: best on
   short sequences) or by gathering the k value rows (``O(L k D)``: best on long sequences with small k);
 * works through the query rows in chunks (:data:`QUERY_CHUNK_ROWS`): under plain causal attention a chunk only
   computes scores for the keys its rows can see, so the upper triangle (and keys outside a sliding window) is
   skipped, and each chunk's buffers stay small enough for the cache;
-* recomputes only the scores in backward (one matmul, one ``exp``). With ``W`` the kept weights and ``dW`` their
-  gradient, the softmax backward ``dS = P * (dP - sum_j dP_j P_j)`` has ``dP`` non-zero on the k kept keys only, so
+* recomputes only the probabilities in backward (one matmul, one fused ``softmax``). With ``W`` the kept weights
+  and ``dW`` their gradient, the softmax backward ``dS = P * (dP - sum_j dP_j P_j)`` has ``dP`` non-zero on the k kept keys only, so
   ``dS = scatter(dW * W) - c * P`` with ``c = sum_k dW * W``; then ``dq = scaling * dS k`` and
   ``dk = scaling * dS^T q`` (times ``1 - (s / c)^2`` under soft-capping).
 
-Saved for backward: q, k, v, the attention mask argument (tensors that exist anyway), the top-k indices and weights
-``(B, H, Lq, k)`` and the row log-sum-exp ``(B, H, Lq, 1)``. Nothing of size ``(B, H, Lq, Lk)``.
+Saved for backward: q, k, v, the attention mask argument (tensors that exist anyway) and the top-k indices and
+weights ``(B, H, Lq, k)``. Nothing of size ``(B, H, Lq, Lk)``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -157,6 +159,42 @@ def _scores(grouped_query, key, mask, spec: ScoreSpec, chunk: Chunk, cap_slope: 
     return scores, slope
 
 
+TWO_STAGE_MIN_KEYS_PER_PICK = 16
+""":func:`top_k_last` goes through column maxima when the row holds at least this many keys per pick."""
+
+
+def top_k_last(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.topk(k, dim=-1)`` (values in descending order, indices), faster for long rows.
+
+    ``torch.topk`` on CPU costs about 10 ns per element (a scalar partial sort per row); a max over a strided
+    dimension is vectorised and about 50 times cheaper. So for rows of ``n >= 16 k`` elements the row is viewed as
+    ``s`` slabs of ``c`` columns (``n = s c + r``), the column maxima ``(.., c)`` pick the ``k`` best columns, and
+    the top-k runs on those columns' ``s k`` entries (plus the ``r`` left over). Exact: an entry of the row's top-k
+    lies in a column whose maximum is among the ``k`` largest column maxima (otherwise ``k`` larger maxima exist,
+    each a distinct entry above it). Ties may pick other positions of equal value. On one CPU thread, rows of
+    128-256 probabilities, ``k = 8``: 1.2-2x faster than ``torch.topk``.
+    """
+    n = x.shape[-1]
+    if n < TWO_STAGE_MIN_KEYS_PER_PICK * k:
+        return x.topk(k, dim=-1)
+    *lead, _ = x.shape
+    columns = min(max(2 * k, 1 << (math.isqrt(k * n).bit_length() - 1)), n // 2)  # a power of two near sqrt(k n)
+    slabs = n // columns
+    body = x[..., : slabs * columns].unflatten(-1, (slabs, columns))  # (..., s, c)
+    best_columns = body.amax(dim=-2).topk(k, dim=-1, sorted=False).indices  # (..., k)
+    candidates = body.gather(-1, best_columns.unsqueeze(-2).expand(*lead, slabs, k)).flatten(-2)  # (..., s k)
+    rest = n - slabs * columns
+    if rest:
+        candidates = torch.cat([candidates, x[..., slabs * columns :]], dim=-1)
+    values, position = candidates.topk(k, dim=-1)
+    in_body = position < slabs * k
+    body_position = position.clamp(max=slabs * k - 1)
+    index = (body_position // k) * columns + best_columns.gather(-1, body_position % k)
+    if rest:
+        index = torch.where(in_body, index, position - slabs * k + slabs * columns)
+    return values, index
+
+
 def _flat_rows(index: torch.Tensor, k_len: int) -> torch.Tensor:
     """Key indices ``(B, Hkv, R, k)`` into ``Lk`` keys -> row numbers of the flattened ``(B * Hkv * Lk, D)`` values."""
     batch, kv_heads = index.shape[:2]
@@ -176,17 +214,11 @@ def _weighted_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.matmul(weights.unsqueeze(-2), rows).squeeze(-2)
 
 
-def _row_logsumexp(scores: torch.Tensor, may_be_empty: bool) -> torch.Tensor:
-    """``log sum_j exp(s_j)`` per row ``(..., 1)``, overwriting ``scores`` with ``exp(s - max)`` (no extra buffer).
-
-    Rows with no visible key (all ``-inf``, only with a padding mask) get 0, so their weights ``exp(-inf - 0)`` are 0.
-    """
-    row_max = scores.amax(dim=-1, keepdim=True)
-    if may_be_empty:
-        row_max = row_max.nan_to_num(neginf=0.0)
-    total = scores.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
-    lse = total.log_().add_(row_max)
-    return lse.nan_to_num(neginf=0.0) if may_be_empty else lse
+def _row_probabilities(scores: torch.Tensor, may_be_empty: bool) -> torch.Tensor:
+    """``softmax_j(s)`` per row (one fused kernel); rows with no visible key (all ``-inf``, only with a padding mask)
+    get all-zero probabilities instead of NaN."""
+    probs = torch.softmax(scores, dim=-1)
+    return probs.nan_to_num_(0.0) if may_be_empty else probs
 
 
 class _Layout:
@@ -219,7 +251,7 @@ def _mask_rows(mask: torch.Tensor | None, chunk: Chunk) -> torch.Tensor | None:
 
 
 def _forward(query, key, value, mask, spec: ScoreSpec, top_k: int, sum_mode: SumMode, chunks: list[Chunk]):
-    """``(out (B, H, Lq, Dv) float32, index, weights, lse)``; the last three ``(B, Hkv, G, Lq, k or 1)``.
+    """``(out (B, H, Lq, Dv) float32, index, weights)``; the last two ``(B, Hkv, G, Lq, k)``.
 
     ``index`` holds key positions in ``[0, Lk)``. See the module docstring for the formulas.
     """
@@ -228,37 +260,37 @@ def _forward(query, key, value, mask, spec: ScoreSpec, top_k: int, sum_mode: Sum
     values = value.float().contiguous()
     query5 = layout.split(query)
     if len(chunks) == 1:  # short inputs: the rows are already in order, nothing to copy
-        out, index, weights, lse = _forward_chunk(layout.rows(query5, chunks[0]), key, values, mask, spec, k, sum_mode, chunks[0])
-        return out.view(*query.shape[:-1], values.shape[-1]), layout.split(index), layout.split(weights), layout.split(lse)
+        out, index, weights = _forward_chunk(layout.rows(query5, chunks[0]), key, values, mask, spec, k, sum_mode, chunks[0])
+        return out.view(*query.shape[:-1], values.shape[-1]), layout.split(index), layout.split(weights)
     shape5 = (layout.batch, layout.kv_heads, layout.groups, layout.q_len)
     out5 = values.new_empty(*shape5, values.shape[-1])
     index5 = torch.empty(*shape5, k, dtype=torch.long, device=query.device)
-    weights5, lse5 = values.new_empty(*shape5, k), values.new_empty(*shape5, 1)
+    weights5 = values.new_empty(*shape5, k)
     for chunk in chunks:
         chunk_results = _forward_chunk(layout.rows(query5, chunk), key, values, mask, spec, k, sum_mode, chunk)
-        for target, rows in zip((out5, index5, weights5, lse5), chunk_results):
+        for target, rows in zip((out5, index5, weights5), chunk_results):
             layout.put(target, chunk, rows)
-    return out5.view(*query.shape[:-1], values.shape[-1]), index5, weights5, lse5
+    return out5.view(*query.shape[:-1], values.shape[-1]), index5, weights5
 
 
 def _forward_chunk(chunk_query, key, values, mask, spec: ScoreSpec, k: int, sum_mode: SumMode, chunk: Chunk):
-    """One chunk's ``(out, index, weights, lse)``, each ``(B, Hkv, G * rows, .)``; ``index`` in ``[0, Lk)``."""
+    """One chunk's ``(out, index, weights)``, each ``(B, Hkv, G * rows, .)``; ``index`` in ``[0, Lk)``."""
     scores, _ = _scores(chunk_query, key[..., chunk.k0 : chunk.k1, :], _mask_rows(mask, chunk), spec, chunk)
-    top_scores, local = scores.topk(k, dim=-1)  # key positions relative to k0
-    lse = _row_logsumexp(scores, may_be_empty=mask is not None)  # scores is now scratch
-    weights = (top_scores - lse).exp_()  # picks of invisible keys have weight exp(-inf) = 0
+    probs = _row_probabilities(scores, may_be_empty=mask is not None)
+    del scores
+    weights, local = top_k_last(probs, k)  # key positions relative to k0; picks of invisible keys have weight 0
     index = local + chunk.k0 if chunk.k0 else local
     if sum_mode == "dense":
-        adjacency = scores.zero_().scatter_(-1, local, weights)  # the score buffer becomes A
+        adjacency = probs.zero_().scatter_(-1, local, weights)  # the probability buffer becomes A
         out = torch.matmul(adjacency, values[..., chunk.k0 : chunk.k1, :])
     else:
         out = _weighted_rows(weights, _gather_rows(values, index))
-    return out, index, weights, lse
+    return out, index, weights
 
 
 def _backward(ctx, grad_out):
     """Gradients to q, k, v (see the module docstring), chunk by chunk like the forward."""
-    query, key, value, mask, index5, weights5, lse5 = ctx.saved_tensors
+    query, key, value, mask, index5, weights5 = ctx.saved_tensors
     spec: ScoreSpec = ctx.spec
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
     layout = _Layout(query, key.shape[1])
@@ -293,7 +325,7 @@ def _backward(ctx, grad_out):
         chunk_query = layout.rows(query5, chunk)
         chunk_keys = keys[..., chunk.k0 : chunk.k1, :]
         d_scores, slope = _scores(chunk_query, chunk_keys, _mask_rows(mask, chunk), spec, chunk, cap_slope=True)
-        d_scores.sub_(layout.rows(lse5, chunk)).exp_()  # P, zero on invisible keys
+        d_scores = _row_probabilities(d_scores, may_be_empty=mask is not None)  # P, zero on invisible keys
         kept = grad_weights * weights  # dW * W on the kept keys
         d_scores.mul_(-kept.sum(dim=-1, keepdim=True)).scatter_add_(-1, local, kept)  # dS
         if slope is not None:
@@ -316,8 +348,8 @@ class TopKNeighbourSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, mask, spec: ScoreSpec, top_k: int, sum_mode: SumMode, chunks: list[Chunk]):
-        out, index, weights, lse = _forward(query, key, value, mask, spec, top_k, sum_mode, chunks)
-        ctx.save_for_backward(query, key, value, mask, index, weights, lse)
+        out, index, weights = _forward(query, key, value, mask, spec, top_k, sum_mode, chunks)
+        ctx.save_for_backward(query, key, value, mask, index, weights)
         ctx.spec, ctx.sum_mode, ctx.chunks = spec, sum_mode, chunks
         return out
 

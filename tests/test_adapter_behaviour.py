@@ -135,6 +135,8 @@ FUSED_CASES = [
     dict(q_len=1, softcap=2.0),
     dict(q_len=3, padding=True),  # a chunk of 3 new tokens against the cache
     dict(top_k=20),  # more neighbours than keys: every visible key is kept
+    dict(k_len=90, q_len=90, top_k=4),  # rows of >= 16 k keys: the two-stage top-k (16 columns, 10 keys left over)
+    dict(k_len=90, q_len=90, top_k=4, padding=True, sliding_window=70),
 ]
 
 
@@ -147,7 +149,7 @@ def test_fused_top_k_equals_generic_chain(case, sum_mode, chunk_rows):
     from gin_adapter.aggregate import neighbour_sums
     from gin_adapter.topk_sum import topk_neighbour_sum
 
-    k_len, q_len, top_k = 12, case.get("q_len", 12), case.get("top_k", 3)
+    k_len, q_len, top_k = case.get("k_len", 12), case.get("q_len", 12), case.get("top_k", 3)
     softcap, window = case.get("softcap"), case.get("sliding_window")
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, q_len, 8, generator=generator, requires_grad=True)
@@ -174,6 +176,24 @@ def test_fused_top_k_equals_generic_chain(case, sum_mode, chunk_rows):
         assert torch.allclose(a, b, atol=1e-5), name
     with torch.no_grad():  # the inference path (no autograd function) gives the same numbers
         assert torch.allclose(topk_neighbour_sum(q, k, v, mask, **options), fused)
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (6, 127), (6, 128), (2, 3, 150), (6, 256), (2, 1000)])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_two_stage_top_k_equals_torch_topk(shape, k):
+    """``top_k_last`` (column maxima, then the top-k of the best columns) returns exactly ``torch.topk``'s values and
+    positions, including rows whose length is not a multiple of the column count; with ties, the values agree."""
+    from gin_adapter.topk_sum import top_k_last
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(k))
+    values, index = top_k_last(x, k)
+    expected = x.topk(k, dim=-1)
+    assert torch.equal(values, expected.values) and torch.equal(index, expected.indices)
+    tied = x.clamp(max=x.quantile(0.9))  # many entries share the maximum
+    values, index = top_k_last(tied, k)
+    assert torch.equal(values, tied.topk(k, dim=-1).values)
+    assert torch.equal(tied.gather(-1, index), values)
+    assert index.sort(dim=-1).values.diff(dim=-1).ne(0).all()  # k distinct positions per row
 
 
 def test_detached_graph_keeps_forward_and_own_layer_gradients():
