@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.measure import interleaved_times, median, synchronizer
+from benchmarks.measure import autocast, interleaved_times, median, synchronizer
 from benchmarks.variants import LABELS, build_variants
 
 logger = logging.getLogger("benchmarks")
@@ -23,7 +23,7 @@ def run_eval(base, ids: torch.Tensor, names: list[str], *, warmup: int, steps: i
         variant.model.eval()
 
         def forward(variant=variant) -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(ids.device):
                 variant.forward(input_ids=ids, labels=ids)
 
         fns[name] = forward

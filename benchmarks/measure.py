@@ -29,6 +29,16 @@ logger = logging.getLogger("benchmarks")
 MiB = 1024**2
 
 
+AUTOCAST: dict[str, torch.dtype | None] = {"dtype": None}
+"""``--autocast``: the dtype train and eval forwards run under ``torch.autocast`` (``None``: off)."""
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device`` with :data:`AUTOCAST`'s dtype, or nothing when it is off."""
+    dtype = AUTOCAST["dtype"]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     import peft
     import torch_geometric

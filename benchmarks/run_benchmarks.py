@@ -45,7 +45,8 @@ Example (the default suite: about 23 min on the shared 2-core CPU of docs/benchm
 
     python benchmarks/run_benchmarks.py --out docs/
 
-GPU: ``--device cuda --dtype bfloat16 [--compile]``.
+GPU: ``--device cuda --dtype bfloat16 [--compile]``. CPU with bf16 instructions (AVX-512-BF16, AMX): ``--autocast bfloat16``
+(fp32 weights, the forward's matmuls in bf16).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ from benchmarks.crossover_suite import plot_crossover, run_crossover  # noqa: E4
 from benchmarks.eval_suite import run_eval  # noqa: E402
 from benchmarks.generate_suite import run_generate  # noqa: E402
 from benchmarks.kernel_suite import run_kernel  # noqa: E402
-from benchmarks.measure import TIMER, _loadavg, machine_info  # noqa: E402
+from benchmarks.measure import AUTOCAST, TIMER, _loadavg, machine_info  # noqa: E402
 from benchmarks.report import markdown_tables, summarize  # noqa: E402
 from benchmarks.train_suite import equivalence_checks, run_train  # noqa: E402
 from benchmarks.variants import ALL_VARIANTS, corpus_ids, load_base, truncate_layers  # noqa: E402
@@ -129,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-budget-s", type=float, default=1.5, help="a crossover backend slower than this per call at some (L, k) is skipped at longer L with the same k")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
+                   help="run the train and eval forwards under torch.autocast with this dtype (weights stay --dtype)")
     p.add_argument("--compile", action="store_true", help="torch.compile the train/eval forward of base, lora and the GIN variants except gin_pyg, and not published (host syncs)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--timer", choices=["auto", "wall", "cpu"], default="auto",
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    AUTOCAST["dtype"] = getattr(torch, args.autocast) if args.autocast else None
     TIMER["primary"] = args.timer if args.timer != "auto" else ("cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall")
     logger.info("timer: %s (threads %d)", TIMER["primary"], torch.get_num_threads())
     out_dir = Path(args.out)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.measure import MiB, interleaved_times, live_bytes, median, peak_step_bytes, record_saved_tensors, synchronizer
+from benchmarks.measure import MiB, autocast, interleaved_times, live_bytes, median, peak_step_bytes, record_saved_tensors, synchronizer
 from benchmarks.published import build_published_model, published_blocks
 from benchmarks.variants import LABELS, Variant, build_gin, build_variants, gin_config, share_copy
 from gin_adapter import get_gin_model, gin_layers
@@ -34,10 +34,11 @@ def train_step_fn(variant: Variant, ids: torch.Tensor, input_grad: bool = False)
     optimizer = variant.optimizer
 
     def step() -> float:
-        if variant.name == "base" or input_grad:
-            loss = forward(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids).loss
-        else:
-            loss = forward(input_ids=ids, labels=ids).loss
+        with autocast(ids.device):  # --autocast: the forward in bf16 where it is safe, backward as autograd recorded it
+            if variant.name == "base" or input_grad:
+                loss = forward(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids).loss
+            else:
+                loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
         if optimizer is not None:
             optimizer.step()

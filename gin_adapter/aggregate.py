@@ -79,20 +79,22 @@ def neighbour_sums(
         value: node features ``(B, H / groups, Lk, F)`` (repeated like the keys) or ``(B, 1, Lk, F)`` shared by all
             heads (broadcast, never repeated).
     Returns:
-        ``(B, H or 1, Lq, F)`` float32: one row per adjacency head (1 when heads are reduced and features shared).
+        ``(B, H or 1, Lq, F)`` float32 (under ``torch.autocast`` too): one row per adjacency head (1 when heads are
+        reduced and features shared).
     """
     key = repeat_heads(key, groups)
     if value.shape[1] != 1:
         value = repeat_heads(value, groups)
     q_len, k_len = query.shape[-2], key.shape[-2]
-    visible = visible_keys(attention_mask, q_len, k_len, query.device, sliding_window)
-    probs = attention_probabilities(query, key, visible, scaling, softcap)
-    adjacency = sparse_adjacency(probs, visible, rule)
-    features = value.float()
-    if rule.graph == "reference":
-        return neighbour_sum_reference(adjacency, features)
-    backend = "pyg" if rule.backend == "pyg" else "dense"
-    return NEIGHBOUR_SUMS[backend](adjacency, features)
+    with torch.autocast(query.device.type, enabled=False):  # float32 throughout, also under mixed precision
+        visible = visible_keys(attention_mask, q_len, k_len, query.device, sliding_window)
+        probs = attention_probabilities(query, key, visible, scaling, softcap)
+        adjacency = sparse_adjacency(probs, visible, rule)
+        features = value.float()
+        if rule.graph == "reference":
+            return neighbour_sum_reference(adjacency, features)
+        backend = "pyg" if rule.backend == "pyg" else "dense"
+        return NEIGHBOUR_SUMS[backend](adjacency, features)
 
 
 def graph_neighbour_sum(graph: GraphInputs, features: torch.Tensor, rule: AdjacencyRule) -> torch.Tensor:

@@ -89,7 +89,8 @@ class _Block(nn.Module):
 
     def scaled_norm(self, y: torch.Tensor) -> torch.Tensor:
         """``scale * RMSNorm(y)`` with the scale folded into the norm weight (no normalised copy kept for its grad)."""
-        return F.rms_norm(y, self.norm.normalized_shape, self.norm.weight * self.scale, self.norm.eps)
+        weight = self.norm.weight * self.scale
+        return F.rms_norm(y.to(weight.dtype), self.norm.normalized_shape, weight, self.norm.eps)  # fp32 under autocast
 
 
 class GinBlock(_Block):

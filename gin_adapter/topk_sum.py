@@ -355,7 +355,8 @@ class TopKNeighbourSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _backward(ctx, grad_out)
+        with torch.autocast(grad_out.device.type, enabled=False):  # a backward run inside autocast stays float32
+            return _backward(ctx, grad_out)
 
 
 def topk_neighbour_sum(
@@ -385,7 +386,8 @@ def topk_neighbour_sum(
             mask takes the dense decode fast path unless ``"gather"`` is asked for).
         chunk_rows: query rows per chunk (default :data:`QUERY_CHUNK_ROWS`).
     Returns:
-        ``(B, H, Lq, Dv)`` float32, equal to the generic chain's ``sum_j A[i, j] v_j`` for the top-k rule.
+        ``(B, H, Lq, Dv)`` float32, equal to the generic chain's ``sum_j A[i, j] v_j`` for the top-k rule; computed
+        in float32 under ``torch.autocast`` too (the picks and weights do not depend on the autocast dtype).
     """
     heads, q_len = query.shape[1], query.shape[2]
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -393,13 +395,14 @@ def topk_neighbour_sum(
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads.")
     spec = ScoreSpec(scaling=float(scaling), softcap=softcap, sliding_window=sliding_window, groups=heads // kv_heads, q_len=q_len)
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    if q_len == 1 and attention_mask is None and not needs_grad and sum_mode != "gather":
-        return _decode_step(query, key, value, spec, top_k)  # "auto" takes it: the fastest way for one token
-    mode = choose_sum_mode(sum_mode, top_k, k_len)
-    chunks = plan_chunks(q_len, k_len, top_k, attention_mask is not None, sliding_window, chunk_rows or QUERY_CHUNK_ROWS)
-    if needs_grad:
-        return TopKNeighbourSum.apply(query, key, value, attention_mask, spec, top_k, mode, chunks)
-    return _forward(query, key, value, attention_mask, spec, top_k, mode, chunks)[0]  # inference
+    with torch.autocast(query.device.type, enabled=False):  # float32 throughout, also under mixed precision
+        if q_len == 1 and attention_mask is None and not needs_grad and sum_mode != "gather":
+            return _decode_step(query, key, value, spec, top_k)  # "auto" takes it: the fastest way for one token
+        mode = choose_sum_mode(sum_mode, top_k, k_len)
+        chunks = plan_chunks(q_len, k_len, top_k, attention_mask is not None, sliding_window, chunk_rows or QUERY_CHUNK_ROWS)
+        if needs_grad:
+            return TopKNeighbourSum.apply(query, key, value, attention_mask, spec, top_k, mode, chunks)
+        return _forward(query, key, value, attention_mask, spec, top_k, mode, chunks)[0]  # inference
 
 
 def _decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: ScoreSpec, top_k: int) -> torch.Tensor:

@@ -334,6 +334,18 @@ def test_gradient_accumulation_matches_the_same_global_batch(reference_run: dict
         assert report["summary"][name]["val_ppl_mean"] == pytest.approx(reference_run["report"]["summary"][name]["val_ppl_mean"], rel=1e-4)
 
 
+def test_bf16_mixed_precision_trains_both_arms(tiny: dict, tmp_path: Path, single_thread: None) -> None:
+    """``mixed_precision: bf16`` (what configs/compare_gpu.yaml and study_gpu.yaml use; on CPU Accelerate autocasts
+    the forward to bf16): both arms train, their validation perplexity ends below the base model's."""
+    config = write_config(tiny, tmp_path / "config.yaml", mixed_precision="bf16")
+    report = train.main(["--config", str(config)])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["accelerate"]["mixed_precision"] == "bf16"
+    for name in ("gin", "lora"):
+        ppl = report["summary"][name]["val_ppl_mean"]
+        assert math.isfinite(ppl) and ppl < results["base"]["perplexity"], (name, ppl)
+
+
 def test_warns_when_accelerate_cpu_launch_starts_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_PORT", "29500")
