@@ -124,7 +124,7 @@ class Variant:
 
     @property
     def forward(self) -> Callable:
-        return self.call or self.model
+        return self.call if self.call is not None else self.model  # a compiled module has no truth value
 
 
 def gin_config(name: str) -> GinConfig:

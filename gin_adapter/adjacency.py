@@ -7,11 +7,19 @@ the queries are the last ``Lq`` keys). Entry ``A[b, h, i, j]`` is the weight of 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from .config import GinConfig
+
+
+def float32_region(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device`` when it is on (the graph is built in float32 under mixed precision too);
+    nothing otherwise, since entering an autocast context costs about 7 us, which adds up over layers and decoded
+    tokens."""
+    return torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils.checkpoint
 
-from .adjacency import AdjacencyRule, attention_probabilities, sparse_adjacency, visible_keys
+from .adjacency import AdjacencyRule, attention_probabilities, float32_region, sparse_adjacency, visible_keys
 from .gin import NEIGHBOUR_SUMS, neighbour_sum_reference
 from .topk_sum import topk_neighbour_sum
 
@@ -86,7 +86,7 @@ def neighbour_sums(
     if value.shape[1] != 1:
         value = repeat_heads(value, groups)
     q_len, k_len = query.shape[-2], key.shape[-2]
-    with torch.autocast(query.device.type, enabled=False):  # float32 throughout, also under mixed precision
+    with float32_region(query.device):  # float32 throughout, also under mixed precision
         visible = visible_keys(attention_mask, q_len, k_len, query.device, sliding_window)
         probs = attention_probabilities(query, key, visible, scaling, softcap)
         adjacency = sparse_adjacency(probs, visible, rule)

@@ -36,7 +36,7 @@ from typing import Literal
 
 import torch
 
-from .adjacency import visible_keys
+from .adjacency import float32_region, visible_keys
 
 SumMode = Literal["dense", "gather"]
 
@@ -355,7 +355,7 @@ class TopKNeighbourSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        with torch.autocast(grad_out.device.type, enabled=False):  # a backward run inside autocast stays float32
+        with float32_region(grad_out.device):  # a backward run inside autocast stays float32
             return _backward(ctx, grad_out)
 
 
@@ -395,7 +395,7 @@ def topk_neighbour_sum(
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads.")
     spec = ScoreSpec(scaling=float(scaling), softcap=softcap, sliding_window=sliding_window, groups=heads // kv_heads, q_len=q_len)
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    with torch.autocast(query.device.type, enabled=False):  # float32 throughout, also under mixed precision
+    with float32_region(query.device):  # float32 throughout, also under mixed precision
         if q_len == 1 and attention_mask is None and not needs_grad and sum_mode != "gather":
             return _decode_step(query, key, value, spec, top_k)  # "auto" takes it: the fastest way for one token
         mode = choose_sum_mode(sum_mode, top_k, k_len)

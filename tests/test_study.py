@@ -4,12 +4,16 @@ extension at an edge, extra seeds at the best rate, paired differences, out-of-d
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import single_thread, tiny, write_config  # noqa: F401 - pytest fixtures shared with test_train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import study_report  # noqa: E402
 
 import train
 from gin_adapter.compare.config import TrainingConfig
@@ -82,3 +86,12 @@ def test_study_end_to_end_on_a_tiny_model(tiny: dict, tmp_path: Path, single_thr
     assert exported["block"] == "published" and exported["graph"] == "gin" and exported["node_features"] == "hidden"
     weights = load_file(Path(report["config"]["output_dir"]) / "adapters" / "published" / "adapter_model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+
+    # scripts/study_report.py renders the same numbers from the files on disk, one table per budget
+    text = study_report.report(Path(report["config"]["output_dir"]))
+    assert "7 trial(s) finished" not in text and f"{len(report['trials'])} trial(s) finished" in text
+    assert "The study is complete." in text
+    assert "## Compared with `lora_small`" in text and "## Compared with `lora_big`" in text
+    row = next(line for line in text.splitlines() if line.startswith("| `gin_small` |"))
+    assert f"{paired['mean']:+.3f} [{paired['ci95_low']:+.3f}, {paired['ci95_high']:+.3f}] (2 seeds)" in row
+    assert f"{summary['gin_small']['val_ppl_mean']:.3f} +- {summary['gin_small']['val_ppl_std']:.3f} (2)" in row

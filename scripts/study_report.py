@@ -1,0 +1,149 @@
+"""Where a train.py study stands, as Markdown: one table per parameter budget, every learning rate tried, what ran
+where, and the next trial ``--resume`` would run. Works on a finished study and on one still running (it reads
+``<output_dir>/trials/*.json``, ``config.json`` and ``base_eval.json``; it trains nothing).
+
+    .venv/bin/python scripts/study_report.py results/study            # print
+    .venv/bin/python scripts/study_report.py results/study --write    # also write <output_dir>/REPORT.md
+
+Every number printed comes from the trial files, so the README's Results can be pasted from this output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from gin_adapter.compare.config import TrainingConfig  # noqa: E402
+from gin_adapter.compare.report import summarize  # noqa: E402
+
+
+def load_study(folder: Path) -> tuple[TrainingConfig, list[dict[str, Any]], dict[str, Any]]:
+    """``(config, finished trials, base model evaluation)`` of a study folder."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise SystemExit(f"{folder} has no config.json: is it the output_dir of a train.py run?")
+    cfg = TrainingConfig.from_dict(json.loads(config_file.read_text()))
+    trials = [json.loads(f.read_text()) for f in sorted((folder / "trials").glob("*.json"))]
+    base_file = folder / "base_eval.json"
+    base = json.loads(base_file.read_text()) if base_file.is_file() else {}
+    return cfg, trials, base
+
+
+def budget_groups(cfg: TrainingConfig) -> dict[str, list[str]]:
+    """Runs grouped by the LoRA they are compared with: ``{baseline run: [it, and every run whose baseline it is]}``."""
+    groups: dict[str, list[str]] = {}
+    for run in cfg.runs:
+        root = run.baseline or run.name
+        groups.setdefault(root, [root] if root != run.name else [])
+        if run.name not in groups[root]:
+            groups[root].append(run.name)
+    return groups
+
+
+def next_trial_id(cfg: TrainingConfig, trials: list[dict[str, Any]]) -> str | None:
+    """The trial ``train.py --resume`` would run next (``None``: the study is complete)."""
+    from transformers import AutoConfig
+
+    from gin_adapter.compare.budget import plan_runs
+    from gin_adapter.compare.runs import next_trial
+    from gin_adapter.embedded import resolve_model_path
+
+    plans, _ = plan_runs(cfg, AutoConfig.from_pretrained(resolve_model_path(cfg.model)))
+    trial = next_trial(cfg, plans, trials)
+    return trial.id if trial is not None else None
+
+
+def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def budget_table(names: list[str], summary: dict[str, dict[str, Any]], base: dict[str, Any]) -> list[str]:
+    """Markdown rows for one budget: the base model first, then each run of the group that has finished a trial."""
+    base_ood = base.get("ood_perplexity")
+    lines = [
+        "| arm | trainable params | best lr (grid) | val ppl, mean +- std (seeds) | paired diff to its LoRA [95 % CI] | "
+        "out-of-domain ppl (change vs base) | train tokens/s | peak memory MB | min / trial |",
+        "| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    if base:
+        lines.append(f"| base model | 0 | - | {base['perplexity']:.3f} | - | {_fmt(base_ood, '.2f')} | - | - | - |")
+    for name in names:
+        s = summary.get(name)
+        if s is None:
+            lines.append(f"| `{name}` | | not started | | | | | | |")
+            continue
+        grid = ", ".join(f"{lr:g}" for lr in s["grid"])
+        flags = (" **at edge**" if s["best_at_edge"] else "") + ("" if s["sweep_complete"] else " (sweep unfinished)")
+        ppl = f"{s['val_ppl_mean']:.3f} +- {s['val_ppl_std']:.3f} ({s['n_seeds']})" if s["n_seeds"] > 1 else f"{s['val_ppl_mean']:.3f} (1)"
+        diff = s.get("paired_difference_to_baseline")
+        if diff is None:
+            paired = "-"
+        elif diff["n"] < 2:
+            paired = f"{diff['mean']:+.3f} (1 seed, no CI)"
+        else:
+            paired = f"{diff['mean']:+.3f} [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}] ({diff['n']} seeds)"
+        ood = s.get("ood_ppl_mean")
+        ood_text = f"{ood:.2f} ({ood - base_ood:+.2f})" if ood is not None and base_ood else _fmt(ood, ".2f")
+        minutes = s.get("wall_time_s_per_trial")
+        lines.append(
+            f"| `{name}` | {s['trainable_params']:,} | {s['best_learning_rate']:g} ({grid}){flags} | {ppl} | {paired} | {ood_text} | "
+            f"{_fmt(s.get('train_tokens_per_s'), '.0f')} | {_fmt(s.get('peak_memory_mb'), '.0f')} | {_fmt(minutes and minutes / 60, '.1f')} |"
+        )
+    return lines
+
+
+def learning_rate_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """Final validation perplexity at every learning rate tried (mean over the seeds run there)."""
+    lines = ["| arm | " + "final val ppl by learning rate (seeds) |", "| --- | --- |"]
+    for name, s in summary.items():
+        cells = ", ".join(f"{lr}: {d['mean']:.3f} ({d['n']})" for lr, d in s["by_learning_rate"].items())
+        lines.append(f"| `{name}` | {cells} |")
+    return lines
+
+
+def machines(trials: list[dict[str, Any]]) -> list[str]:
+    """What ran where: CPU model, threads and device, with the number of trials each."""
+    seen: dict[str, int] = {}
+    for t in trials:
+        m = t.get("machine") or {}
+        flags = ", ".join(f for f in ("avx512", "avx512_bf16", "amx") if m.get(f)) or "no AVX-512"
+        key = f"{m.get('cpu_model', '?')} ({flags}), {m.get('torch_threads', '?')} threads, {m.get('device', '?')}"
+        seen[key] = seen.get(key, 0) + 1
+    return [f"- {key}: {count} trial(s)" for key, count in seen.items()]
+
+
+def report(folder: Path, with_next: bool = True) -> str:
+    cfg, trials, base = load_study(folder)
+    summary = summarize(cfg, trials)
+    lines = [f"# Study status: `{folder}`", "", f"{len(trials)} trial(s) finished."]
+    if with_next:
+        upcoming = next_trial_id(cfg, trials)
+        lines.append(f"Next trial: `{upcoming}`." if upcoming else "The study is complete.")
+    for root, names in budget_groups(cfg).items():
+        lines += ["", f"## Compared with `{root}`", ""] + budget_table(names, summary, base)
+    lines += ["", "## Every learning rate", ""] + learning_rate_lines(summary)
+    lines += ["", "## Where the trials ran", ""] + machines(trials)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", nargs="?", default="results/study", help="the study's output_dir")
+    parser.add_argument("--write", action="store_true", help="also write <folder>/REPORT.md")
+    parser.add_argument("--no-next", action="store_true", help="do not work out the next trial (needs the model's config)")
+    args = parser.parse_args(argv)
+    text = report(Path(args.folder), with_next=not args.no_next)
+    if args.write:
+        (Path(args.folder) / "REPORT.md").write_text(text)
+    sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()
