@@ -183,7 +183,7 @@ def test_fused_top_k_equals_generic_chain(case, sum_mode, chunk_rows):
 def test_two_stage_top_k_equals_torch_topk(shape, k):
     """``top_k_last`` (column maxima, then the top-k of the best columns) returns exactly ``torch.topk``'s values and
     positions, including rows whose length is not a multiple of the column count; with ties, the values agree."""
-    from gin_adapter.topk_sum import top_k_last
+    from gin_adapter.top_k import top_k_last
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(k))
     values, index = top_k_last(x, k)
