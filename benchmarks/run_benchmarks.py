@@ -27,7 +27,8 @@ Suites (``--suite``):
 
 Variants: ``base`` (frozen floor: no trainable parameter; the input embeddings require grad so backward runs
 through every layer, which any adapter in every layer must pay), ``lora`` (peft LoRA on q_proj, v_proj, rank
-chosen to match the GIN's trainable-parameter count), ``gin`` (package default: per-head top-8 through the fused
+chosen to match the GIN's trainable-parameter count), ``gin`` (package default: per-head top-8; in training the graph is
+built with the attention itself, ``gin_adapter/joint.py``), ``gin_separate`` (the same through sdpa and the separate fused
 top-k kernel of ``gin_adapter/topk_sum.py``), ``gin_generic`` (the same rule through the generic checkpointed chain
 of ``gin_adapter/attention.py``: probabilities, top-k, dense sum; the default before the kernel existed),
 ``gin_pyg`` (``backend="pyg"``: the generic chain with message passing), ``gin_detached``

@@ -24,11 +24,12 @@ from gin_adapter import GinConfig, count_trainable_parameters, get_gin_model, gi
 logger = logging.getLogger("benchmarks")
 
 
-ALL_VARIANTS = ("base", "lora", "gin", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_published", "lora_b")
+ALL_VARIANTS = ("base", "lora", "gin", "gin_separate", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_published", "lora_b")
 LABELS = {
     "base": "frozen base (floor)",
     "lora": "LoRA (q_proj, v_proj), matched params",
-    "gin": "GIN, package default (fused top-k kernel)",
+    "gin": "GIN, package default (graph built with the attention when training)",
+    "gin_separate": "GIN, package default, sdpa + the separate fused top-k kernel (joint.ENABLED off)",
     "gin_generic": "GIN, same rule, generic chain (previous default)",
     "gin_pyg": "GIN, backend='pyg' (generic chain)",
     "gin_detached": "GIN, adjacency_grad=False",
@@ -40,6 +41,7 @@ LABELS = {
 }
 GIN_CONFIGS: dict[str, dict] = {
     "gin": dict(),
+    "gin_separate": dict(),
     "gin_generic": dict(),
     "gin_pyg": dict(backend="pyg"),
     "gin_detached": dict(adjacency_grad=False),
@@ -121,6 +123,7 @@ class Variant:
     call: Callable | None = None  # compiled forward, when --compile
     optimizer: torch.optim.Optimizer | None = None
     notes: list[str] = field(default_factory=list)
+    joint: bool = True  # gin_adapter.joint.ENABLED while this variant trains
 
     @property
     def forward(self) -> Callable:
@@ -171,7 +174,7 @@ def build_variants(base: torch.nn.Module, names: list[str], *, compile_: bool = 
         else:
             raise ValueError(f"unknown variant {name!r}; choose from {ALL_VARIANTS}")
         params = [p for p in model.parameters() if p.requires_grad]
-        variant = Variant(name, model, sum(p.numel() for p in params))
+        variant = Variant(name, model, sum(p.numel() for p in params), joint=name != "gin_separate")
         if params:
             variant.optimizer = torch.optim.AdamW(params, lr=1e-4)
         if compile_ and name not in ("gin_pyg", "published"):

@@ -6,7 +6,8 @@ features shared by every head ``(B, 1, Lk, F)`` (``node_features="hidden"`` or `
 width). Two implementations give the same numbers and gradients:
 
 * the per-head top-k rule (the default) runs the fused kernel :func:`gin_adapter.topk_sum.topk_neighbour_sum`,
-  which never forms the probabilities;
+  which never keeps the probabilities, or, when the attention function already built the graph with the attention
+  itself (training with sdpa, :mod:`gin_adapter.joint`), only sums over it;
 * every other rule (and ``backend="pyg"``) runs the generic chain :func:`neighbour_sums` (probabilities,
   head reduction, sparsify, sum), checkpointed when ``rule.recompute`` so its ``(B, H, Lq, Lk)`` intermediates are
   rebuilt in backward instead of kept.
@@ -14,13 +15,14 @@ width). Two implementations give the same numbers and gradients:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.utils.checkpoint
 
 from .adjacency import AdjacencyRule, attention_probabilities, float32_region, sparse_adjacency, visible_keys
 from .gin import NEIGHBOUR_SUMS, neighbour_sum_reference
+from .joint import TopKGraph, graph_sum
 from .topk_sum import topk_neighbour_sum
 
 
@@ -40,6 +42,7 @@ class GraphInputs:
     scaling: float
     softcap: float | None
     sliding_window: int | None
+    joint: TopKGraph | None = None  # the top-k graph, when the attention function built it with the attention
 
     @property
     def groups(self) -> int:
@@ -103,6 +106,10 @@ def graph_neighbour_sum(graph: GraphInputs, features: torch.Tensor, rule: Adjace
     The fused kernel always returns one row per query head (shared features are expanded over the KV heads as a
     view); the generic chain returns one row per adjacency head.
     """
+    if graph.joint is not None and rule.fused_top_k and rule.top_k == graph.joint.top_k:
+        batch, kv_heads, k_len = graph.key.shape[:3]
+        joint = graph.joint if rule.adjacency_grad else replace(graph.joint, weights=graph.joint.weights.detach())
+        return graph_sum(joint, features.expand(batch, kv_heads, k_len, features.shape[-1]))
     query, key = (graph.query, graph.key) if rule.adjacency_grad else (graph.query.detach(), graph.key.detach())
     if rule.fused_top_k:
         batch, kv_heads, k_len = key.shape[:3]

@@ -8,7 +8,10 @@ flash, ...): it runs the original function unchanged and, when the calling modul
 (:class:`~gin_adapter.aggregate.GraphInputs`). The wrapper builds the graph from them after the module returns
 (:mod:`gin_adapter.aggregate`), when every kind of node feature (values, the hidden state after attention) is
 known. Only eager attention returns probabilities, so the adjacency is recomputed from q and k; nothing of size
-``(B, H, Lq, Lk)`` is kept for backward. The mask interface is registered too, or no mask is built.
+``(B, H, Lq, Lk)`` is kept for backward. One exception saves that recomputation: when a wrapper training under
+sdpa asks for the per-head top-k graph and the call is plain softmax attention (:func:`gin_adapter.joint.joint_applies`),
+the function computes the attention output itself together with the graph (:mod:`gin_adapter.joint`; equal to
+sdpa's output up to float32 rounding). The mask interface is registered too, or no mask is built.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import joint
 from .aggregate import GraphInputs
 
 PREFIX = "gin_"
@@ -31,10 +35,15 @@ PREFIX = "gin_"
 
 @dataclass
 class AggregationRequest:
-    """A wrapped attention module's request for its own attention call's graph inputs (filled by the function)."""
+    """A wrapped attention module's request for its own attention call's graph inputs (filled by the function).
+
+    ``joint_top_k``: the wrapper's adapters all use the per-head top-k rule with this ``k``, so an sdpa call that
+    :func:`gin_adapter.joint.joint_applies` to may build that graph together with the attention output.
+    """
 
     module: torch.nn.Module
     graph: GraphInputs | None = None
+    joint_top_k: int | None = None
 
 
 _REQUEST: ContextVar[AggregationRequest | None] = ContextVar("gin_adapter_request", default=None)
@@ -65,16 +74,23 @@ def make_attention_function(base_implementation: str) -> Callable:
     """An attention function that runs ``base_implementation`` and serves pending GIN requests."""
 
     def gin_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        request = _REQUEST.get()
+        if request is not None and request.module is not module:
+            request = None
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        if (request is not None and request.joint_top_k is not None and base_implementation == "sdpa"
+                and joint.joint_applies(module, query, key, attention_mask, kwargs)):
+            output, graph = joint.attention_with_graph(query, key, value, attention_mask, scaling=scale, top_k=request.joint_top_k)
+            request.graph = GraphInputs(query, key, value, attention_mask, scaling=scale, softcap=None, sliding_window=None, joint=graph)
+            return output.transpose(1, 2).contiguous(), None  # sdpa's layout (B, L, H, D), no attention weights
         if base_implementation == "eager":
             base_fn = _model_eager_function(module)
         else:
             base_fn = ALL_ATTENTION_FUNCTIONS[base_implementation]
         output = base_fn(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        request = _REQUEST.get()
-        if request is not None and request.module is module:
+        if request is not None:
             request.graph = GraphInputs(
-                query, key, value, attention_mask, scaling=query.shape[-1] ** -0.5 if scaling is None else float(scaling),
-                softcap=kwargs.get("softcap"), sliding_window=kwargs.get("sliding_window"),
+                query, key, value, attention_mask, scaling=scale, softcap=kwargs.get("softcap"), sliding_window=kwargs.get("sliding_window"),
             )
         return output
 

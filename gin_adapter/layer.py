@@ -93,7 +93,9 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         active = [name for name in self.active_adapters if name in self.gin_blocks]
         if self.disable_adapters or not active:
             return self.base_layer(hidden_states, *args, **kwargs)
-        request = AggregationRequest(module=self.base_layer)
+        rules = [self.gin_rules[name] for name in active]
+        joint_top_k = rules[0].top_k if all(r.fused_top_k and r.backend == "auto" and r.top_k == rules[0].top_k for r in rules) else None
+        request = AggregationRequest(module=self.base_layer, joint_top_k=joint_top_k)
         with capture(request):
             output = self.base_layer(hidden_states, *args, **kwargs)
         graph = request.graph

@@ -193,6 +193,13 @@ class _Layout:
         self.batch, heads, self.q_len, self.dim = query.shape
         self.kv_heads, self.groups = kv_heads, heads // kv_heads
 
+    @classmethod
+    def of_split(cls, x5: torch.Tensor) -> "_Layout":
+        """The layout of a split tensor ``(B, Hkv, G, Lq, n)``."""
+        layout = cls.__new__(cls)
+        layout.batch, layout.kv_heads, layout.groups, layout.q_len, layout.dim = x5.shape
+        return layout
+
     def split(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, Lq, n) -> (B, Hkv, G, Lq, n)`` (a view: splitting a dimension never copies)."""
         return x.reshape(self.batch, self.kv_heads, self.groups, self.q_len, x.shape[-1])

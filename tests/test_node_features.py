@@ -252,4 +252,5 @@ def test_save_load_round_trip(mode, tmp_path):
     ids = _ids()
     loaded = PeftModel.from_pretrained(tiny_model(), folder)
     assert loaded.peft_config["default"].node_features == config(mode).node_features
-    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    with torch.no_grad():  # the same attention path for both (with gradients, training builds the graph beside it)
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -129,7 +129,8 @@ def test_adapters_saved_in_the_0_1_0_key_format_still_load(tmp_path):
     save_file(legacy, folder / "adapter_model.safetensors")
     ids = _ids()
     loaded = PeftModel.from_pretrained(tiny_model(), folder, adapter_name="renamed")
-    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    with torch.no_grad():  # the same attention path for both (with gradients, training builds the graph beside it)
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 def test_unknown_config_keys_are_named_in_a_warning(tmp_path):

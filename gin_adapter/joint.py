@@ -1,0 +1,179 @@
+"""Attention and the top-k graph from one score computation (training with sdpa; the fused kernel's rule).
+
+When a wrapped module trains, the attention and the adapter's graph need the same probabilities
+``P = softmax(cap(scaling * Q K^T) + mask)``. :func:`attention_with_graph` computes them once per query chunk and
+returns both the attention output and the graph:
+
+    O[b, h, i] = sum_j P[b, h, i, j] v[b, h // G, j]                         (B, H, Lq, Dv), the attention output
+    W[b, h, i, m] = P[b, h, i, idx_m],  idx = top-k_j P[b, h, i, j]           (B, Hkv, G, Lq, k), the graph
+
+and :func:`graph_sum` forms the neighbour sum ``n_i = sum_m W[i, m] x[idx_m]`` for any node features ``x`` later,
+once they are known (the hidden state after attention needs ``O`` first). Backward recomputes ``P`` once and
+shares the softmax backward between the two uses of ``P``:
+
+    dP = dO v^T + scatter(dW),   dS = P * (dP - sum_j dP_j P_j),   sum_j dP_j P_j = sum_d dO O + sum_m dW W,
+    dq = scaling dS k,  dk = scaling dS^T q,  dv = P^T dO,
+
+so one layer runs ten ``(rows x keys x D)`` matmuls instead of the seven of sdpa's forward and backward plus the
+seven of the separate kernel (:mod:`gin_adapter.topk_sum`), and one softmax each way instead of two.
+The values, picks and gradients equal sdpa followed by the separate kernel up to float32 rounding (tests).
+Saved for backward: q, k, v, the mask argument, ``O`` (which sdpa keeps too), the top-k indices and weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .top_k import top_k_last
+from .topk_sum import Chunk, ScoreSpec, _Layout, _mask_rows, _row_probabilities, _scores, plan_chunks
+
+
+ENABLED = True
+"""Build the graph together with the attention where :func:`joint_applies` (set ``False`` to time the separate path)."""
+
+
+@dataclass
+class TopKGraph:
+    """The graph :func:`attention_with_graph` built: weights ``(B, Hkv, G, Lq, k)`` (differentiable) and key indices."""
+
+    weights: torch.Tensor
+    index: torch.Tensor
+    chunks: list[Chunk]
+    top_k: int
+
+
+def joint_applies(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> bool:
+    """Whether sdpa's computation for this call is plain causal or bool-masked softmax attention that
+    :func:`attention_with_graph` reproduces: training (a gradient is needed), float32, no KV cache, no dropout,
+    soft-cap, sliding window, position bias or attention sinks, no autocast, the module causal."""
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    return (
+        ENABLED
+        and needs_grad
+        and query.dtype == key.dtype == torch.float32
+        and query.shape[-2] == key.shape[-2] > 1
+        and not kwargs.get("dropout")
+        and kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+        and kwargs.get("is_causal", None) in (None, True)
+        and not any(name in kwargs for name in ("s_aux", "sinks"))
+        and kwargs.get("sliding_window") is None
+        and getattr(module, "is_causal", True)
+        and (mask is None or mask.dtype == torch.bool)
+        and not torch.is_autocast_enabled(query.device.type)
+    )
+
+
+class _AttentionWithGraph(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, mask, spec: ScoreSpec, top_k: int, chunks: list[Chunk]):
+        layout = _Layout(query, key.shape[1])
+        k = min(top_k, key.shape[-2])
+        shape5 = (layout.batch, layout.kv_heads, layout.groups, layout.q_len)
+        query5 = layout.split(query)
+        out5 = value.new_empty(*shape5, value.shape[-1])
+        index5 = torch.empty(*shape5, k, dtype=torch.long, device=query.device)
+        weights5 = query.new_empty(*shape5, k)
+        for chunk in chunks:
+            values = value[..., chunk.k0 : chunk.k1, :]
+            scores, _ = _scores(layout.rows(query5, chunk), key[..., chunk.k0 : chunk.k1, :], _mask_rows(mask, chunk), spec, chunk)
+            probs = _row_probabilities(scores, may_be_empty=mask is not None)
+            del scores
+            layout.put(out5, chunk, torch.matmul(probs, values))
+            weights, local = top_k_last(probs, k)
+            layout.put(weights5, chunk, weights)
+            layout.put(index5, chunk, local + chunk.k0)
+        ctx.save_for_backward(query, key, value, mask, out5, index5)
+        ctx.spec, ctx.chunks = spec, chunks
+        ctx.mark_non_differentiable(index5)
+        ctx.weights5 = weights5.detach()
+        return out5.view(*query.shape[:-1], value.shape[-1]), weights5, index5
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_weights5, _grad_index):
+        query, key, value, mask, out5, index5 = ctx.saved_tensors
+        spec: ScoreSpec = ctx.spec
+        layout = _Layout(query, key.shape[1])
+        grad5, query5 = layout.split(grad_out), layout.split(query)
+        grad_query5 = layout.split(torch.zeros_like(query))
+        grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
+        for chunk in ctx.chunks:
+            chunk_query, chunk_keys = layout.rows(query5, chunk), key[..., chunk.k0 : chunk.k1, :]
+            chunk_values = value[..., chunk.k0 : chunk.k1, :]
+            grad = layout.rows(grad5, chunk)
+            scores, _ = _scores(chunk_query, chunk_keys, _mask_rows(mask, chunk), spec, chunk)
+            probs = _row_probabilities(scores, may_be_empty=mask is not None)
+            del scores
+            grad_value[..., chunk.k0 : chunk.k1, :] += torch.matmul(probs.transpose(-1, -2), grad)
+            d_probs = torch.matmul(grad, chunk_values.transpose(-1, -2))  # dP of the attention output
+            row = (grad * layout.rows(out5, chunk)).sum(dim=-1, keepdim=True)
+            if grad_weights5 is not None:
+                kept = layout.rows(grad_weights5, chunk)
+                d_probs.scatter_add_(-1, layout.rows(index5, chunk) - chunk.k0, kept)
+                row += (kept * layout.rows(ctx.weights5, chunk)).sum(dim=-1, keepdim=True)
+            d_scores = d_probs.sub_(row).mul_(probs)
+            layout.put(grad_query5, chunk, torch.matmul(d_scores, chunk_keys).mul_(spec.scaling))
+            grad_key[..., chunk.k0 : chunk.k1, :] += torch.matmul(d_scores.transpose(-1, -2), chunk_query).mul_(spec.scaling)
+        return grad_query5.view(query.shape), grad_key, grad_value, None, None, None, None
+
+
+def attention_with_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, *, scaling: float,
+                         top_k: int) -> tuple[torch.Tensor, TopKGraph]:
+    """``(attention output (B, H, Lq, Dv), the top-k graph)`` from ``query (B, H, L, D)``, ``key``/``value``
+    ``(B, Hkv, L, .)`` and a bool mask or ``None`` (plain causal), all float32. See the module docstring."""
+    heads, q_len = query.shape[1], query.shape[2]
+    spec = ScoreSpec(scaling=float(scaling), softcap=None, sliding_window=None, groups=heads // key.shape[1], q_len=q_len)
+    chunks = plan_chunks(q_len, key.shape[2], top_k, mask is not None, None, _chunk_rows())
+    out, weights, index = _AttentionWithGraph.apply(query, key, value, mask, spec, top_k, chunks)
+    return out, TopKGraph(weights, index, chunks, top_k)
+
+
+def _chunk_rows() -> int:
+    from . import topk_sum
+
+    return topk_sum.QUERY_CHUNK_ROWS
+
+
+class _GraphSum(torch.autograd.Function):
+    """``n = A x`` with ``A`` the k weights scattered into each chunk's ``(rows, keys)``; gradients to weights and x."""
+
+    @staticmethod
+    def forward(ctx, weights5, index5, features, chunks: list[Chunk]):
+        layout = _Layout.of_split(weights5)
+        out5 = features.new_empty(*weights5.shape[:4], features.shape[-1])
+        for chunk in chunks:
+            local = layout.rows(index5, chunk) - chunk.k0
+            adjacency = features.new_zeros(*local.shape[:-1], chunk.k1 - chunk.k0).scatter_(-1, local, layout.rows(weights5, chunk))
+            layout.put(out5, chunk, torch.matmul(adjacency, features[..., chunk.k0 : chunk.k1, :]))
+        ctx.save_for_backward(weights5, index5, features)
+        ctx.chunks, ctx.layout = chunks, layout
+        return out5
+
+    @staticmethod
+    def backward(ctx, grad5):
+        weights5, index5, features = ctx.saved_tensors
+        layout = ctx.layout
+        grad_weights5 = torch.zeros_like(weights5) if ctx.needs_input_grad[0] else None
+        grad_features = torch.zeros_like(features) if ctx.needs_input_grad[2] else None
+        for chunk in ctx.chunks:
+            local = layout.rows(index5, chunk) - chunk.k0
+            grad = layout.rows(grad5, chunk)
+            chunk_features = features[..., chunk.k0 : chunk.k1, :]
+            if grad_weights5 is not None:
+                layout.put(grad_weights5, chunk, torch.matmul(grad, chunk_features.transpose(-1, -2)).gather(-1, local))
+            if grad_features is not None:
+                adjacency = grad.new_zeros(*local.shape[:-1], chunk.k1 - chunk.k0).scatter_(-1, local, layout.rows(weights5, chunk))
+                grad_features[..., chunk.k0 : chunk.k1, :] += torch.matmul(adjacency.transpose(-1, -2), grad)
+        return grad_weights5, None, grad_features, None
+
+
+def graph_sum(graph: TopKGraph, features: torch.Tensor) -> torch.Tensor:
+    """``n_i = sum_m W[i, m] x[idx_m]``: features ``(B, Hkv, Lk, F)`` (shared ones expanded) -> ``(B, H, Lq, F)`` float32."""
+    features = features.float()
+    if features.stride(1) == 0:  # shared features expanded over the KV heads: one copy per head for the sums
+        features = features.contiguous()
+    out5 = _GraphSum.apply(graph.weights, graph.index, features, graph.chunks)
+    batch, kv_heads, groups, q_len, dim = out5.shape
+    return out5.view(batch, kv_heads * groups, q_len, dim)

@@ -1,0 +1,115 @@
+"""The attention and the top-k graph from one score computation (gin_adapter/joint.py): equal to sdpa followed by
+the separate fused kernel, in values and in gradients, and used only where it reproduces sdpa."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import perturb_adapter, tiny_model
+
+from gin_adapter import GinConfig, get_gin_model
+from gin_adapter import joint as joint_module
+from gin_adapter.joint import attention_with_graph, graph_sum, joint_applies
+from gin_adapter.topk_sum import topk_neighbour_sum
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("length", [12, 40])
+def test_joint_equals_sdpa_and_the_separate_kernel(length, padding, chunk_rows, monkeypatch):
+    """Attention output, neighbour sums of two kinds of node features (the values; features shared by the heads),
+    and the gradients to q, k, v and the features all equal sdpa + ``topk_neighbour_sum``."""
+    from gin_adapter import topk_sum
+
+    if chunk_rows:
+        monkeypatch.setattr(topk_sum, "QUERY_CHUNK_ROWS", chunk_rows)
+    generator = torch.Generator().manual_seed(length)
+    q = torch.randn(2, 4, length, 8, generator=generator, requires_grad=True)
+    k, v = (torch.randn(2, 2, length, 8, generator=generator, requires_grad=True) for _ in range(2))
+    shared = torch.randn(2, 1, length, 6, generator=generator, requires_grad=True)
+    mask = None
+    if padding:
+        mask = torch.ones(2, 1, length, length, dtype=torch.bool).tril()
+        mask[0, ..., :3] = False  # sample 0 left-padded by 3 tokens
+        mask[0, :, :3, :3] = torch.eye(3, dtype=torch.bool)
+    weights = [torch.randn(2, 4, length, d, generator=generator) for d in (8, 8, 6)]
+    features = shared.expand(2, 2, length, 6)
+
+    def separate():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return out, topk_neighbour_sum(q, k, v, mask, top_k=3, scaling=8**-0.5), topk_neighbour_sum(q, k, features, mask, top_k=3, scaling=8**-0.5)
+
+    def joint():
+        out, graph = attention_with_graph(q, k, v, mask, scaling=8**-0.5, top_k=3)
+        return out, graph_sum(graph, v), graph_sum(graph, features)
+
+    results = []
+    for fn in (separate, joint):
+        outputs = fn()
+        loss = sum((o * w).sum() for o, w in zip(outputs, weights))
+        results.append([o.detach() for o in outputs] + list(torch.autograd.grad(loss, (q, k, v, shared))))
+    for name, a, b in zip(["out", "sum of values", "sum of shared", "dq", "dk", "dv", "d shared"], *results):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def _loss_and_grads(config: GinConfig, enabled: bool, padding: bool, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    calls = []
+    original = joint_module.attention_with_graph
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(joint_module, "ENABLED", enabled)
+    monkeypatch.setattr(joint_module, "attention_with_graph", spy)
+    torch.manual_seed(0)
+    model = get_gin_model(tiny_model(), config)
+    perturb_adapter(model)
+    model.train()
+    ids = torch.randint(3, 128, (2, 150), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if padding:
+        mask[0, :20] = 0
+    loss = model(ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]), len(calls)
+
+
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("fields", [dict(), dict(node_features="hidden"), dict(adjacency_grad=False), dict(top_k=3)],
+                         ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()) or "default")
+def test_training_with_the_joint_path_equals_the_separate_path(fields, padding, monkeypatch):
+    """A training step of a wrapped model (three query chunks, optional left padding) gives the same loss and
+    adapter gradients with the graph built beside the attention as with sdpa + the separate kernel."""
+    config = GinConfig(hidden_dim=8, **fields)
+    joint_loss, joint_grads, joint_calls = _loss_and_grads(config, True, padding, monkeypatch)
+    loss, grads, calls = _loss_and_grads(config, False, padding, monkeypatch)
+    assert joint_calls > 0 and calls == 0
+    assert torch.allclose(joint_loss, loss, atol=1e-6)
+    assert torch.allclose(joint_grads, grads, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fields", [dict(backend="dense"), dict(backend="gather"), dict(sparsify="threshold", head_reduction="sum")])
+def test_other_rules_and_explicit_backends_keep_the_separate_path(fields, monkeypatch):
+    assert _loss_and_grads(GinConfig(hidden_dim=8, **fields), True, False, monkeypatch)[2] == 0
+
+
+@pytest.mark.parametrize("case", ["plain", "no_grad", "bf16", "dropout", "softcap", "sliding_window", "sinks", "cache", "not_causal", "autocast", "float_mask"])
+def test_joint_applies_only_where_it_reproduces_sdpa(case):
+    generator = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    q = torch.randn(1, 2, 6, 4, generator=generator).to(dtype).requires_grad_(case != "no_grad")
+    k = torch.randn(1, 2, 6, 4, generator=generator).to(dtype)
+    if case == "cache":  # 3 new queries against 6 cached keys
+        q = q[:, :, 3:]
+    module = torch.nn.Module()
+    module.is_causal = case != "not_causal"
+    kwargs = {"dropout": {"dropout": 0.1}, "softcap": {"softcap": 30.0}, "sliding_window": {"sliding_window": 4},
+              "sinks": {"s_aux": torch.zeros(2)}}.get(case, {})
+    mask = torch.zeros(1, 1, 6, 6) if case == "float_mask" else None
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not joint_applies(module, q, k, mask, kwargs)
+        return
+    assert joint_applies(module, q, k, mask, kwargs) == (case == "plain")
