@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .top_k import top_k_last
+from . import topk_sum
 from .topk_sum import Chunk, ScoreSpec, _Layout, _mask_rows, _row_probabilities, _scores, plan_chunks
 
 
@@ -125,15 +126,9 @@ def attention_with_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     ``(B, Hkv, L, .)`` and a bool mask or ``None`` (plain causal), all float32. See the module docstring."""
     heads, q_len = query.shape[1], query.shape[2]
     spec = ScoreSpec(scaling=float(scaling), softcap=None, sliding_window=None, groups=heads // key.shape[1], q_len=q_len)
-    chunks = plan_chunks(q_len, key.shape[2], top_k, mask is not None, None, _chunk_rows())
+    chunks = plan_chunks(q_len, key.shape[2], top_k, mask is not None, None, topk_sum.QUERY_CHUNK_ROWS)
     out, weights, index = _AttentionWithGraph.apply(query, key, value, mask, spec, top_k, chunks)
     return out, TopKGraph(weights, index, chunks, top_k)
-
-
-def _chunk_rows() -> int:
-    from . import topk_sum
-
-    return topk_sum.QUERY_CHUNK_ROWS
 
 
 class _GraphSum(torch.autograd.Function):

@@ -19,7 +19,8 @@ def top_k_last(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     the top-k runs on those columns' ``s k`` entries (plus the ``r`` left over). Exact: an entry of the row's top-k
     lies in a column whose maximum is among the ``k`` largest column maxima (otherwise ``k`` larger maxima exist,
     each a distinct entry above it). Ties may pick other positions of equal value. On one CPU thread, rows of
-    128-256 probabilities, ``k = 8``: 1.2-2x faster than ``torch.topk``.
+    128-256 probabilities, ``k = 8``: 1.2-2x faster than ``torch.topk`` (an ad-hoc timing on the AMD EPYC of
+    docs/benchmarks.md, not a committed benchmark).
     """
     n = x.shape[-1]
     if n < TWO_STAGE_MIN_KEYS_PER_PICK * k:
