@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from tiny_models import _quiet, build
+from tiny_models import SPECIAL_IDS, _quiet, build
 
 from gin_adapter import GinConfig, get_gin_model, gin_layers
 from gin_adapter.discovery import NoAttentionError, find_attention_modules, text_config
@@ -124,12 +124,14 @@ def _generate(model: torch.nn.Module, use_cache: bool):
     ids = prompt()
     pad = getattr(text_config(model.config), "pad_token_id", None)
     pad = pad[0] if isinstance(pad, list) else pad
-    # models that derive positions from padding (RoBERTa) read a generated pad token as padding: never emit it
+    # models that derive positions from padding (RoBERTa) read a generated pad token as padding, and multimodal
+    # models replace a placeholder token (Gemma 4's image/video/audio ids) by their media: never emit either
+    suppress = sorted(set(SPECIAL_IDS) | ({pad} if pad is not None else set()))
     with torch.no_grad(), _quiet():
         return model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
             do_sample=False, use_cache=use_cache, output_logits=True, return_dict_in_generate=True,
-            pad_token_id=0 if pad is None else pad, suppress_tokens=None if pad is None else [pad],
+            pad_token_id=0 if pad is None else pad, suppress_tokens=suppress,
         )
 
 
