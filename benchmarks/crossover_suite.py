@@ -19,7 +19,8 @@ import torch
 from benchmarks.measure import interleaved_times, median
 from gin_adapter import GinConfig
 from gin_adapter.adjacency import AdjacencyRule
-from gin_adapter.topk_sum import _gather_rows, topk_neighbour_sum
+from gin_adapter.chunk_sums import gather_rows
+from gin_adapter.topk_sum import topk_neighbour_sum
 
 logger = logging.getLogger("benchmarks")
 
@@ -84,7 +85,7 @@ def run_crossover(args: argparse.Namespace) -> list[dict[str, Any]]:
             candidates = {
                 "pyg": lambda: neighbour_sum_pyg(adjacency, x),
                 "pyg_propagate": lambda: _PYG_SUM(flat_x, edge_index, edge_weight, size=size),
-                "gather": lambda: (weights.unsqueeze(-1) * _gather_rows(x, index)).sum(-2),
+                "gather": lambda: (weights.unsqueeze(-1) * gather_rows(x, index)).sum(-2),
             }
             for name, fn in candidates.items():
                 need = budget["gather" if name == "gather" else "pyg"]

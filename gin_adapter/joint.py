@@ -28,6 +28,7 @@ import torch
 
 from .top_k import top_k_last
 from . import topk_sum
+from .chunk_sums import dense_sum_grads, scatter_adjacency
 from .topk_sum import Chunk, ScoreSpec, _Layout, _mask_rows, _row_probabilities, _scores, plan_chunks
 
 
@@ -86,15 +87,14 @@ class _AttentionWithGraph(torch.autograd.Function):
             weights, local = top_k_last(probs, k)
             layout.put(weights5, chunk, weights)
             layout.put(index5, chunk, local + chunk.k0)
-        ctx.save_for_backward(query, key, value, mask, out5, index5)
+        ctx.save_for_backward(query, key, value, mask, out5, index5, weights5)
         ctx.spec, ctx.chunks = spec, chunks
         ctx.mark_non_differentiable(index5)
-        ctx.weights5 = weights5.detach()
         return out5.view(*query.shape[:-1], value.shape[-1]), weights5, index5
 
     @staticmethod
     def backward(ctx, grad_out, grad_weights5, _grad_index):
-        query, key, value, mask, out5, index5 = ctx.saved_tensors
+        query, key, value, mask, out5, index5, weights5 = ctx.saved_tensors
         spec: ScoreSpec = ctx.spec
         layout = _Layout(query, key.shape[1])
         grad5, query5 = layout.split(grad_out), layout.split(query)
@@ -113,7 +113,7 @@ class _AttentionWithGraph(torch.autograd.Function):
             if grad_weights5 is not None:
                 kept = layout.rows(grad_weights5, chunk)
                 d_probs.scatter_add_(-1, layout.rows(index5, chunk) - chunk.k0, kept)
-                row += (kept * layout.rows(ctx.weights5, chunk)).sum(dim=-1, keepdim=True)
+                row += (kept * layout.rows(weights5, chunk)).sum(dim=-1, keepdim=True)
             d_scores = d_probs.sub_(row).mul_(probs)
             layout.put(grad_query5, chunk, torch.matmul(d_scores, chunk_keys).mul_(spec.scaling))
             grad_key[..., chunk.k0 : chunk.k1, :] += torch.matmul(d_scores.transpose(-1, -2), chunk_query).mul_(spec.scaling)
@@ -140,7 +140,7 @@ class _GraphSum(torch.autograd.Function):
         out5 = features.new_empty(*weights5.shape[:4], features.shape[-1])
         for chunk in chunks:
             local = layout.rows(index5, chunk) - chunk.k0
-            adjacency = features.new_zeros(*local.shape[:-1], chunk.k1 - chunk.k0).scatter_(-1, local, layout.rows(weights5, chunk))
+            adjacency = scatter_adjacency(features.new_empty(*local.shape[:-1], chunk.k1 - chunk.k0), local, layout.rows(weights5, chunk))
             layout.put(out5, chunk, torch.matmul(adjacency, features[..., chunk.k0 : chunk.k1, :]))
         ctx.save_for_backward(weights5, index5, features)
         ctx.chunks, ctx.layout = chunks, layout
@@ -154,13 +154,14 @@ class _GraphSum(torch.autograd.Function):
         grad_features = torch.zeros_like(features) if ctx.needs_input_grad[2] else None
         for chunk in ctx.chunks:
             local = layout.rows(index5, chunk) - chunk.k0
-            grad = layout.rows(grad5, chunk)
-            chunk_features = features[..., chunk.k0 : chunk.k1, :]
-            if grad_weights5 is not None:
-                layout.put(grad_weights5, chunk, torch.matmul(grad, chunk_features.transpose(-1, -2)).gather(-1, local))
-            if grad_features is not None:
-                adjacency = grad.new_zeros(*local.shape[:-1], chunk.k1 - chunk.k0).scatter_(-1, local, layout.rows(weights5, chunk))
-                grad_features[..., chunk.k0 : chunk.k1, :] += torch.matmul(adjacency.transpose(-1, -2), grad)
+            grad_weights, grad_chunk = dense_sum_grads(
+                layout.rows(grad5, chunk), local, layout.rows(weights5, chunk), features[..., chunk.k0 : chunk.k1, :],
+                need_weights=grad_weights5 is not None, need_features=grad_features is not None,
+            )
+            if grad_weights is not None:
+                layout.put(grad_weights5, chunk, grad_weights)
+            if grad_chunk is not None:
+                grad_features[..., chunk.k0 : chunk.k1, :] += grad_chunk
         return grad_weights5, None, grad_features, None
 
 

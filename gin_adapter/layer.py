@@ -52,6 +52,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         self.gin_node_features: dict[str, str] = {}
         self.dims, self.layer_index = dims, layer_index
         self._layer_input_watcher: LayerInputWatcher | None = None
+        self._joint_top_k: dict[tuple[str, ...], int | None] = {}  # per set of active adapters, see _joint_top_k_for
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self.update_layer(adapter_name, config, scale_init=scale_init)
@@ -66,6 +67,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         self.gin_blocks[adapter_name] = block
         self.gin_rules[adapter_name] = AdjacencyRule.from_config(config)
         self.gin_node_features[adapter_name] = config.node_features
+        self._joint_top_k.clear()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def watch_layer_input(self, decoder_layer: nn.Module) -> None:
@@ -93,9 +95,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         active = [name for name in self.active_adapters if name in self.gin_blocks]
         if self.disable_adapters or not active:
             return self.base_layer(hidden_states, *args, **kwargs)
-        rules = [self.gin_rules[name] for name in active]
-        joint_top_k = rules[0].top_k if all(r.fused_top_k and r.backend == "auto" and r.top_k == rules[0].top_k for r in rules) else None
-        request = AggregationRequest(module=self.base_layer, joint_top_k=joint_top_k)
+        request = AggregationRequest(module=self.base_layer, joint_top_k=self._joint_top_k_for(active))
         with capture(request):
             output = self.base_layer(hidden_states, *args, **kwargs)
         graph = request.graph
@@ -118,6 +118,17 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
             delta = update if delta is None else delta + update
         attn_output = attn_output + delta.to(attn_output.dtype)
         return (attn_output, *output[1:]) if isinstance(output, tuple) else attn_output
+
+    def _joint_top_k_for(self, active: list[str]) -> int | None:
+        """The ``k`` the attention may build the graph with (:mod:`gin_adapter.joint`): every active adapter uses the
+        fused per-head top-k rule with backend ``"auto"`` and that same ``k``; else ``None``. Worked out once per set
+        of active adapters (the forward runs per layer and decoded token)."""
+        key = tuple(active)
+        if key not in self._joint_top_k:
+            rules = [self.gin_rules[name] for name in active]
+            same = all(r.fused_top_k and r.backend == "auto" and r.top_k == rules[0].top_k for r in rules)
+            self._joint_top_k[key] = rules[0].top_k if same else None
+        return self._joint_top_k[key]
 
     def _node_features(self, name: str, graph: GraphInputs, hidden_states, attn_output, cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_self (B, Hs, Lq, F), features of every key (B, Hkv or 1, Lk, F))`` for adapter ``name``."""

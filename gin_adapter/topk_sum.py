@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 
 from .adjacency import float32_region, visible_keys
+from .chunk_sums import dense_sum_grads, flat_rows, gather_rows, scatter_adjacency, weighted_rows
 from .top_k import top_k_last
 
 SumMode = Literal["dense", "gather"]
@@ -159,25 +160,6 @@ def _scores(grouped_query, key, mask, spec: ScoreSpec, chunk: Chunk, cap_slope: 
     return scores, slope
 
 
-def _flat_rows(index: torch.Tensor, k_len: int) -> torch.Tensor:
-    """Key indices ``(B, Hkv, R, k)`` into ``Lk`` keys -> row numbers of the flattened ``(B * Hkv * Lk, D)`` values."""
-    batch, kv_heads = index.shape[:2]
-    offsets = torch.arange(0, batch * kv_heads * k_len, k_len, device=index.device).view(batch, kv_heads, 1, 1)
-    return (index + offsets).reshape(-1)
-
-
-def _gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``values (B, Hkv, Lk, D)`` (contiguous), ``index (B, Hkv, R, k)`` -> the indexed rows ``(B, Hkv, R, k, D)``."""
-    dim = values.shape[-1]
-    rows = values.reshape(-1, dim).index_select(0, _flat_rows(index, values.shape[-2]))
-    return rows.view(*index.shape, dim)
-
-
-def _weighted_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``sum_m weights[..., m] * rows[..., m, :]``: ``(B, Hkv, R, k)``, ``(B, Hkv, R, k, D)`` -> ``(B, Hkv, R, D)``."""
-    return torch.matmul(weights.unsqueeze(-2), rows).squeeze(-2)
-
-
 def _row_probabilities(scores: torch.Tensor, may_be_empty: bool) -> torch.Tensor:
     """``softmax_j(s)`` per row (one fused kernel); rows with no visible key (all ``-inf``, only with a padding mask)
     get all-zero probabilities instead of NaN."""
@@ -252,10 +234,10 @@ def _forward_chunk(chunk_query, key, values, mask, spec: ScoreSpec, k: int, sum_
     weights, local = top_k_last(probs, k)  # key positions relative to k0; picks of invisible keys have weight 0
     index = local + chunk.k0 if chunk.k0 else local
     if sum_mode == "dense":
-        adjacency = probs.zero_().scatter_(-1, local, weights)  # the probability buffer becomes A
+        adjacency = scatter_adjacency(probs, local, weights)  # the probability buffer becomes A
         out = torch.matmul(adjacency, values[..., chunk.k0 : chunk.k1, :])
     else:
-        out = _weighted_rows(weights, _gather_rows(values, index))
+        out = weighted_rows(weights, gather_rows(values, index))
     return out, index, weights
 
 
@@ -279,18 +261,16 @@ def _backward(ctx, grad_out):
         chunk_values = values[..., chunk.k0 : chunk.k1, :]
         grad_weights = None
         if ctx.sum_mode == "dense":
-            if need_q or need_k:
-                grad_weights = torch.matmul(grad, chunk_values.transpose(-1, -2)).gather(-1, local)
-            if need_v:
-                adjacency = grad.new_zeros(*index.shape[:-1], chunk.k1 - chunk.k0).scatter_(-1, local, weights)
-                grad_value[..., chunk.k0 : chunk.k1, :] += torch.matmul(adjacency.transpose(-1, -2), grad)
-                del adjacency
+            grad_weights, grad_chunk_values = dense_sum_grads(grad, local, weights, chunk_values, need_weights=need_q or need_k, need_features=need_v)
+            if grad_chunk_values is not None:
+                grad_value[..., chunk.k0 : chunk.k1, :] += grad_chunk_values
+                del grad_chunk_values
         else:
             if need_q or need_k:
-                grad_weights = torch.matmul(_gather_rows(values, index), grad.unsqueeze(-1)).squeeze(-1)
+                grad_weights = torch.matmul(gather_rows(values, index), grad.unsqueeze(-1)).squeeze(-1)
             if need_v:
                 contributions = (weights.unsqueeze(-1) * grad.unsqueeze(-2)).reshape(-1, values.shape[-1])
-                grad_value.view(-1, values.shape[-1]).index_add_(0, _flat_rows(index, values.shape[-2]), contributions)
+                grad_value.view(-1, values.shape[-1]).index_add_(0, flat_rows(index, values.shape[-2]), contributions)
         if grad_weights is None:
             continue
         chunk_query = layout.rows(query5, chunk)
@@ -386,5 +366,5 @@ def _decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sp
     scores, _ = _scores(grouped, key, None, spec, Chunk(0, 1, 0, key.shape[-2]))  # (B, Hkv, G, Lk), nothing masked
     probs = torch.softmax(scores, dim=-1)
     weights, index = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-    out = torch.matmul(scores.zero_().scatter_(-1, index, weights), value.float())  # (B, Hkv, G, D)
+    out = torch.matmul(scatter_adjacency(scores, index, weights), value.float())  # (B, Hkv, G, D)
     return out.view(batch, heads, 1, value.shape[-1])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import perturb_adapter, tiny_model
 
-from gin_adapter import GinConfig, get_gin_model
+from gin_adapter import GinConfig, get_gin_model, gin_layers
 from gin_adapter import joint as joint_module
 from gin_adapter.joint import attention_with_graph, graph_sum, joint_applies
 from gin_adapter.topk_sum import topk_neighbour_sum
@@ -113,3 +113,26 @@ def test_joint_applies_only_where_it_reproduces_sdpa(case):
             assert not joint_applies(module, q, k, mask, kwargs)
         return
     assert joint_applies(module, q, k, mask, kwargs) == (case == "plain")
+
+
+def test_the_joint_k_follows_the_active_adapters_and_replaced_configs(monkeypatch):
+    """The wrapper works out once per set of active adapters whether the attention may build their graph; adding,
+    switching or replacing an adapter must not leave a stale answer (a stale ``k`` would build the wrong graph)."""
+    torch.manual_seed(0)
+    model = get_gin_model(tiny_model(), GinConfig(hidden_dim=8, top_k=4))
+    model.add_adapter("threshold", GinConfig(hidden_dim=8, sparsify="threshold", head_reduction="sum"))
+    model.add_adapter("k2", GinConfig(hidden_dim=8, top_k=2))
+    layer = gin_layers(model)[0]
+    assert layer._joint_top_k_for(["default"]) == 4
+    assert layer._joint_top_k_for(["threshold"]) is None
+    assert layer._joint_top_k_for(["default", "k2"]) is None  # two different k: the separate kernel
+    layer.update_layer("default", GinConfig(hidden_dim=8, top_k=6), scale_init=0.0)
+    assert layer._joint_top_k_for(["default"]) == 6
+    model.set_adapter("k2")
+    model.train()
+    seen = []
+    original = joint_module.attention_with_graph
+    monkeypatch.setattr(joint_module, "attention_with_graph", lambda *a, **kw: seen.append(kw["top_k"]) or original(*a, **kw))
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).loss.backward()
+    assert seen and set(seen) == {2}

@@ -1,0 +1,53 @@
+"""One query chunk's neighbour sum over its ``k`` picked keys, and its gradients (the fused kernel's and the joint path's).
+
+A chunk of ``R`` query rows (grouped per KV head: ``(B, Hkv, R, .)``) picked ``k`` keys per row: key positions
+``local (B, Hkv, R, k)`` inside the chunk's key range and weights ``W (B, Hkv, R, k)``. Its neighbour sum
+``n_r = sum_m W[r, m] X[local[r, m]]`` over features ``X (B, Hkv, keys, F)`` is formed either
+
+* densely: ``A = scatter(W)`` of shape ``(B, Hkv, R, keys)``, then one batched matmul ``A X`` (:func:`scatter_adjacency`,
+  backward :func:`dense_sum_grads`: ``dW = (dn X^T)[local]``, ``dX = A^T dn``); best for short sequences;
+* or by gathering the ``k`` feature rows (:func:`gather_rows`, :func:`weighted_rows`): ``O(R k F)``, best when
+  ``keys >> k``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def flat_rows(index: torch.Tensor, k_len: int) -> torch.Tensor:
+    """Key indices ``(B, Hkv, R, k)`` into ``Lk`` keys -> row numbers of the flattened ``(B * Hkv * Lk, D)`` values."""
+    batch, kv_heads = index.shape[:2]
+    offsets = torch.arange(0, batch * kv_heads * k_len, k_len, device=index.device).view(batch, kv_heads, 1, 1)
+    return (index + offsets).reshape(-1)
+
+
+def gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values (B, Hkv, Lk, D)`` (contiguous), ``index (B, Hkv, R, k)`` -> the indexed rows ``(B, Hkv, R, k, D)``."""
+    dim = values.shape[-1]
+    rows = values.reshape(-1, dim).index_select(0, flat_rows(index, values.shape[-2]))
+    return rows.view(*index.shape, dim)
+
+
+def weighted_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``sum_m weights[..., m] * rows[..., m, :]``: ``(B, Hkv, R, k)``, ``(B, Hkv, R, k, D)`` -> ``(B, Hkv, R, D)``."""
+    return torch.matmul(weights.unsqueeze(-2), rows).squeeze(-2)
+
+
+def scatter_adjacency(buffer: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One chunk's dense adjacency ``A (B, Hkv, R, keys)``: row ``r`` holds its ``k`` weights at the key positions
+    ``local (B, Hkv, R, k)`` and zeros elsewhere; written into ``buffer`` (same shape as ``A``), which is returned."""
+    return buffer.zero_().scatter_(-1, local, weights)
+
+
+def dense_sum_grads(grad: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, features: torch.Tensor, *,
+                    need_weights: bool, need_features: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Backward of one chunk's ``n = A X`` (``A`` from :func:`scatter_adjacency`, ``X`` the chunk's features
+    ``(B, Hkv, keys, F)``, ``grad = dn (B, Hkv, R, F)``): ``(dW = (dn X^T)[local], dX = A^T dn)``, each ``None``
+    when not needed."""
+    grad_weights = torch.matmul(grad, features.transpose(-1, -2)).gather(-1, local) if need_weights else None
+    grad_features = None
+    if need_features:
+        adjacency = scatter_adjacency(grad.new_empty(*local.shape[:-1], features.shape[-2]), local, weights)
+        grad_features = torch.matmul(adjacency.transpose(-1, -2), grad)
+    return grad_weights, grad_features
