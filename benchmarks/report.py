@@ -68,13 +68,25 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     if gen:
         for variant in ("gin", "gin_generic", "base"):
             out[f"generate_{variant}_over_lora_tokens_per_s"] = round_ratio(_row(gen, "lora"), _row(gen, variant), "generate_s_all")
-    targets = {
-        "train GIN/LoRA <= 1.15": (out.get("train_gin_over_lora"), lambda r: r <= 1.15),
-        "published-style/GIN >= 5 (equal output)": (out.get("published_over_gin_thr"), lambda r: r >= 5),
-        "peak memory GIN/LoRA <= 1.15 (total)": (out.get("memory_total_gin_over_lora"), lambda r: r <= 1.15),
-        "peak memory GIN/LoRA <= 1.15 (step, above weights)": (out.get("memory_step_gin_over_lora"), lambda r: r <= 1.15),
+    long = next((block["rows"] for block in train if block["rows"][0]["seq_len"] >= 2048), None)
+    if long:
+        out["train_long_shape"] = f"{long[0]['batch']}x{long[0]['seq_len']}, {long[0]['layers']} layers"
+        out["train_long_gin_over_lora"] = round_ratio(_row(long, "gin"), _row(long, "lora"), "step_s_all")
+    if train:  # the published-style computation's adapter overhead (its step minus LoRA's) over GIN's
+        lora_s, gin_s, published_s = (get(v, "step_s") for v in ("lora", "gin", "published"))
+        if None not in (lora_s, gin_s, published_s) and gin_s > lora_s:
+            out["published_overhead_over_gin_overhead"] = (published_s - lora_s) / (gin_s - lora_s)
+    shape = out.get("shape", "first training shape")
+    targets = {  # the speed issue's targets (docs/benchmarks.md)
+        f"train GIN/LoRA <= 1.10 ({shape})": (out.get("train_gin_over_lora"), lambda r: r <= 1.10),
+        f"train GIN hidden/LoRA <= 1.10 ({shape})": (out.get("train_gin_hidden_over_lora"), lambda r: r <= 1.10),
+        f"train GIN published preset/its LoRA <= 1.10 ({shape})": (out.get("train_gin_published_over_lora_b"), lambda r: r <= 1.10),
+        f"train GIN/LoRA <= 1.15 ({out.get('train_long_shape', '1x2048')})": (out.get("train_long_gin_over_lora"), lambda r: r <= 1.15),
+        "eval tokens/s GIN/LoRA >= 0.85": (out.get("eval_gin_over_lora_tokens_per_s"), lambda r: r >= 0.85),
+        "generate tokens/s GIN/LoRA >= 0.90": (out.get("generate_gin_over_lora_tokens_per_s"), lambda r: r >= 0.90),
+        "peak memory GIN/LoRA <= 1.10 (total)": (out.get("memory_total_gin_over_lora"), lambda r: r <= 1.10),
+        "published-style adapter overhead >= 3x GIN's": (out.get("published_overhead_over_gin_overhead"), lambda r: r >= 3),
         "no (B,H,L,L) saved for backward (GIN, sdpa)": (out.get("saved_attention_maps_gin"), lambda n: n == 0),
-        "generate GIN/LoRA >= 0.85": (out.get("generate_gin_over_lora_tokens_per_s"), lambda r: r >= 0.85),
     }
     out["targets"] = {name: dict(value=value, met=None if value is None else bool(test(value))) for name, (value, test) in targets.items()}
     return out
@@ -129,6 +141,17 @@ def markdown_tables(results: dict[str, Any]) -> str:
         lines += _throughput_table(f"Cached generate(), batch {r0['batch']}, prompt {r0['prompt']}, {r0['new_tokens']} new tokens", gen["rows"],
                                    "generate_s_all", "new tokens", ".1f", qualifier="greedy; ")
         lines.append(f"\nSame tokens as `gin`: {gen.get('same_tokens_as_gin')}\n")
+    decode = results.get("decode", {})
+    if decode.get("rows"):
+        r0 = decode["rows"][0]
+        lines += [f"### One decoded token, prompt {r0['prompt']}, {r0['layers']} layers (median of {len(r0['token_s_all'])} interleaved calls, {r0['timer']} time)", "",
+                  "| variant | ms per token | overhead per layer above base (us) | ATen calls per token | ATen calls per layer above base |", "|---|---:|---:|---:|---:|"]
+        for r in decode["rows"]:
+            lines.append(f"| {r['label']} | {1000 * r['token_s']:.2f} | {r['overhead_us_per_layer']:.0f} | {r['aten_calls']} | {r['aten_calls_per_layer']:.0f} |")
+        parts = decode.get("gin_parts") or {}
+        if parts:
+            lines.append(f"\n`gin` on one layer's decode inputs, best of repeats: neighbour sum {parts['neighbour_sum_us']:.0f} us, block {parts['block_us']:.0f} us.")
+        lines.append("")
     if results.get("crossover"):
         lines += ["### Crossover: neighbour sum from a given graph (forward, ms; H=9, D=64, batch 1)", "",
                   "| L | k | edges | dense | pyg (incl. nonzero) | pyg propagate only | gather (top-k list) | faster of dense, pyg | whole: generic dense / generic pyg / fused dense / fused gather |",

@@ -7,7 +7,7 @@ rotates each round), so a slow spell on a shared machine hits all of them alike.
 the timed rounds after warm-up; ratios are taken between medians of the same run.
 
 This file is the runner (arguments, the order of the suites, ``benchmark_results.json``); each suite is one
-module: ``train_suite.py``, ``eval_suite.py``, ``generate_suite.py``, ``crossover_suite.py``, ``kernel_suite.py``,
+module: ``train_suite.py``, ``eval_suite.py``, ``generate_suite.py``, ``decode_suite.py``, ``crossover_suite.py``, ``kernel_suite.py``,
 with the variants in ``variants.py``, the measuring in ``measure.py`` and the tables in ``report.py``.
 
 Suites (``--suite``):
@@ -19,6 +19,8 @@ Suites (``--suite``):
   gradients).
 * ``eval``: forward-only tokens/s (``torch.inference_mode``, loss computed as in perplexity evaluation).
 * ``generate``: cached greedy ``generate()`` tokens/s.
+* ``decode`` (not in the default list): one decoded token's time and ATen operator calls per variant, the overhead
+  per layer above the frozen base, and the GIN neighbour sum and block alone (``--decode-variants``).
 * ``crossover``: the GIN neighbour sum, dense (masked matmul) vs torch_geometric message passing vs a gather
   over top-k indices, over sequence length and neighbours per token, and the whole per-head computation (scores,
   top-k, sum) of the generic chain vs the fused kernel's two sum modes; writes ``crossover.png``.
@@ -70,6 +72,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.crossover_suite import plot_crossover, run_crossover  # noqa: E402
+from benchmarks.decode_suite import run_decode  # noqa: E402
 from benchmarks.eval_suite import run_eval  # noqa: E402
 from benchmarks.generate_suite import run_generate  # noqa: E402
 from benchmarks.kernel_suite import run_kernel  # noqa: E402
@@ -96,7 +99,7 @@ def length_map(text: str) -> dict[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", type=csv(), default=["train", "eval", "generate", "crossover", "kernel"], help="comma list of train,eval,generate,crossover,kernel")
+    p.add_argument("--suite", type=csv(), default=["train", "eval", "generate", "crossover", "kernel"], help="comma list of train,eval,generate,decode,crossover,kernel")
     p.add_argument("--model", default="embedded", help="model id or path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--seq-lens", type=csv(int), default=[256, 1024, 4096], help="training sequence lengths")
     p.add_argument("--batch", type=int, default=4, help="batch size for sequence lengths <= --long-from")
@@ -116,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--gen-tokens", type=int, default=32, help="new tokens per generate() call")
     p.add_argument("--gen-steps", type=int, default=2)
+    p.add_argument("--decode-variants", type=csv(), default=["base", "lora", "gin", "gin_hidden"], help="decode suite variants (base is always added)")
     p.add_argument("--no-memory", action="store_true", help="skip the instrumented memory step")
     p.add_argument("--no-checks", action="store_true", help="skip the equal-output checks")
     p.add_argument("--crossover-lens", type=csv(int), default=[128, 256, 512, 1024, 2048, 4096, 8192])
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    args={k: v for k, v in vars(args).items()}, machine=machine_info(device))
     logger.info("machine: %s", results["machine"])
 
-    needs_model = any(s in args.suite for s in ("train", "eval", "generate"))
+    needs_model = any(s in args.suite for s in ("train", "eval", "generate", "decode"))
     base = tokenizer = None
     if needs_model:
         base, tokenizer = load_base(args.model, dtype, device)
@@ -212,6 +216,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prompt = corpus_ids(tokenizer, args.gen_batch * args.gen_prompt, offset_articles=100).view(args.gen_batch, args.gen_prompt).to(device)
         results["generate"] = run_generate(base, tokenizer, prompt, args.gen_variants, new_tokens=args.gen_tokens, warmup=args.warmup, steps=args.gen_steps, device=device)
         results["suite_wall_s"]["generate"] = time.time() - suite_start
+        _write(results, out_dir)
+
+    if "decode" in args.suite:
+        suite_start = time.time()
+        prompt = corpus_ids(tokenizer, args.gen_prompt + 1, offset_articles=100).view(1, args.gen_prompt + 1).to(device)
+        results["decode"] = run_decode(base, prompt, args.decode_variants, warmup=args.warmup, steps=args.gen_steps, device=device)
+        results["suite_wall_s"]["decode"] = time.time() - suite_start
         _write(results, out_dir)
 
     if "crossover" in args.suite:

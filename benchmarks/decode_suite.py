@@ -1,0 +1,129 @@
+"""The ``decode`` suite: where one decoded token's time goes, per layer, for each variant.
+
+One timed call is one cached forward of the whole model on one new token after a ``--gen-prompt``-token prompt
+(the KV cache is cropped back after each call, the same work for every variant). From the medians:
+
+    overhead per layer = (t_variant - t_base) / layers                                   (seconds per layer and token)
+
+and, from one profiled call per variant, the ATen operator calls per layer above the base
+(``(calls_variant - calls_base) / layers``): decoding one token costs a few microseconds per operator whatever
+its size, so the operator count, not arithmetic, sets the adapter's decode cost on a CPU. For ``gin`` the suite
+also times the adapter's two parts alone on the first layer's captured decode inputs (best of repeats): the
+neighbour sum over the top-k graph (:func:`gin_adapter.aggregate.graph_neighbour_sum`) and the block.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import timeit
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from benchmarks.measure import interleaved_times, median, synchronizer
+from benchmarks.variants import LABELS, build_variants
+from gin_adapter import gin_layers
+from gin_adapter.aggregate import graph_neighbour_sum
+from gin_adapter.attention import AggregationRequest, capture
+
+logger = logging.getLogger("benchmarks")
+
+
+def _set_scales(model: torch.nn.Module, value: float) -> None:
+    """Non-zero GIN scales: the block runs either way, but the decoded logits then depend on it."""
+    with torch.no_grad():
+        for layer in gin_layers(model):
+            for block in layer.gin_blocks.values():
+                block.scale.fill_(value)
+
+
+def _decode_call(model: torch.nn.Module, prompt: torch.Tensor, token: torch.Tensor):
+    """A function decoding ``token`` after the cached ``prompt`` (the cache is restored after each call)."""
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=prompt, cache=cache, use_cache=True)
+
+    def call() -> None:
+        with torch.inference_mode():
+            model(input_ids=token, cache=cache, use_cache=True)
+            cache.crop(-token.shape[-1])
+
+    return call
+
+
+def _aten_calls(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
+
+
+def _best_us(fn, number: int = 50, repeat: int = 9) -> float:
+    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+
+
+def gin_parts_us(model: torch.nn.Module, prompt: torch.Tensor, token: torch.Tensor) -> dict[str, float]:
+    """Best-of-repeats microseconds of the first wrapped layer's neighbour sum and block on one decoded token
+    (value features; the inputs are captured from a real decode step)."""
+    layer = gin_layers(model)[0]
+    name = next(iter(layer.gin_blocks))
+    captured: dict[str, Any] = {}
+    handle = layer.base_layer.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(kwargs, hidden_states=args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    call = _decode_call(model, prompt, token)
+    call()
+    handle.remove()
+    hidden = captured.pop("hidden_states")
+    request = AggregationRequest(module=layer.base_layer)
+    with torch.inference_mode(), capture(request):
+        layer.base_layer(hidden, **captured)
+    cache = next(v for v in captured.values() if isinstance(v, DynamicCache))
+    cache.crop(-token.shape[-1])
+    graph, rule, block = request.graph, layer.gin_rules[name], layer.gin_blocks[name]
+    features = graph.value
+    x_self = features[..., graph.k_len - graph.q_len :, :]
+    with torch.inference_mode():
+        neighbours = graph_neighbour_sum(graph, features, rule)
+
+    def neighbour_sum() -> None:
+        with torch.inference_mode():
+            graph_neighbour_sum(graph, features, rule)
+
+    def run_block() -> None:
+        with torch.inference_mode():
+            block(x_self, neighbours)
+
+    return dict(neighbour_sum_us=_best_us(neighbour_sum), block_us=_best_us(run_block))
+
+
+def run_decode(base, prompt: torch.Tensor, names: list[str], *, warmup: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """Per variant: seconds per decoded token (median of interleaved rounds), ATen calls per token, and the
+    overhead per layer above ``base`` (which the list must hold)."""
+    if "base" not in names:
+        names = ["base", *names]
+    variants = build_variants(base, names)
+    token = prompt[:, -1:]
+    fns, calls = {}, {}
+    for name, variant in variants.items():
+        model = variant.model.eval()
+        _set_scales(model, 0.5)
+        fns[name] = _decode_call(model, prompt[:, :-1], token)
+        fns[name]()  # first call outside the timing
+        calls[name] = _aten_calls(fns[name])
+    rounds = 20 * steps  # one call is a few ms: many rounds for a stable median
+    times = interleaved_times(fns, warmup, rounds, synchronizer(device), what="decode", collect=False)
+    layers = base.config.num_hidden_layers
+    base_s = median(times["base"])
+    rows = []
+    for name, t in times.items():
+        seconds = median(t)
+        rows.append(dict(variant=name, label=LABELS[name], prompt=prompt.shape[1] - 1, layers=layers, token_s=seconds, token_s_all=t,
+                         aten_calls=calls[name], overhead_us_per_layer=(seconds - base_s) / layers * 1e6,
+                         aten_calls_per_layer=(calls[name] - calls["base"]) / layers, timer=times.primary))
+    parts = gin_parts_us(variants["gin"].model, prompt[:, :-1], token) if "gin" in variants else {}
+    del variants, fns
+    gc.collect()
+    return dict(rows=rows, gin_parts=parts)
