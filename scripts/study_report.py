@@ -115,6 +115,9 @@ def machines(trials: list[dict[str, Any]]) -> list[str]:
         m = t.get("machine") or {}
         flags = ", ".join(f for f in ("avx512", "avx512_bf16", "amx") if m.get(f)) or "no AVX-512"
         key = f"{m.get('cpu_model', '?')} ({flags}), {m.get('torch_threads', '?')} threads, {m.get('device', '?')}"
+        libraries = m.get("versions") or {}
+        key += "; " + (", ".join(f"{name} {libraries[name]}" for name in ("torch", "transformers", "peft") if libraries.get(name))
+                       if libraries else "library versions not recorded (trials before they were)")
         seen[key] = seen.get(key, 0) + 1
     return [f"- {key}: {count} trial(s)" for key, count in seen.items()]
 

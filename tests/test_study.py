@@ -79,6 +79,8 @@ def test_study_end_to_end_on_a_tiny_model(tiny: dict, tmp_path: Path, single_thr
         assert {t["learning_rate"] for t in trials.values() if t["run"] == name} == {1e-2, 3e-2}
         assert s["ood_ppl_mean"] > 1 and s["peak_memory_mb"] > 0 and s["train_tokens_per_s"] > 0
     assert report["base"]["ood_perplexity"] > 1
+    for trial in trials.values():  # what ran where: CPU, threads and the versions that decide the numbers
+        assert trial["machine"]["versions"]["torch"] == torch.__version__ and trial["machine"]["cpu_model"]
     paired = summary["gin_small"]["paired_difference_to_baseline"]
     assert paired["n"] == 2 and paired["ci95_low"] <= paired["mean"] <= paired["ci95_high"]
     assert summary["ia3"]["method"] == "peft" and summary["ia3"]["paired_difference_to_baseline"]["n"] >= 1
@@ -91,6 +93,7 @@ def test_study_end_to_end_on_a_tiny_model(tiny: dict, tmp_path: Path, single_thr
     text = study_report.report(Path(report["config"]["output_dir"]))
     assert "7 trial(s) finished" not in text and f"{len(report['trials'])} trial(s) finished" in text
     assert "The study is complete." in text
+    assert f"torch {torch.__version__}" in text  # the machines section names the versions
     assert "## Compared with `lora_small`" in text and "## Compared with `lora_big`" in text
     row = next(line for line in text.splitlines() if line.startswith("| `gin_small` |"))
     assert f"{paired['mean']:+.3f} [{paired['ci95_low']:+.3f}, {paired['ci95_high']:+.3f}] (2 seeds)" in row

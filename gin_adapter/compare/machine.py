@@ -3,8 +3,10 @@ benchmark, since timings and ratios move with the CPU and the number of threads.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,36 @@ def cpu_features() -> dict[str, bool]:
     return {"avx2": "avx2" in flags, "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags}
 
 
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "torch-geometric", "gin-adapter")
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the libraries that decide the numbers (``None`` for one that is not installed)."""
+    found: dict[str, str] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def source_commit() -> str | None:
+    """The git commit of this checkout (with ``+dirty`` when files differ from it), or ``None`` outside a checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "") if commit else None
+
+
 def machine(device: torch.device | None = None) -> dict[str, Any]:
-    """CPU model and features, torch threads, logical CPUs, the device and (on CUDA) its name."""
-    info: dict[str, Any] = {"cpu_model": cpu_model(), **cpu_features(), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    """CPU model and features, torch threads, logical CPUs, the device and (on CUDA) its name, the library
+    versions and the source commit."""
+    info: dict[str, Any] = {"cpu_model": cpu_model(), **cpu_features(), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                            "versions": versions(), "commit": source_commit()}
     if device is not None:
         info["device"] = str(device)
         if device.type == "cuda":
