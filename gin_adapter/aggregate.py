@@ -113,7 +113,8 @@ def graph_neighbour_sum(graph: GraphInputs, features: torch.Tensor, rule: Adjace
     query, key = (graph.query, graph.key) if rule.adjacency_grad else (graph.query.detach(), graph.key.detach())
     if rule.fused_top_k:
         batch, kv_heads, k_len = key.shape[:3]
-        features = features.expand(batch, kv_heads, k_len, features.shape[-1])
+        if features.shape[1] != kv_heads:  # features shared by the heads: a view per KV head
+            features = features.expand(batch, kv_heads, k_len, features.shape[-1])
         return topk_neighbour_sum(
             query, key, features, graph.mask, top_k=rule.top_k, scaling=graph.scaling, softcap=graph.softcap,
             sliding_window=graph.sliding_window, sum_mode=rule.backend if rule.backend in ("dense", "gather") else "auto",

@@ -45,18 +45,40 @@ def feature_heads(config: GinConfig, dims: AttentionDims) -> tuple[int, int]:
     return (dims.heads if config.head_reduction == "none" else 1), config.hidden_dim
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``; no operator call when it already is (a decoded token runs every call once per layer)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def rms_norm(y: torch.Tensor, weight: torch.Tensor, eps: float, eps_t: torch.Tensor, width_t: torch.Tensor) -> torch.Tensor:
+    """``weight * y / sqrt(mean_j y_j^2 + eps)`` over the last dimension ``d``.
+
+    For float32 ``y`` the same float operations in the same order as ``F.rms_norm``'s CPU composite (so the same
+    numbers), with ``eps`` and ``d`` given as 0-dim float32 tensors ``eps_t``, ``width_t``: 7 ATen calls instead
+    of 24, since every Python scalar in an operation is first wrapped into a tensor (4 calls). Other dtypes use
+    ``F.rms_norm`` (which computes in float32)."""
+    if y.dtype != torch.float32 or eps_t.dtype != torch.float32:
+        return F.rms_norm(y, (y.shape[-1],), weight, eps)
+    mean_square = torch.sum(y * y, dim=-1, keepdim=True).div_(width_t).add_(eps_t)
+    return y * torch.rsqrt(mean_square) * weight
+
+
 class _Block(nn.Module):
     """What every block shares: the optional input projection, ``eps``, the RMSNorm and ``scale``."""
 
     def __init__(self, config: GinConfig, dims: AttentionDims, scale_init: float) -> None:
         super().__init__()
         self.scale_init = scale_init
-        self.self_weight_offset = 1.0 if config.self_weight == "one_plus_eps" else 0.0
         self.heads_in, self.width_in = feature_heads(config, dims)
         self.in_proj = nn.Linear(dims.model_dim, config.hidden_dim) if config.node_features != "values" else None
         self.eps = nn.Parameter(torch.zeros(1))
         self.norm = nn.RMSNorm(dims.model_dim, eps=config.norm_eps)
         self.scale = nn.Parameter(torch.zeros(1))
+        # constants as 0-dim tensors (not saved): no Python scalar is wrapped into a tensor on every call
+        offset = 1.0 if config.self_weight == "one_plus_eps" else 0.0
+        self.register_buffer("self_weight_offset", torch.tensor(offset), persistent=False)
+        self.register_buffer("norm_eps", torch.tensor(config.norm_eps), persistent=False)
+        self.register_buffer("norm_width", torch.tensor(float(dims.model_dim)), persistent=False)
 
     def reset_parameters(self) -> None:
         """Default init of every linear map (and PReLU slope), ``eps = 0``, unit norm weight, ``scale = scale_init``."""
@@ -69,7 +91,7 @@ class _Block(nn.Module):
 
     def project(self, u: torch.Tensor) -> torch.Tensor:
         """Node features of model width ``(B, L, d)`` -> GIN width ``(B, L, hidden_dim)`` (hidden/input modes)."""
-        return self.in_proj(u.to(self.in_proj.weight.dtype))
+        return self.in_proj(_as(u, self.in_proj.weight.dtype))
 
     def gin_input(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         """``z = c * x_self + neighbours`` per head, merged to ``(B, L, heads_in * width)``.
@@ -83,14 +105,14 @@ class _Block(nn.Module):
         if heads < self.heads_in:
             neighbours, heads = neighbours.expand(batch, self.heads_in, length, dim), self.heads_in
         self_heads = x_self.shape[1]
-        grouped = neighbours.to(dtype).view(batch, self_heads, heads // self_heads, length, dim)
-        z = grouped + (self.self_weight_offset + self.eps) * x_self.to(dtype).unsqueeze(2)  # (B, Hs, G, L, F)
+        grouped = _as(neighbours, dtype).view(batch, self_heads, heads // self_heads, length, dim)
+        z = grouped + (self.self_weight_offset + self.eps) * _as(x_self, dtype).unsqueeze(2)  # (B, Hs, G, L, F)
         return z.permute(0, 3, 1, 2, 4).reshape(batch, length, heads * dim)  # heads h = s * G + g
 
     def scaled_norm(self, y: torch.Tensor) -> torch.Tensor:
         """``scale * RMSNorm(y)`` with the scale folded into the norm weight (no normalised copy kept for its grad)."""
         weight = self.norm.weight * self.scale
-        return F.rms_norm(y.to(weight.dtype), self.norm.normalized_shape, weight, self.norm.eps)  # fp32 under autocast
+        return rms_norm(_as(y, weight.dtype), weight, self.norm.eps, self.norm_eps, self.norm_width)  # fp32 under autocast
 
 
 class GinBlock(_Block):

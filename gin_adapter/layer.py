@@ -116,7 +116,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
             neighbours = graph_neighbour_sum(graph, features, self.gin_rules[name])
             update = self.gin_blocks[name](x_self, neighbours)
             delta = update if delta is None else delta + update
-        attn_output = attn_output + delta.to(attn_output.dtype)
+        attn_output = attn_output + (delta if delta.dtype == attn_output.dtype else delta.to(attn_output.dtype))
         return (attn_output, *output[1:]) if isinstance(output, tuple) else attn_output
 
     def _joint_top_k_for(self, active: list[str]) -> int | None:

@@ -357,14 +357,23 @@ def topk_neighbour_sum(
 
 
 def _decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: ScoreSpec, top_k: int) -> torch.Tensor:
-    """One new token against the whole cache, no mask, no autograd: the fewest kernel launches (decode is bound by
-    per-op overhead, not arithmetic; this path makes about half the kernel calls of :func:`_forward`).
-    ``softmax`` then ``topk`` of the probabilities (same picks and weights as :func:`_forward`), the k weights
-    scattered into the ``(1, Lk)`` row, one matmul with the values."""
+    """One new token against the whole cache, no mask, no autograd: the fewest ATen calls (decoding is bound by
+    per-call overhead, not arithmetic). With ``R = B * Hkv`` rows of ``G`` query heads:
+    ``s = scaling * q K^T`` as one ``baddbmm`` (``(R, G, Lk)``, the scale folded in as in :func:`_scores` without
+    a mask), ``softmax`` then ``topk`` of the probabilities (same picks and weights as :func:`_forward`), the k
+    weights scattered into the score buffer, one ``bmm`` with the values."""
     batch, heads, _, dim = query.shape
-    grouped = query.reshape(batch, key.shape[1], spec.groups, dim)  # the G query heads of each KV head as rows
-    scores, _ = _scores(grouped, key, None, spec, Chunk(0, 1, 0, key.shape[-2]))  # (B, Hkv, G, Lk), nothing masked
+    kv_heads, k_len, width = key.shape[1], key.shape[2], value.shape[-1]
+    rows = batch * kv_heads
+    if spec.softcap is None:
+        grouped = (query if query.dtype == torch.float32 else query.float()).reshape(rows, spec.groups, dim)
+        keys = (key if key.dtype == torch.float32 else key.float()).reshape(rows, k_len, dim)
+        scores = torch.baddbmm(grouped.new_empty(rows, spec.groups, k_len), grouped, keys.transpose(1, 2), beta=0.0, alpha=spec.scaling)
+    else:
+        grouped = query.reshape(batch, kv_heads, spec.groups, dim)
+        scores = _scores(grouped, key, None, spec, Chunk(0, 1, 0, k_len))[0].view(rows, spec.groups, k_len)
     probs = torch.softmax(scores, dim=-1)
-    weights, index = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-    out = torch.matmul(scatter_adjacency(scores, index, weights), value.float())  # (B, Hkv, G, D)
-    return out.view(batch, heads, 1, value.shape[-1])
+    weights, index = probs.topk(min(top_k, k_len), dim=-1)
+    values = (value if value.dtype == torch.float32 else value.float()).reshape(rows, k_len, width)
+    out = torch.bmm(scatter_adjacency(scores, index, weights), values)  # (R, G, Dv)
+    return out.view(batch, heads, 1, width)

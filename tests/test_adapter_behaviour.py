@@ -196,6 +196,27 @@ def test_two_stage_top_k_equals_torch_topk(shape, k):
     assert index.sort(dim=-1).values.diff(dim=-1).ne(0).all()  # k distinct positions per row
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_rms_norm_equals_torch_rms_norm(dtype):
+    """The block's RMSNorm (the composite's float operations with 0-dim constants, fewer operator calls) gives
+    F.rms_norm's values and gradients; bf16 input goes through F.rms_norm itself."""
+    from gin_adapter.blocks import rms_norm
+
+    generator = torch.Generator().manual_seed(0)
+    y = (3 * torch.randn(2, 5, 576, generator=generator)).to(dtype).requires_grad_()
+    weight = (torch.rand(576, generator=generator) + 0.5).to(dtype).requires_grad_()
+    eps = 1e-6
+    out = rms_norm(y, weight, eps, torch.tensor(eps), torch.tensor(576.0))
+    expected = torch.nn.functional.rms_norm(y, (576,), weight, eps)
+    upstream = torch.randn(out.shape, generator=generator).to(dtype)
+    grads = torch.autograd.grad((out * upstream).sum(), (y, weight))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (y, weight))
+    tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=0)
+    assert torch.allclose(out, expected, **tolerance)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert torch.allclose(grad, expected_grad, **(dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else tolerance))
+
+
 def test_detached_graph_keeps_forward_and_own_layer_gradients():
     """adjacency_grad=False: same output; the last layer's GIN gets the same gradients (its graph does not depend on
     it), earlier layers' differ (their effect on later graphs is cut), and nothing reaches q/k through the graph."""
