@@ -94,38 +94,12 @@ class Context:
 
 
 # ----------------------------------------------------------------------------- one trial = run x lr x seed
-def train_one_run(trial: Trial, ctx: Context) -> dict[str, Any]:
-    """Train one run at one learning rate and seed; return its metrics and curves (also written to trials/<id>.json)."""
+def _train_steps(trial: Trial, ctx: Context, model, optimizer, scheduler, batches, trainable: list, state: TrainerState, ckpt_root: Path,
+                 started: float, last_ckpt: Path | None) -> None:
+    """The optimiser steps from ``state.step`` to ``max_steps``: loss, backward, clipping, logging, evaluation every
+    ``eval_every`` steps and at the end, checkpoints; ``state`` is updated in place. ``started`` is the
+    ``time.perf_counter()`` the trial's training time counts from (earlier working periods included)."""
     cfg, accelerator = ctx.cfg, ctx.accelerator
-    ckpt_root = ctx.out / "checkpoints" / trial.id
-    memory = PeakMemory(accelerator.device).__enter__()  # peak over the whole trial (closed below)
-    set_seed(trial.seed)  # same seed -> same adapter init and the same data order for every method
-    model = wrap_model(load_base_model(cfg, ctx.model_path), trial.plan)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=trial.lr, weight_decay=cfg.weight_decay)
-    # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
-    scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=cfg.warmup_steps * accelerator.num_processes)
-    global_batch = cfg.per_device_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-    order = train_order(len(ctx.train_blocks), cfg.max_steps * global_batch, seed=trial.seed)
-    train_loader = DataLoader(ctx.train_blocks.select(order), batch_size=cfg.per_device_batch_size, shuffle=False, collate_fn=collate_blocks)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-
-    state, resumed_from = resume_latest(accelerator, ckpt_root) if ctx.resume else (TrainerState(), None)
-    if resumed_from is not None:
-        accelerator.print(f"[{trial.id}] resumed from {resumed_from} at step {state.step}")
-    batches = accelerator.skip_first_batches(train_loader, state.step * cfg.gradient_accumulation_steps)
-
-    accelerator.print(f"\n[{trial.id}] {trial.plan.method}: {n_trainable:,} trainable / {n_total:,} parameters, lr={trial.lr:g}, "
-                      f"seed={trial.seed}, {cfg.max_steps} steps x {global_batch} blocks x {cfg.data.block_size} tokens")
-    if state.step == 0:  # measured, not assumed: a broken identity at initialisation shows in the curves
-        state.val_ppl.append((0, evaluate_perplexity(model, ctx.val_loader, accelerator)["perplexity"]))
-        if (warning := identity_at_init_warning(trial, state.val_ppl[0][1], ctx.base_ppl)) is not None:
-            accelerator.print(warning)
-        if (scales := gin_scales(accelerator.unwrap_model(model))) is not None:
-            state.scales.append((0, scales))
-
-    started, last_ckpt = time.perf_counter() - state.elapsed_s, resumed_from
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc=trial.id, disable=not accelerator.is_local_main_process)
     model.train()
     step_loss = 0.0
@@ -176,9 +150,43 @@ def train_one_run(trial: Trial, ctx: Context) -> dict[str, Any]:
     progress.close()
     if state.step < cfg.max_steps:
         raise RuntimeError(f"[{trial.id}] the training loader ran out at step {state.step} of {cfg.max_steps}.")
-    train_wall = time.perf_counter() - started
-    ood_ppl = evaluate_perplexity(model, ctx.ood_loader, accelerator)["perplexity"] if ctx.ood_loader is not None else None
-    memory.__exit__(None, None, None)
+
+
+def train_one_run(trial: Trial, ctx: Context) -> dict[str, Any]:
+    """Train one run at one learning rate and seed; return its metrics and curves (also written to trials/<id>.json)."""
+    cfg, accelerator = ctx.cfg, ctx.accelerator
+    ckpt_root = ctx.out / "checkpoints" / trial.id
+    with PeakMemory(accelerator.device) as memory:  # peak over training and scoring; stopped on any exit
+        set_seed(trial.seed)  # same seed -> same adapter init and the same data order for every method
+        model = wrap_model(load_base_model(cfg, ctx.model_path), trial.plan)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+        optimizer = torch.optim.AdamW(trainable, lr=trial.lr, weight_decay=cfg.weight_decay)
+        # Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
+        scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=cfg.warmup_steps * accelerator.num_processes)
+        global_batch = cfg.per_device_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+        order = train_order(len(ctx.train_blocks), cfg.max_steps * global_batch, seed=trial.seed)
+        train_loader = DataLoader(ctx.train_blocks.select(order), batch_size=cfg.per_device_batch_size, shuffle=False, collate_fn=collate_blocks)
+        model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+
+        state, resumed_from = resume_latest(accelerator, ckpt_root) if ctx.resume else (TrainerState(), None)
+        if resumed_from is not None:
+            accelerator.print(f"[{trial.id}] resumed from {resumed_from} at step {state.step}")
+        batches = accelerator.skip_first_batches(train_loader, state.step * cfg.gradient_accumulation_steps)
+
+        accelerator.print(f"\n[{trial.id}] {trial.plan.method}: {n_trainable:,} trainable / {n_total:,} parameters, lr={trial.lr:g}, "
+                          f"seed={trial.seed}, {cfg.max_steps} steps x {global_batch} blocks x {cfg.data.block_size} tokens")
+        if state.step == 0:  # measured, not assumed: a broken identity at initialisation shows in the curves
+            state.val_ppl.append((0, evaluate_perplexity(model, ctx.val_loader, accelerator)["perplexity"]))
+            if (warning := identity_at_init_warning(trial, state.val_ppl[0][1], ctx.base_ppl)) is not None:
+                accelerator.print(warning)
+            if (scales := gin_scales(accelerator.unwrap_model(model))) is not None:
+                state.scales.append((0, scales))
+
+        started = time.perf_counter() - state.elapsed_s
+        _train_steps(trial, ctx, model, optimizer, scheduler, batches, trainable, state, ckpt_root, started, last_ckpt=resumed_from)
+        train_wall = time.perf_counter() - started
+        ood_ppl = evaluate_perplexity(model, ctx.ood_loader, accelerator)["perplexity"] if ctx.ood_loader is not None else None
 
     adapter_dir = ctx.out / "adapters" / trial.run.name / "trials" / trial.id
     accelerator.wait_for_everyone()

@@ -16,6 +16,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -422,6 +423,7 @@ def test_non_finite_value_stops_with_a_clear_error_and_keeps_checkpoints(what: s
                rf"\(injected by debug_non_finite='{what}'\)\. Lower the learning rate")
     with pytest.raises(NonFiniteLossError, match=message) as info:
         train.main(["--config", str(config)])
+    assert "peak-memory" not in {thread.name for thread in threading.enumerate()}  # the memory sampler stopped too
     root = tmp_path / "out" / "checkpoints" / "lora__lr0.01__seed0"
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-1", "checkpoint-2"]  # no temp folder left behind
     for step, ckpt in ((1, root / "checkpoint-1"), (2, root / "checkpoint-2")):
