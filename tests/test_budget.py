@@ -124,3 +124,18 @@ def test_shipped_configs_have_matched_budgets_on_the_embedded_model(name: str) -
 def test_rank_only_matching_raises_instead_of_moving_the_hidden_dim() -> None:
     with pytest.raises(ValueError, match=r"no LoRA rank matches GIN hidden_dim=4 \(405 parameters\) within budget.tolerance=5%"):
         match_budget(lambda h: 100 * h + 5, hidden_dim=4, lora_per_rank=1000, tolerance=0.05, adjust_hidden_dim=False)
+
+
+def test_matching_that_would_move_another_budgets_reference_is_a_clear_error() -> None:
+    """Two GIN references share hidden_dim=1; one rank of LoRA on every linear layer is 5x gin_a's budget, so matching
+    it would have to grow hidden_dim, which would move the second budget's reference too: refused, saying what to do."""
+    every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = TrainingConfig.from_dict({
+        "runs": [{"name": "gin_a", "method": "gin", "gin": {"hidden_dim": 1}},
+                 {"name": "lora_a", "method": "lora", "budget_reference": "gin_a", "lora": {"target_modules": every_linear}},
+                 {"name": "gin_b", "method": "gin", "gin": {"hidden_dim": 1, "graph": "reference"}},
+                 {"name": "lora_b", "method": "lora", "budget_reference": "gin_b"}],
+    })
+    with pytest.raises(ValueError, match=r"needs hidden_dim \d+ instead of 1, which would also move another budget's reference "
+                                         r"\(\['gin_b'\]\); give 'gin_a' its own hidden_dim, set lora.r explicitly"):
+        plan_runs(cfg, tiny_config())
