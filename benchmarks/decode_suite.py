@@ -26,7 +26,6 @@ from benchmarks.measure import interleaved_times, median, synchronizer
 from benchmarks.variants import LABELS, build_variants
 from gin_adapter import gin_layers
 from gin_adapter.aggregate import graph_neighbour_sum
-from gin_adapter.attention import AggregationRequest, capture
 
 logger = logging.getLogger("benchmarks")
 
@@ -77,12 +76,11 @@ def gin_parts_us(model: torch.nn.Module, prompt: torch.Tensor, token: torch.Tens
     call()
     handle.remove()
     hidden = captured.pop("hidden_states")
-    request = AggregationRequest(module=layer.base_layer)
-    with torch.inference_mode(), capture(request):
-        layer.base_layer(hidden, **captured)
+    with torch.inference_mode():
+        _, graph = layer.attend(hidden, **captured)
     cache = next(v for v in captured.values() if isinstance(v, DynamicCache))
     cache.crop(-token.shape[-1])
-    graph, rule, block = request.graph, layer.gin_rules[name], layer.gin_blocks[name]
+    rule, block = layer.gin_rules[name], layer.gin_blocks[name]
     features = graph.value
     x_self = features[..., graph.k_len - graph.q_len :, :]
     with torch.inference_mode():

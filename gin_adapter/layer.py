@@ -95,16 +95,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         active = [name for name in self.active_adapters if name in self.gin_blocks]
         if self.disable_adapters or not active:
             return self.base_layer(hidden_states, *args, **kwargs)
-        request = AggregationRequest(module=self.base_layer, joint_top_k=self._joint_top_k_for(active))
-        with capture(request):
-            output = self.base_layer(hidden_states, *args, **kwargs)
-        graph = request.graph
-        if graph is None:
-            raise RuntimeError(
-                f"{getattr(self, 'target_description', type(self.base_layer).__name__)} did not call transformers' "
-                "attention interface with the GIN attention function and itself as `module`, so it cannot be wrapped; "
-                "pass GinConfig(target_modules=[...]) naming the module that does."
-            )
+        output, graph = self.attend(hidden_states, *args, joint_top_k=self._joint_top_k_for(active), **kwargs)
         attn_output = output[0] if isinstance(output, tuple) else output
         cache, cache_layer = find_cache(kwargs), None
         if cache is not None:  # refuse caches the adapter cannot follow; keep projected features beside the KV cache
@@ -118,6 +109,20 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
             delta = update if delta is None else delta + update
         attn_output = attn_output + (delta if delta.dtype == attn_output.dtype else delta.to(attn_output.dtype))
         return (attn_output, *output[1:]) if isinstance(output, tuple) else attn_output
+
+    def attend(self, hidden_states: torch.Tensor, *args: Any, joint_top_k: int | None = None, **kwargs: Any) -> tuple[Any, GraphInputs]:
+        """Run the wrapped attention module unchanged; return its output and the graph inputs it recorded (q, k, v,
+        mask; with ``joint_top_k``, the top-k graph built inside the attention, :mod:`gin_adapter.joint`)."""
+        request = AggregationRequest(module=self.base_layer, joint_top_k=joint_top_k)
+        with capture(request):
+            output = self.base_layer(hidden_states, *args, **kwargs)
+        if request.graph is None:
+            raise RuntimeError(
+                f"{getattr(self, 'target_description', type(self.base_layer).__name__)} did not call transformers' "
+                "attention interface with the GIN attention function and itself as `module`, so it cannot be wrapped; "
+                "pass GinConfig(target_modules=[...]) naming the module that does."
+            )
+        return output, request.graph
 
     def _joint_top_k_for(self, active: list[str]) -> int | None:
         """The ``k`` the attention may build the graph with (:mod:`gin_adapter.joint`): every active adapter uses the

@@ -321,7 +321,6 @@ def test_training_step_under_bf16_autocast(rule):
     runs and every adapter gradient is finite; the graph is built in float32, so the neighbour sums under autocast
     equal the float32 ones for the same q, k, v."""
     from gin_adapter.aggregate import graph_neighbour_sum
-    from gin_adapter.attention import AggregationRequest, capture
 
     fields = dict(rule)
     config = GinConfig.published(hidden_dim=8) if fields.pop("preset", None) else GinConfig(hidden_dim=8, **fields)
@@ -335,12 +334,10 @@ def test_training_step_under_bf16_autocast(rule):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
     layer = gin_layers(model)[0]
-    request = AggregationRequest(module=layer.base_layer)
-    with capture(request):
-        layer.base_layer(torch.randn(2, 40, model.config.hidden_size, generator=torch.Generator().manual_seed(0)),
-                         position_embeddings=model.base_model.model.model.rotary_emb(torch.zeros(1), torch.arange(40)[None]),
-                         attention_mask=None)
-    graph, adjacency_rule = request.graph, layer.gin_rules["default"]
+    _, graph = layer.attend(torch.randn(2, 40, model.config.hidden_size, generator=torch.Generator().manual_seed(0)),
+                            position_embeddings=model.base_model.model.model.rotary_emb(torch.zeros(1), torch.arange(40)[None]),
+                            attention_mask=None)
+    adjacency_rule = layer.gin_rules["default"]
     features = graph.value if config.node_features == "values" else torch.randn(2, 1, 40, 8, generator=torch.Generator().manual_seed(1))
     expected = graph_neighbour_sum(graph, features, adjacency_rule)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -59,6 +59,16 @@ def test_model_without_causal_attention_gives_clear_error():
     assert len(gin_layers(get_gin_model(bert(True), GinConfig(hidden_dim=4)))) == 1
 
 
+def test_attention_that_bypasses_the_interface_is_reported():
+    """A wrapped module whose forward never calls transformers' attention interface (a custom or patched attention)
+    gives no graph: the call says so and names the fix instead of failing later on a missing tensor."""
+    model = get_gin_model(tiny_model(), GinConfig(hidden_dim=8))
+    layer = gin_layers(model)[0]
+    layer.base_layer.forward = lambda hidden_states, *args, **kwargs: (hidden_states, None)
+    with pytest.raises(RuntimeError, match="did not call transformers' attention interface.*target_modules"):
+        model(_ids())
+
+
 def test_non_attention_target_is_refused():
     with pytest.raises(ValueError, match="not an attention module"):
         get_gin_model(tiny_model(), GinConfig(hidden_dim=4, target_modules=["mlp"]))
