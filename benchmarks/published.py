@@ -94,7 +94,7 @@ class PublishedStyleSparseGin(nn.Module):
 
         block = self.block
         z = z.to(block.out_proj.weight.dtype)
-        delta = block.scale * block.norm(block.out_proj(block.mlp(z)))
+        delta = block.norm(block.out_proj(block.mlp(z)), block.scale)
         return attn_output + delta.to(attn_output.dtype), probs
 
 

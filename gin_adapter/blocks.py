@@ -50,17 +50,37 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def rms_norm(y: torch.Tensor, weight: torch.Tensor, eps: float, eps_t: torch.Tensor, width_t: torch.Tensor) -> torch.Tensor:
-    """``weight * y / sqrt(mean_j y_j^2 + eps)`` over the last dimension ``d``.
+class ScaledRMSNorm(nn.Module):
+    """``scale * weight * y / sqrt(mean_j y_j^2 + eps)`` over the last dimension ``d`` (``weight (d,)``, ``scale``
+    given per call: the block's learnable gate, folded into the weight so no normalised copy is kept for its grad).
 
     For float32 ``y`` the same float operations in the same order as ``F.rms_norm``'s CPU composite (so the same
-    numbers), with ``eps`` and ``d`` given as 0-dim float32 tensors ``eps_t``, ``width_t``: 7 ATen calls instead
-    of 24, since every Python scalar in an operation is first wrapped into a tensor (4 calls). Other dtypes use
-    ``F.rms_norm`` (which computes in float32)."""
-    if y.dtype != torch.float32 or eps_t.dtype != torch.float32:
-        return F.rms_norm(y, (y.shape[-1],), weight, eps)
-    mean_square = torch.sum(y * y, dim=-1, keepdim=True).div_(width_t).add_(eps_t)
-    return y * torch.rsqrt(mean_square) * weight
+    numbers), with ``eps`` and ``d`` held as 0-dim float32 buffers: 7 ATen calls instead of 24, since every Python
+    scalar in an operation is first wrapped into a tensor (4 calls), and a decoded token pays each call once per
+    layer. Other dtypes use ``F.rms_norm`` (which computes in float32). The state dict holds ``weight`` only, as
+    ``nn.RMSNorm``'s.
+    """
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+        self.register_buffer("eps_t", torch.tensor(eps), persistent=False)
+        self.register_buffer("width_t", torch.tensor(float(width)), persistent=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        weight = self.weight * scale
+        y = _as(y, weight.dtype)  # fp32 under autocast
+        if y.dtype != torch.float32 or self.eps_t.dtype != torch.float32:
+            return F.rms_norm(y, (y.shape[-1],), weight, self.eps)
+        mean_square = torch.sum(y * y, dim=-1, keepdim=True).div_(self.width_t).add_(self.eps_t)
+        return y * torch.rsqrt(mean_square) * weight
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 class _Block(nn.Module):
@@ -72,13 +92,11 @@ class _Block(nn.Module):
         self.heads_in, self.width_in = feature_heads(config, dims)
         self.in_proj = nn.Linear(dims.model_dim, config.hidden_dim) if config.node_features != "values" else None
         self.eps = nn.Parameter(torch.zeros(1))
-        self.norm = nn.RMSNorm(dims.model_dim, eps=config.norm_eps)
+        self.norm = ScaledRMSNorm(dims.model_dim, config.norm_eps)
         self.scale = nn.Parameter(torch.zeros(1))
-        # constants as 0-dim tensors (not saved): no Python scalar is wrapped into a tensor on every call
+        # c - eps as a 0-dim tensor (not saved): no Python scalar is wrapped into a tensor on every call
         offset = 1.0 if config.self_weight == "one_plus_eps" else 0.0
         self.register_buffer("self_weight_offset", torch.tensor(offset), persistent=False)
-        self.register_buffer("norm_eps", torch.tensor(config.norm_eps), persistent=False)
-        self.register_buffer("norm_width", torch.tensor(float(dims.model_dim)), persistent=False)
 
     def reset_parameters(self) -> None:
         """Default init of every linear map (and PReLU slope), ``eps = 0``, unit norm weight, ``scale = scale_init``."""
@@ -109,11 +127,6 @@ class _Block(nn.Module):
         z = grouped + (self.self_weight_offset + self.eps) * _as(x_self, dtype).unsqueeze(2)  # (B, Hs, G, L, F)
         return z.permute(0, 3, 1, 2, 4).reshape(batch, length, heads * dim)  # heads h = s * G + g
 
-    def scaled_norm(self, y: torch.Tensor) -> torch.Tensor:
-        """``scale * RMSNorm(y)`` with the scale folded into the norm weight (no normalised copy kept for its grad)."""
-        weight = self.norm.weight * self.scale
-        return rms_norm(_as(y, weight.dtype), weight, self.norm.eps, self.norm_eps, self.norm_width)  # fp32 under autocast
-
 
 class GinBlock(_Block):
     """``block="compact"``: ``delta = scale * RMSNorm(W_out act(W_2 act(W_1 z + b_1) + b_2))``.
@@ -135,7 +148,7 @@ class GinBlock(_Block):
         self.reset_parameters()
 
     def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-        return self.scaled_norm(self.out_proj(self.mlp(self.gin_input(x_self, neighbours))))
+        return self.norm(self.out_proj(self.mlp(self.gin_input(x_self, neighbours))), self.scale)
 
 
 class PublishedGinBlock(_Block):
@@ -157,7 +170,7 @@ class PublishedGinBlock(_Block):
     def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         z = self.gin_input(x_self, neighbours)  # (B, L, F)
         y = self.dropout(self.act(self.lin2(self.act(self.lin1(z))) + z))
-        return self.scaled_norm(self.out_proj(y))
+        return self.norm(self.out_proj(y), self.scale)
 
 
 BLOCKS = {"compact": GinBlock, "published": PublishedGinBlock}

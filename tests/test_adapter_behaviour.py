@@ -199,18 +199,21 @@ def test_two_stage_top_k_equals_torch_topk(shape, k):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_rms_norm_equals_torch_rms_norm(dtype):
     """The block's RMSNorm (the composite's float operations with 0-dim constants, fewer operator calls) gives
-    F.rms_norm's values and gradients; bf16 input goes through F.rms_norm itself."""
-    from gin_adapter.blocks import rms_norm
+    F.rms_norm's values and gradients (input, weight, scale); bf16 goes through F.rms_norm itself."""
+    from gin_adapter.blocks import ScaledRMSNorm
 
     generator = torch.Generator().manual_seed(0)
-    y = (3 * torch.randn(2, 5, 576, generator=generator)).to(dtype).requires_grad_()
-    weight = (torch.rand(576, generator=generator) + 0.5).to(dtype).requires_grad_()
     eps = 1e-6
-    out = rms_norm(y, weight, eps, torch.tensor(eps), torch.tensor(576.0))
-    expected = torch.nn.functional.rms_norm(y, (576,), weight, eps)
+    norm = ScaledRMSNorm(576, eps).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(576, generator=generator) + 0.5)
+    y = (3 * torch.randn(2, 5, 576, generator=generator)).to(dtype).requires_grad_()
+    scale = torch.tensor([0.7], dtype=dtype, requires_grad=True)
+    out = norm(y, scale)
+    expected = torch.nn.functional.rms_norm(y, (576,), norm.weight * scale, eps)
     upstream = torch.randn(out.shape, generator=generator).to(dtype)
-    grads = torch.autograd.grad((out * upstream).sum(), (y, weight))
-    expected_grads = torch.autograd.grad((expected * upstream).sum(), (y, weight))
+    grads = torch.autograd.grad((out * upstream).sum(), (y, norm.weight, scale))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (y, norm.weight, scale))
     tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=0)
     assert torch.allclose(out, expected, **tolerance)
     for grad, expected_grad in zip(grads, expected_grads):
