@@ -34,9 +34,9 @@ def cpu_features() -> dict[str, bool]:
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "torch-geometric", "gin-adapter")
 
 
-def versions() -> dict[str, str]:
+def versions() -> dict[str, str | None]:
     """Installed versions of the libraries that decide the numbers (``None`` for one that is not installed)."""
-    found: dict[str, str] = {"python": platform.python_version()}
+    found: dict[str, str | None] = {"python": platform.python_version()}
     for name in LIBRARIES:
         try:
             found[name] = importlib.metadata.version(name)
