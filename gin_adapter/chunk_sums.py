@@ -6,8 +6,9 @@ A chunk of ``R`` query rows (grouped per KV head: ``(B, Hkv, R, .)``) picked ``k
 
 * densely: ``A = scatter(W)`` of shape ``(B, Hkv, R, keys)``, then one batched matmul ``A X`` (:func:`scatter_adjacency`,
   backward :func:`dense_sum_grads`: ``dW = (dn X^T)[local]``, ``dX = A^T dn``); best for short sequences;
-* or by gathering the ``k`` feature rows (:func:`gather_rows`, :func:`weighted_rows`): ``O(R k F)``, best when
-  ``keys >> k``.
+* or by gathering the ``k`` feature rows (:func:`gather_rows`, :func:`weighted_rows`, backward
+  :func:`gathered_sum_grads`: ``dW[r, m] = dn_r . X[local[r, m]]``, ``dX[local[r, m]] += W[r, m] dn_r``):
+  ``O(R k F)``, best when ``keys >> k``.
 """
 
 from __future__ import annotations
@@ -51,3 +52,21 @@ def dense_sum_grads(grad: torch.Tensor, local: torch.Tensor, weights: torch.Tens
         adjacency = scatter_adjacency(grad.new_empty(*local.shape[:-1], features.shape[-2]), local, weights)
         grad_features = torch.matmul(adjacency.transpose(-1, -2), grad)
     return grad_weights, grad_features
+
+
+def gathered_sum_grads(grad: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, features: torch.Tensor,
+                       grad_features: torch.Tensor | None, *, need_weights: bool) -> torch.Tensor | None:
+    """Backward of one chunk's gathered sum ``n_r = sum_m W[r, m] X[index[r, m]]`` (``index (B, Hkv, R, k)`` into
+    all ``Lk`` keys of the contiguous ``features (B, Hkv, Lk, F)``, ``grad = dn (B, Hkv, R, F)``).
+
+    Returns ``dW[r, m] = dn_r . X[index[r, m]]`` (``None`` unless ``need_weights``) and adds ``W[r, m] dn_r`` into
+    row ``index[r, m]`` of ``grad_features`` (same shape as ``features``, contiguous) when it is given. ``dW`` is
+    a multiply and a sum, not a batched matmul: ``(R, k, F) @ (R, F, 1)`` runs as ``R`` separate small matmuls on
+    CPU, 5x slower (docs/benchmarks.md).
+    """
+    grad_weights = (gather_rows(features, index) * grad.unsqueeze(-2)).sum(dim=-1) if need_weights else None
+    if grad_features is not None:
+        width = features.shape[-1]
+        contributions = (weights.unsqueeze(-1) * grad.unsqueeze(-2)).reshape(-1, width)
+        grad_features.view(-1, width).index_add_(0, flat_rows(index, features.shape[-2]), contributions)
+    return grad_weights

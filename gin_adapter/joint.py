@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .top_k import top_k_last
 from . import topk_sum
-from .chunk_sums import dense_sum_grads, scatter_adjacency
-from .topk_sum import Chunk, ScoreSpec, _Layout, _mask_rows, _row_probabilities, _scores, plan_chunks
+from .chunk_sums import dense_sum_grads, gather_rows, gathered_sum_grads, scatter_adjacency, weighted_rows
+from .top_k import top_k_last
+from .topk_sum import Chunk, ScoreSpec, SumMode, _Layout, _mask_rows, _row_probabilities, _scores, choose_sum_mode, plan_chunks
 
 
 ENABLED = True
@@ -132,18 +132,23 @@ def attention_with_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
 
 class _GraphSum(torch.autograd.Function):
-    """``n = A x`` with ``A`` the k weights scattered into each chunk's ``(rows, keys)``; gradients to weights and x."""
+    """``n_i = sum_m W[i, m] x[idx_m]`` per query chunk, dense (``A x`` with the k weights scattered into the chunk's
+    ``(rows, keys)``) or gathered (:mod:`gin_adapter.chunk_sums`); gradients to the weights and to ``x``."""
 
     @staticmethod
-    def forward(ctx, weights5, index5, features, chunks: list[Chunk]):
+    def forward(ctx, weights5, index5, features, chunks: list[Chunk], sum_mode: SumMode):
         layout = _Layout.of_split(weights5)
         out5 = features.new_empty(*weights5.shape[:4], features.shape[-1])
         for chunk in chunks:
-            local = layout.rows(index5, chunk) - chunk.k0
-            adjacency = scatter_adjacency(features.new_empty(*local.shape[:-1], chunk.k1 - chunk.k0), local, layout.rows(weights5, chunk))
-            layout.put(out5, chunk, torch.matmul(adjacency, features[..., chunk.k0 : chunk.k1, :]))
+            weights, index = layout.rows(weights5, chunk), layout.rows(index5, chunk)
+            if sum_mode == "dense":
+                adjacency = scatter_adjacency(features.new_empty(*index.shape[:-1], chunk.k1 - chunk.k0), index - chunk.k0, weights)
+                out = torch.matmul(adjacency, features[..., chunk.k0 : chunk.k1, :])
+            else:
+                out = weighted_rows(weights, gather_rows(features, index))
+            layout.put(out5, chunk, out)
         ctx.save_for_backward(weights5, index5, features)
-        ctx.chunks, ctx.layout = chunks, layout
+        ctx.chunks, ctx.layout, ctx.sum_mode = chunks, layout, sum_mode
         return out5
 
     @staticmethod
@@ -153,23 +158,28 @@ class _GraphSum(torch.autograd.Function):
         grad_weights5 = torch.zeros_like(weights5) if ctx.needs_input_grad[0] else None
         grad_features = torch.zeros_like(features) if ctx.needs_input_grad[2] else None
         for chunk in ctx.chunks:
-            local = layout.rows(index5, chunk) - chunk.k0
-            grad_weights, grad_chunk = dense_sum_grads(
-                layout.rows(grad5, chunk), local, layout.rows(weights5, chunk), features[..., chunk.k0 : chunk.k1, :],
-                need_weights=grad_weights5 is not None, need_features=grad_features is not None,
-            )
+            grad, weights, index = layout.rows(grad5, chunk), layout.rows(weights5, chunk), layout.rows(index5, chunk)
+            if ctx.sum_mode == "dense":
+                grad_weights, grad_chunk = dense_sum_grads(grad, index - chunk.k0, weights, features[..., chunk.k0 : chunk.k1, :],
+                                                           need_weights=grad_weights5 is not None, need_features=grad_features is not None)
+                if grad_chunk is not None:
+                    grad_features[..., chunk.k0 : chunk.k1, :] += grad_chunk
+            else:
+                grad_weights = gathered_sum_grads(grad, index, weights, features, grad_features, need_weights=grad_weights5 is not None)
             if grad_weights is not None:
                 layout.put(grad_weights5, chunk, grad_weights)
-            if grad_chunk is not None:
-                grad_features[..., chunk.k0 : chunk.k1, :] += grad_chunk
-        return grad_weights5, None, grad_features, None
+        return grad_weights5, None, grad_features, None, None
 
 
-def graph_sum(graph: TopKGraph, features: torch.Tensor) -> torch.Tensor:
-    """``n_i = sum_m W[i, m] x[idx_m]``: features ``(B, Hkv, Lk, F)`` (shared ones expanded) -> ``(B, H, Lq, F)`` float32."""
+def graph_sum(graph: TopKGraph, features: torch.Tensor, sum_mode: str = "auto") -> torch.Tensor:
+    """``n_i = sum_m W[i, m] x[idx_m]``: features ``(B, Hkv, Lk, F)`` (shared ones expanded) -> ``(B, H, Lq, F)`` float32.
+
+    ``sum_mode``: ``"dense"``, ``"gather"`` or ``"auto"`` (:func:`gin_adapter.topk_sum.choose_sum_mode`: gathered
+    on long sequences, as the separate kernel)."""
+    mode = choose_sum_mode(sum_mode, graph.top_k, features.shape[-2])
     features = features.float()
-    if features.stride(1) == 0:  # shared features expanded over the KV heads: one copy per head for the sums
+    if mode == "gather" or features.stride(1) == 0:  # rows gathered by flat index; shared features: one copy per head
         features = features.contiguous()
-    out5 = _GraphSum.apply(graph.weights, graph.index, features, graph.chunks)
+    out5 = _GraphSum.apply(graph.weights, graph.index, features, graph.chunks, mode)
     batch, kv_heads, groups, q_len, dim = out5.shape
     return out5.view(batch, kv_heads * groups, q_len, dim)

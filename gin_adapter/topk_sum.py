@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 
 from .adjacency import float32_region, visible_keys
-from .chunk_sums import dense_sum_grads, flat_rows, gather_rows, scatter_adjacency, weighted_rows
+from .chunk_sums import dense_sum_grads, gather_rows, gathered_sum_grads, scatter_adjacency, weighted_rows
 from .top_k import top_k_last
 
 SumMode = Literal["dense", "gather"]
@@ -266,11 +266,7 @@ def _backward(ctx, grad_out):
                 grad_value[..., chunk.k0 : chunk.k1, :] += grad_chunk_values
                 del grad_chunk_values
         else:
-            if need_q or need_k:
-                grad_weights = torch.matmul(gather_rows(values, index), grad.unsqueeze(-1)).squeeze(-1)
-            if need_v:
-                contributions = (weights.unsqueeze(-1) * grad.unsqueeze(-2)).reshape(-1, values.shape[-1])
-                grad_value.view(-1, values.shape[-1]).index_add_(0, flat_rows(index, values.shape[-2]), contributions)
+            grad_weights = gathered_sum_grads(grad, index, weights, values, grad_value, need_weights=need_q or need_k)
         if grad_weights is None:
             continue
         chunk_query = layout.rows(query5, chunk)

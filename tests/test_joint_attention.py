@@ -14,12 +14,14 @@ from gin_adapter.joint import attention_with_graph, graph_sum, joint_applies
 from gin_adapter.topk_sum import topk_neighbour_sum
 
 
+@pytest.mark.parametrize("sum_mode", ["dense", "gather"])
 @pytest.mark.parametrize("chunk_rows", [None, 5])
 @pytest.mark.parametrize("padding", [False, True])
 @pytest.mark.parametrize("length", [12, 40])
-def test_joint_equals_sdpa_and_the_separate_kernel(length, padding, chunk_rows, monkeypatch):
+def test_joint_equals_sdpa_and_the_separate_kernel(length, padding, chunk_rows, sum_mode, monkeypatch):
     """Attention output, neighbour sums of two kinds of node features (the values; features shared by the heads),
-    and the gradients to q, k, v and the features all equal sdpa + ``topk_neighbour_sum``."""
+    and the gradients to q, k, v and the features all equal sdpa + ``topk_neighbour_sum``, with the joint graph's
+    sums formed densely or by gathering the picked rows."""
     from gin_adapter import topk_sum
 
     if chunk_rows:
@@ -42,7 +44,7 @@ def test_joint_equals_sdpa_and_the_separate_kernel(length, padding, chunk_rows, 
 
     def joint():
         out, graph = attention_with_graph(q, k, v, mask, scaling=8**-0.5, top_k=3)
-        return out, graph_sum(graph, v), graph_sum(graph, features)
+        return out, graph_sum(graph, v, sum_mode), graph_sum(graph, features, sum_mode)
 
     results = []
     for fn in (separate, joint):
