@@ -8,7 +8,10 @@ width). Two implementations give the same numbers and gradients:
 * the per-head top-k rule (the default) runs the fused kernel :func:`gin_adapter.topk_sum.topk_neighbour_sum`,
   which never keeps the probabilities, or, when the attention function already built the graph with the attention
   itself (training with sdpa, :mod:`gin_adapter.joint`), only sums over it;
-* every other rule (and ``backend="pyg"``) runs the generic chain :func:`neighbour_sums` (probabilities,
+* the published rule (heads summed, sharpened, thresholded; ``GinConfig.published()``) with ``backend="auto"``
+  runs the fused kernel :func:`gin_adapter.threshold_sum.threshold_neighbour_sum`, chunked, nothing of size
+  ``(B, H, Lq, Lk)`` kept;
+* every other rule (and ``backend="dense"`` or ``"pyg"`` for the published one) runs the generic chain :func:`neighbour_sums` (probabilities,
   head reduction, sparsify, sum), checkpointed when ``rule.recompute`` so its ``(B, H, Lq, Lk)`` intermediates are
   rebuilt in backward instead of kept.
 """
@@ -23,6 +26,7 @@ import torch.utils.checkpoint
 from .adjacency import AdjacencyRule, attention_probabilities, float32_region, sparse_adjacency, visible_keys
 from .gin import NEIGHBOUR_SUMS, neighbour_sum_reference
 from .joint import TopKGraph, graph_sum
+from .threshold_sum import ThresholdRule, threshold_neighbour_sum
 from .topk_sum import topk_neighbour_sum
 
 
@@ -119,6 +123,10 @@ def graph_neighbour_sum(graph: GraphInputs, features: torch.Tensor, rule: Adjace
             query, key, features, graph.mask, top_k=rule.top_k, scaling=graph.scaling, softcap=graph.softcap,
             sliding_window=graph.sliding_window, sum_mode=rule.backend if rule.backend in ("dense", "gather") else "auto",
         )
+    if rule.fused_threshold:
+        threshold_rule = ThresholdRule(alpha=rule.sharpen_alpha, tau=rule.sharpen_tau, threshold=rule.threshold, graph=rule.graph)
+        return threshold_neighbour_sum(query, key, features, graph.mask, threshold_rule, scaling=graph.scaling, softcap=graph.softcap,
+                                       sliding_window=graph.sliding_window)
     args = (query, key, features, graph.mask)
     options = dict(rule=rule, scaling=graph.scaling, softcap=graph.softcap, sliding_window=graph.sliding_window, groups=graph.groups)
     if rule.recompute and torch.is_grad_enabled():

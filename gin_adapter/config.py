@@ -119,7 +119,8 @@ class GinConfig(PeftConfig):
             "help": "How the neighbour sum is computed. 'dense': masked batched matmul; 'gather': gathers the top-k value "
             "rows (per-head top-k rules only); 'pyg': torch_geometric message passing over an explicit edge_index "
             "(slowest, for comparison); 'auto': the per-head top-k rule uses the fused top-k kernel with 'dense' or "
-            "'gather' by sequence length, other rules 'dense' (see docs/benchmarks.md)."
+            "'gather' by sequence length, the published rule (head_reduction='sum', sparsify='threshold') its fused "
+            "kernel, other rules 'dense' (see docs/benchmarks.md)."
         },
     )
     recompute_adjacency: bool = field(
