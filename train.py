@@ -53,7 +53,7 @@ from gin_adapter.compare.config import TrainingConfig
 from gin_adapter.compare.data import build_datasets, build_ood_blocks, check_block_size, collate_blocks, train_order
 from gin_adapter.compare.evaluation import evaluate_perplexity, load_metric
 from gin_adapter.compare.launch import init_trackers, single_process_cpu_launch_warning
-from gin_adapter.compare.machine import machine
+from gin_adapter.compare.machine import machine, source_commit
 from gin_adapter.compare.memory import PeakMemory
 from gin_adapter.compare.outputs import prepare_output_dir, write_json
 from gin_adapter.compare.publish import push_best, reproduce_command
@@ -212,6 +212,7 @@ def train_one_run(trial: Trial, ctx: Context) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    source_commit()  # read now: the commit of the code this process runs, recorded with every trial
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = TrainingConfig.from_yaml(args.config, overrides)
     t_start = time.perf_counter()

@@ -98,3 +98,24 @@ def test_study_end_to_end_on_a_tiny_model(tiny: dict, tmp_path: Path, single_thr
     row = next(line for line in text.splitlines() if line.startswith("| `gin_small` |"))
     assert f"{paired['mean']:+.3f} [{paired['ci95_low']:+.3f}, {paired['ci95_high']:+.3f}] (2 seeds)" in row
     assert f"{summary['gin_small']['val_ppl_mean']:.3f} +- {summary['gin_small']['val_ppl_std']:.3f} (2)" in row
+
+
+def test_trials_record_the_commit_the_process_started_from(monkeypatch) -> None:
+    """A study runs for hours while the checkout moves on: the commit is read once, at start, not when a trial ends."""
+    import subprocess
+
+    from gin_adapter.compare import machine as machine_module
+
+    heads = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
+
+    def fake_git(command, **kwargs):
+        stdout = next(heads) if "rev-parse" in command else ""
+        return subprocess.CompletedProcess(command, 0, stdout=stdout, stderr="")
+
+    monkeypatch.setattr(machine_module.subprocess, "run", fake_git)
+    machine_module.source_commit.cache_clear()
+    try:
+        assert machine_module.source_commit() == "aaaaaaaaaaaa"  # train.main reads it at start
+        assert machine_module.machine()["commit"] == "aaaaaaaaaaaa"  # a trial written after HEAD moved
+    finally:
+        machine_module.source_commit.cache_clear()

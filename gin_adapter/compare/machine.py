@@ -3,6 +3,7 @@ benchmark, since timings and ratios move with the CPU and the number of threads.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -45,8 +46,12 @@ def versions() -> dict[str, str | None]:
     return found
 
 
+@functools.cache
 def source_commit() -> str | None:
-    """The git commit of this checkout (with ``+dirty`` when files differ from it), or ``None`` outside a checkout."""
+    """The git commit of this checkout (with ``+dirty`` when files differ from it), or ``None`` outside a checkout.
+
+    Read once per process, at the first call, and kept: a long run (the study) must record the commit of the code
+    it imported, not whatever the checkout holds when a trial ends. Scripts call it at start."""
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
