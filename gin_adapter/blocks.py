@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import GinConfig
+from .out_norm import inverse_rms, project_and_norm
 
 ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU, "prelu": nn.PReLU}
 
@@ -76,8 +77,7 @@ class ScaledRMSNorm(nn.Module):
         y = _as(y, weight.dtype)  # fp32 under autocast
         if y.dtype != torch.float32 or self.eps_t.dtype != torch.float32:
             return F.rms_norm(y, (y.shape[-1],), weight, self.eps)
-        mean_square = torch.sum(y * y, dim=-1, keepdim=True).div_(self.width_t).add_(self.eps_t)
-        return y * torch.rsqrt(mean_square) * weight
+        return y * inverse_rms(y, self.eps_t, self.width_t) * weight
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -148,7 +148,7 @@ class GinBlock(_Block):
         self.reset_parameters()
 
     def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.out_proj(self.mlp(self.gin_input(x_self, neighbours))), self.scale)
+        return project_and_norm(self.mlp(self.gin_input(x_self, neighbours)), self.out_proj, self.norm, self.scale)
 
 
 class PublishedGinBlock(_Block):
@@ -170,7 +170,7 @@ class PublishedGinBlock(_Block):
     def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         z = self.gin_input(x_self, neighbours)  # (B, L, F)
         y = self.dropout(self.act(self.lin2(self.act(self.lin1(z))) + z))
-        return self.norm(self.out_proj(y), self.scale)
+        return project_and_norm(y, self.out_proj, self.norm, self.scale)
 
 
 BLOCKS = {"compact": GinBlock, "published": PublishedGinBlock}

@@ -220,6 +220,35 @@ def test_block_rms_norm_equals_torch_rms_norm(dtype):
         assert torch.allclose(grad, expected_grad, **(dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else tolerance))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_projection_and_norm_keep_no_model_width_tensor_and_equal_the_modules(bias):
+    """``project_and_norm`` (the block's output projection and scaled RMSNorm, projection recomputed in backward)
+    gives the plain modules' values and gradients to every input, and keeps nothing of the model width for backward."""
+    from gin_adapter.blocks import ScaledRMSNorm
+    from gin_adapter.out_norm import project_and_norm
+
+    generator = torch.Generator().manual_seed(0)
+    out_proj = torch.nn.Linear(12, 96, bias=bias)
+    norm = ScaledRMSNorm(96, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(96, generator=generator) + 0.5)
+    scale = torch.tensor([0.3], requires_grad=True)
+    m = torch.randn(3, 7, 12, generator=generator, requires_grad=True)
+    upstream = torch.randn(3, 7, 96, generator=generator)
+    inputs = [m, out_proj.weight, norm.weight, scale] + ([out_proj.bias] if bias else [])
+
+    saved_shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_shapes.append(tuple(t.shape)) or t, lambda t: t):
+        fused = project_and_norm(m, out_proj, norm, scale)
+    plain = norm(out_proj(m), scale)
+    assert torch.allclose(fused, plain, atol=1e-6)
+    assert (3, 7, 96) not in saved_shapes and (3, 7, 12) in saved_shapes
+    fused_grads = torch.autograd.grad((fused * upstream).sum(), inputs)
+    plain_grads = torch.autograd.grad((plain * upstream).sum(), inputs)
+    for a, b in zip(fused_grads, plain_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_detached_graph_keeps_forward_and_own_layer_gradients():
     """adjacency_grad=False: same output; the last layer's GIN gets the same gradients (its graph does not depend on
     it), earlier layers' differ (their effect on later graphs is cut), and nothing reaches q/k through the graph."""
