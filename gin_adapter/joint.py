@@ -29,7 +29,7 @@ import torch
 from . import topk_sum
 from .chunk_sums import dense_sum_grads, gather_rows, gathered_sum_grads, scatter_adjacency, weighted_rows
 from .top_k import top_k_last
-from .topk_sum import Chunk, ScoreSpec, SumMode, _Layout, _mask_rows, _row_probabilities, _scores, choose_sum_mode, plan_chunks
+from .topk_sum import Chunk, ScoreSpec, SumMode, _Layout, add_score_grads, _mask_rows, _row_probabilities, _scores, choose_sum_mode, plan_chunks
 
 
 ENABLED = True
@@ -115,8 +115,7 @@ class _AttentionWithGraph(torch.autograd.Function):
                 d_probs.scatter_add_(-1, layout.rows(index5, chunk) - chunk.k0, kept)
                 row += (kept * layout.rows(weights5, chunk)).sum(dim=-1, keepdim=True)
             d_scores = d_probs.sub_(row).mul_(probs)
-            layout.put(grad_query5, chunk, torch.matmul(d_scores, chunk_keys).mul_(spec.scaling))
-            grad_key[..., chunk.k0 : chunk.k1, :] += torch.matmul(d_scores.transpose(-1, -2), chunk_query).mul_(spec.scaling)
+            add_score_grads(d_scores, None, chunk_query, chunk_keys, chunk, layout, spec, grad_query5, grad_key)
         return grad_query5.view(query.shape), grad_key, grad_value, None, None, None, None
 
 

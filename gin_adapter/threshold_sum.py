@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from .adjacency import float32_region, visible_keys
-from .topk_sum import QUERY_CHUNK_ROWS, Chunk, ScoreSpec, _causal_visible, _Layout, _mask_rows, _row_probabilities, _scores, plan_chunks
+from .topk_sum import (QUERY_CHUNK_ROWS, Chunk, ScoreSpec, _causal_visible, _Layout, _mask_rows, _row_probabilities, _scores,
+                       add_score_grads, plan_chunks)
 
 
 @dataclass(frozen=True)
@@ -123,12 +124,7 @@ def _backward(ctx, grad_out):
         per_head = probs.view(layout.batch, -1, rows, keys_in_chunk)  # (B, H, R, K)
         row = (per_head * d_summed.unsqueeze(1)).sum(dim=-1, keepdim=True)
         d_scores = per_head.mul_(d_summed.unsqueeze(1) - row).view_as(probs)  # dS, in the probability buffer
-        if slope is not None:
-            d_scores.mul_(slope)
-        if need_q:
-            layout.put(grad_query5, chunk, torch.matmul(d_scores, keys[..., chunk.k0 : chunk.k1, :]).mul_(spec.scaling))
-        if need_k:
-            grad_key[..., chunk.k0 : chunk.k1, :] += torch.matmul(d_scores.transpose(-1, -2), chunk_query.float()).mul_(spec.scaling)
+        add_score_grads(d_scores, slope, chunk_query, keys[..., chunk.k0 : chunk.k1, :], chunk, layout, spec, grad_query5, grad_key)
     return (
         grad_query5.view(query.shape).to(query.dtype) if need_q else None,
         grad_key.to(key.dtype) if need_k else None,

@@ -203,6 +203,18 @@ def _mask_rows(mask: torch.Tensor | None, chunk: Chunk) -> torch.Tensor | None:
     return mask[..., chunk.q0 : chunk.q1, chunk.k0 : chunk.k1]
 
 
+def add_score_grads(d_scores, slope, chunk_query, chunk_keys, chunk: Chunk, layout: _Layout, spec: ScoreSpec, grad_query5, grad_key) -> None:
+    """From one chunk's score gradient ``dS (B, Hkv, G * rows, keys)`` (times the soft-cap's slope when given, in
+    place): ``dq = scaling dS k`` into the chunk's rows of ``grad_query5`` and ``dk += scaling dS^T q`` into its
+    keys of ``grad_key``, each skipped when ``None``."""
+    if slope is not None:
+        d_scores.mul_(slope)
+    if grad_query5 is not None:
+        layout.put(grad_query5, chunk, torch.matmul(d_scores, chunk_keys).mul_(spec.scaling))
+    if grad_key is not None:
+        grad_key[..., chunk.k0 : chunk.k1, :] += torch.matmul(d_scores.transpose(-1, -2), chunk_query.float()).mul_(spec.scaling)
+
+
 def _forward(query, key, value, mask, spec: ScoreSpec, top_k: int, sum_mode: SumMode, chunks: list[Chunk]):
     """``(out (B, H, Lq, Dv) float32, index, weights)``; the last two ``(B, Hkv, G, Lq, k)``.
 
@@ -275,12 +287,7 @@ def _backward(ctx, grad_out):
         d_scores = _row_probabilities(d_scores, may_be_empty=mask is not None)  # P, zero on invisible keys
         kept = grad_weights * weights  # dW * W on the kept keys
         d_scores.mul_(-kept.sum(dim=-1, keepdim=True)).scatter_add_(-1, local, kept)  # dS
-        if slope is not None:
-            d_scores.mul_(slope)
-        if need_q:
-            layout.put(grad_query5, chunk, torch.matmul(d_scores, chunk_keys).mul_(spec.scaling))
-        if need_k:
-            grad_key[..., chunk.k0 : chunk.k1, :] += torch.matmul(d_scores.transpose(-1, -2), chunk_query.float()).mul_(spec.scaling)
+        add_score_grads(d_scores, slope, chunk_query, chunk_keys, chunk, layout, spec, grad_query5, grad_key)
     grad_query = grad_query5.view(query.shape).to(query.dtype) if need_q else None
     return (
         grad_query,
