@@ -33,7 +33,7 @@ LABELS = {
     "gin_generic": "GIN, same rule, generic chain (previous default)",
     "gin_pyg": "GIN, backend='pyg' (generic chain)",
     "gin_detached": "GIN, adjacency_grad=False",
-    "gin_thr": "GIN, published rule (sum + threshold), dense",
+    "gin_thr": "GIN, published rule (sum + threshold), its fused kernel",
     "published": "published-style re-creation of gin_thr",
     "gin_hidden": "GIN, node_features='hidden' (h + attn_out), hidden_dim 27",
     "gin_published": "GIN, GinConfig.published(graph='gin') (6.85M params on SmolLM2)",
