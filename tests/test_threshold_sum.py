@@ -100,3 +100,24 @@ def test_published_preset_runs_the_fused_kernel_with_the_generic_chains_numbers(
     (fused_loss, fused_grads), (loss, grads) = results
     assert torch.allclose(fused_loss, loss, atol=1e-6)
     assert torch.allclose(fused_grads, grads, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("graph", ["gin", "reference"])
+def test_threshold_kernel_compiles_without_graph_breaks(graph):
+    """``torch.compile(fullgraph=True)`` traces the kernel (autograd function, query chunks, padding mask) in one
+    graph; values and gradients equal the eager kernel's (``aot_eager``: inductor's tracing without the C++ build)."""
+    torch._dynamo.reset()
+    q, k, x, mask = _inputs(40, 1, padding=True)
+    rule = ThresholdRule(10.0, 0.1, 0.6, graph)
+
+    def kernel(q, k, x, mask):
+        return threshold_neighbour_sum(q, k, x, mask, rule, scaling=8**-0.5, chunk_rows=16)
+
+    compiled = torch.compile(kernel, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (kernel, compiled):
+        out = fn(q, k, x, mask)
+        results.append((out, torch.autograd.grad(out.square().sum(), (q, k, x))))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    for eager_grad, compiled_grad in zip(results[0][1], results[1][1]):
+        assert torch.allclose(eager_grad, compiled_grad, atol=1e-5)
