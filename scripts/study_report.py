@@ -119,7 +119,15 @@ def machines(trials: list[dict[str, Any]]) -> list[str]:
         key += "; " + (", ".join(f"{name} {libraries[name]}" for name in ("torch", "transformers", "peft") if libraries.get(name))
                        if libraries else "library versions not recorded (trials before they were)")
         seen[key] = seen.get(key, 0) + 1
-    return [f"- {key}: {count} trial(s)" for key, count in seen.items()]
+    lines = [f"- {key}: {count} trial(s)" for key, count in seen.items()]
+    commits: dict[str, list[str]] = {}
+    for t in trials:
+        commits.setdefault((t.get("machine") or {}).get("commit") or "not recorded", []).append(t["trial"])
+    lines += ["", "Source commit of the code each trial ran. Kernels changed between some of them: each change is tested to "
+              "give the replaced code's values and gradients (to 1e-5), but such differences can grow over a trial, and "
+              "the speeds differ:", ""]
+    lines += [f"- {commit}: {', '.join(f'`{name}`' for name in sorted(names))}" for commit, names in commits.items()]
+    return lines
 
 
 def report(folder: Path, with_next: bool = True) -> str:

@@ -94,6 +94,8 @@ def test_study_end_to_end_on_a_tiny_model(tiny: dict, tmp_path: Path, single_thr
     assert "7 trial(s) finished" not in text and f"{len(report['trials'])} trial(s) finished" in text
     assert "The study is complete." in text
     assert f"torch {torch.__version__}" in text  # the machines section names the versions
+    commit = next(iter(trials.values()))["machine"]["commit"] or "not recorded"
+    assert f"- {commit}: `" in text  # and the commit each trial ran
     assert "## Compared with `lora_small`" in text and "## Compared with `lora_big`" in text
     row = next(line for line in text.splitlines() if line.startswith("| `gin_small` |"))
     assert f"{paired['mean']:+.3f} [{paired['ci95_low']:+.3f}, {paired['ci95_high']:+.3f}] (2 seeds)" in row
