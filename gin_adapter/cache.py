@@ -34,16 +34,19 @@ class FeatureCacheMixin:
         """Features of the ``k_len`` keys the attention just saw: the cached ones followed by ``new (B, Lq, F)``."""
         store = self.__dict__.setdefault("gin_features", {})
         old = store.get(name)
-        full = new if old is None or old.shape[-2] == 0 else torch.cat([old.to(new.dtype), new], dim=-2)
+        # (every operator call counts: this runs once per wrapped layer and decoded token)
+        full = new if old is None or old.shape[-2] == 0 else torch.cat([old if old.dtype == new.dtype else old.to(new.dtype), new], dim=-2)
         if full.shape[-2] < k_len:
             raise RuntimeError(
                 f"GIN feature cache out of step with the KV cache: {full.shape[-2]} feature rows for {k_len} keys. "
                 "The cache was filled before this adapter was active (or by another model): generate again with a "
                 "fresh cache."
             )
-        full = full[..., full.shape[-2] - k_len :, :]
+        if full.shape[-2] > k_len:
+            full = full[..., full.shape[-2] - k_len :, :]
         kept = self.keys.shape[-2] if self.keys is not None and self.keys.dim() > 1 else 0
-        store[name] = full[..., full.shape[-2] - kept :, :].detach()
+        stored = full if kept == full.shape[-2] else full[..., full.shape[-2] - kept :, :]
+        store[name] = stored.detach() if stored.requires_grad else stored
         return full
 
     def _gin_apply(self, fn) -> None:

@@ -254,3 +254,24 @@ def test_save_load_round_trip(mode, tmp_path):
     assert loaded.peft_config["default"].node_features == config(mode).node_features
     with torch.no_grad():  # the same attention path for both (with gradients, training builds the graph beside it)
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_feature_cache_returns_the_features_of_exactly_the_keys_seen_and_keeps_the_cached_ones():
+    """``gin_extend`` returns the features of the last ``k_len`` keys (older rows dropped), keeps as many rows as
+    the KV cache keeps keys, and refuses a cache with fewer feature rows than keys."""
+    from transformers import DynamicCache
+
+    from gin_adapter.cache import feature_cache_layer
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), 0)
+    layer = feature_cache_layer(cache, 0, "Attention")
+    layer.keys, layer.values = layer.keys[..., 1:, :], layer.values[..., 1:, :]  # as a sliding window: 4 seen, 3 kept
+    rows = torch.arange(6.0).view(1, 6, 1)
+    full = layer.gin_extend("a", rows[:, :5], k_len=4)  # 5 rows for 4 keys: the oldest is not one of them
+    assert full.squeeze().tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert layer.gin_features["a"].squeeze().tolist() == [2.0, 3.0, 4.0]  # as many rows as keys kept
+    cache.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 0)  # one decoded token: 4 keys
+    assert layer.gin_extend("a", rows[:, 5:], k_len=4).squeeze().tolist() == [2.0, 3.0, 4.0, 5.0]
+    with pytest.raises(RuntimeError, match="out of step with the KV cache: 5 feature rows for 7 keys"):
+        layer.gin_extend("a", rows[:, 5:], k_len=7)
