@@ -26,7 +26,7 @@ import torch.utils.checkpoint
 from .adjacency import AdjacencyRule, attention_probabilities, float32_region, sparse_adjacency, visible_keys
 from .gin import NEIGHBOUR_SUMS, neighbour_sum_reference
 from .joint import TopKGraph, graph_sum
-from .threshold_sum import ThresholdRule, threshold_neighbour_sum
+from .threshold_sum import threshold_neighbour_sum
 from .topk_sum import topk_neighbour_sum
 
 
@@ -124,8 +124,7 @@ def graph_neighbour_sum(graph: GraphInputs, features: torch.Tensor, rule: Adjace
             sliding_window=graph.sliding_window, sum_mode=rule.backend if rule.backend in ("dense", "gather") else "auto",
         )
     if rule.fused_threshold:
-        threshold_rule = ThresholdRule(alpha=rule.sharpen_alpha, tau=rule.sharpen_tau, threshold=rule.threshold, graph=rule.graph)
-        return threshold_neighbour_sum(query, key, features, graph.mask, threshold_rule, scaling=graph.scaling, softcap=graph.softcap,
+        return threshold_neighbour_sum(query, key, features, graph.mask, rule, scaling=graph.scaling, softcap=graph.softcap,
                                        sliding_window=graph.sliding_window)
     args = (query, key, features, graph.mask)
     options = dict(rule=rule, scaling=graph.scaling, softcap=graph.softcap, sliding_window=graph.sliding_window, groups=graph.groups)

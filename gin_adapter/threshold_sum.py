@@ -25,26 +25,14 @@ Saved for backward: q, k, the node features and the mask argument (tensors that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .adjacency import float32_region, visible_keys
+from .adjacency import AdjacencyRule, float32_region, visible_keys
 from .topk_sum import (QUERY_CHUNK_ROWS, Chunk, ScoreSpec, _causal_visible, _Layout, _mask_rows, _row_probabilities, _scores,
                        add_score_grads, plan_chunks)
 
 
-@dataclass(frozen=True)
-class ThresholdRule:
-    """The published rule's constants and which operator runs over the graph (``"gin"`` or ``"reference"``)."""
-
-    alpha: float
-    tau: float
-    threshold: float
-    graph: str
-
-
-def _chunk_graph(chunk_query, key, mask, spec: ScoreSpec, rule: ThresholdRule, chunk: Chunk, batch: int, cap_slope: bool = False):
+def _chunk_graph(chunk_query, key, mask, spec: ScoreSpec, rule: AdjacencyRule, chunk: Chunk, batch: int, cap_slope: bool = False):
     """One chunk's ``(A (B, R, K), P (B, Hkv, G * R, K), kept (B, R, K) bool, under_one (B, R, K) bool, S, slope)``."""
     rows, keys = chunk.rows, chunk.k1 - chunk.k0
     mask_rows = _mask_rows(mask, chunk)
@@ -53,7 +41,7 @@ def _chunk_graph(chunk_query, key, mask, spec: ScoreSpec, rule: ThresholdRule, c
     del scores
     summed = probs.view(batch, -1, rows, keys).sum(dim=1)  # (B, R, K): heads h = kv * G + g
     under_one = summed <= 1.0
-    sharpened = torch.sigmoid(summed.clamp_(max=1.0).sub_(rule.tau).mul_(rule.alpha))
+    sharpened = torch.sigmoid(summed.clamp_(max=1.0).sub_(rule.sharpen_tau).mul_(rule.sharpen_alpha))
     if mask is not None:
         visible = visible_keys(mask_rows, rows, keys, chunk_query.device, spec.sliding_window).any(dim=1)
     elif spec.q_len > 1:
@@ -71,7 +59,7 @@ def _self_columns(chunk: Chunk, q_len: int, k_len: int, device: torch.device) ->
     return torch.arange(chunk.q0, chunk.q1, device=device) + (k_len - q_len - chunk.k0)
 
 
-def _sum_chunk(adjacency, features, chunk: Chunk, rule: ThresholdRule, q_len: int):
+def _sum_chunk(adjacency, features, chunk: Chunk, rule: AdjacencyRule, q_len: int):
     """``n (B, Fh, R, F)`` of one chunk from its adjacency ``(B, R, K)`` and all features ``(B, Fh, Lk, F)``."""
     if rule.graph == "gin":
         return torch.matmul(adjacency.unsqueeze(1), features[..., chunk.k0 : chunk.k1, :])
@@ -80,7 +68,7 @@ def _sum_chunk(adjacency, features, chunk: Chunk, rule: ThresholdRule, q_len: in
     return diagonal.unsqueeze(1) * features[..., columns + chunk.k0, :]
 
 
-def _forward(query, key, features, mask, spec: ScoreSpec, rule: ThresholdRule, chunks: list[Chunk]) -> torch.Tensor:
+def _forward(query, key, features, mask, spec: ScoreSpec, rule: AdjacencyRule, chunks: list[Chunk]) -> torch.Tensor:
     layout = _Layout(query, key.shape[1])
     query5 = layout.split(query)
     out = features.new_empty(*features.shape[:2], query.shape[-2], features.shape[-1])
@@ -119,7 +107,7 @@ def _backward(ctx, grad_out):
                 d_adjacency = torch.zeros_like(adjacency).scatter_(-1, index, d_diagonal)
         if not (need_q or need_k):
             continue
-        d_summed = d_adjacency.mul_(kept).mul_(sharpened * (1.0 - sharpened)).mul_(rule.alpha).mul_(under_one)  # dW
+        d_summed = d_adjacency.mul_(kept).mul_(sharpened * (1.0 - sharpened)).mul_(rule.sharpen_alpha).mul_(under_one)  # dW
         rows, keys_in_chunk = chunk.rows, chunk.k1 - chunk.k0
         per_head = probs.view(layout.batch, -1, rows, keys_in_chunk)  # (B, H, R, K)
         row = (per_head * d_summed.unsqueeze(1)).sum(dim=-1, keepdim=True)
@@ -137,7 +125,7 @@ class ThresholdNeighbourSum(torch.autograd.Function):
     """Autograd wrapper of :func:`_forward` with the analytic backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx, query, key, features, mask, spec: ScoreSpec, rule: ThresholdRule, chunks: list[Chunk]):
+    def forward(ctx, query, key, features, mask, spec: ScoreSpec, rule: AdjacencyRule, chunks: list[Chunk]):
         ctx.save_for_backward(query, key, features, mask)
         ctx.spec, ctx.rule, ctx.chunks = spec, rule, chunks
         return _forward(query, key, features, mask, spec, rule, chunks)
@@ -153,7 +141,7 @@ def threshold_neighbour_sum(
     key: torch.Tensor,
     features: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    rule: ThresholdRule,
+    rule: AdjacencyRule,
     *,
     scaling: float,
     softcap: float | None = None,
@@ -167,7 +155,7 @@ def threshold_neighbour_sum(
         key: ``(B, Hkv, Lk, D)``, not repeated over query groups.
         features: node features ``(B, 1, Lk, F)`` shared by the heads, or the values ``(B, Hkv, Lk, F)``.
         attention_mask: what transformers passes to an attention function (bool, additive float, or ``None``).
-        rule: the sharpening constants and the operator; scaling, softcap, sliding_window: as the attention's.
+        rule: the adapter's rule (its sharpening constants, threshold and ``graph`` operator); scaling, softcap, sliding_window: as the attention's.
         chunk_rows: query rows per chunk (default :data:`gin_adapter.topk_sum.QUERY_CHUNK_ROWS`).
     Returns:
         ``(B, 1, Lq, F)`` for shared features, ``(B, H, Lq, F)`` for the values (KV head ``c``'s sum repeated

@@ -12,7 +12,12 @@ from gin_adapter import GinConfig, get_gin_model, gin_layers
 from gin_adapter import threshold_sum as threshold_module
 from gin_adapter.adjacency import AdjacencyRule, attention_probabilities, visible_keys
 from gin_adapter.aggregate import neighbour_sums, repeat_heads
-from gin_adapter.threshold_sum import ThresholdRule, threshold_neighbour_sum
+from gin_adapter.threshold_sum import threshold_neighbour_sum
+
+
+def _rule(graph: str, threshold: float = 0.6, backend: str = "auto") -> AdjacencyRule:
+    return AdjacencyRule(head_reduction="sum", sparsify="threshold", top_k=8, sharpen_alpha=10.0, sharpen_tau=0.1, threshold=threshold,
+                         graph=graph, backend=backend, recompute=False)
 
 
 def _inputs(length: int, features_heads: int, padding: bool, seed: int = 0):
@@ -39,10 +44,9 @@ def test_fused_threshold_equals_the_generic_chain(graph, features_heads, padding
     threshold = 0.05 if variant == "low_threshold" else 0.6
     softcap = 2.0 if variant == "softcap" else None
     window = 9 if variant == "sliding_window" else None
-    rule = AdjacencyRule(head_reduction="sum", sparsify="threshold", top_k=8, sharpen_alpha=10.0, sharpen_tau=0.1, threshold=threshold,
-                         graph=graph, backend="dense", recompute=False)
+    rule = _rule(graph, threshold, backend="dense")
     upstream = torch.randn(2, 4 if features_heads > 1 else 1, 40, 6, generator=torch.Generator().manual_seed(1))
-    fused = threshold_neighbour_sum(q, k, x, mask, ThresholdRule(10.0, 0.1, threshold, graph), scaling=8**-0.5, softcap=softcap,
+    fused = threshold_neighbour_sum(q, k, x, mask, rule, scaling=8**-0.5, softcap=softcap,
                                     sliding_window=window, chunk_rows=chunk_rows)
     generic = neighbour_sums(q, k, x, mask, rule, scaling=8**-0.5, softcap=softcap, sliding_window=window, groups=2)
     assert fused.shape == generic.shape
@@ -66,7 +70,7 @@ def test_the_test_inputs_reach_every_branch_of_the_rule():
 def test_decoding_one_token_and_no_gradient_paths_agree():
     """One decoded token (no mask, every cached key visible) and an inference call give the training values."""
     q, k, x, _ = _inputs(30, 1, padding=False)
-    rule = ThresholdRule(10.0, 0.1, 0.6, "gin")
+    rule = _rule("gin")
     with torch.no_grad():
         full = threshold_neighbour_sum(q, k, x, None, rule, scaling=8**-0.5)
         last = threshold_neighbour_sum(q[:, :, -1:], k, x, None, rule, scaling=8**-0.5)
@@ -108,7 +112,7 @@ def test_threshold_kernel_compiles_without_graph_breaks(graph):
     graph; values and gradients equal the eager kernel's (``aot_eager``: inductor's tracing without the C++ build)."""
     torch._dynamo.reset()
     q, k, x, mask = _inputs(40, 1, padding=True)
-    rule = ThresholdRule(10.0, 0.1, 0.6, graph)
+    rule = _rule(graph)
 
     def kernel(q, k, x, mask):
         return threshold_neighbour_sum(q, k, x, mask, rule, scaling=8**-0.5, chunk_rows=16)
