@@ -82,7 +82,7 @@ def make_attention_function(base_implementation: str) -> Callable:
                 and joint.joint_applies(module, query, key, attention_mask, kwargs)):
             output, graph = joint.attention_with_graph(query, key, value, attention_mask, scaling=scale, top_k=request.joint_top_k)
             request.graph = GraphInputs(query, key, value, attention_mask, scaling=scale, softcap=None, sliding_window=None, joint=graph)
-            return output.transpose(1, 2).contiguous(), None  # sdpa's layout (B, L, H, D), no attention weights
+            return joint.sdpa_layout(output), None  # sdpa's layout (B, L, H, D) and dtype, no attention weights
         if base_implementation == "eager":
             base_fn = _model_eager_function(module)
         else:

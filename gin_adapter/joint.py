@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import topk_sum
+from .adjacency import float32_region
 from .chunk_sums import dense_sum_grads, gather_rows, gathered_sum_grads, scatter_adjacency, weighted_rows
 from .top_k import top_k_last
 from .topk_sum import Chunk, ScoreSpec, SumMode, _Layout, add_score_grads, _mask_rows, _row_probabilities, _scores, choose_sum_mode, plan_chunks
@@ -48,13 +49,14 @@ class TopKGraph:
 
 def joint_applies(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> bool:
     """Whether sdpa's computation for this call is plain causal or bool-masked softmax attention that
-    :func:`attention_with_graph` reproduces: training (a gradient is needed), float32, no KV cache, no dropout,
-    soft-cap, sliding window, position bias or attention sinks, no autocast, the module causal."""
+    :func:`attention_with_graph` reproduces: training (a gradient is needed), float32 or under ``torch.autocast``
+    (then computed in float32 and rounded to the autocast dtype, see :func:`attention_with_graph`), no KV cache, no
+    dropout, soft-cap, sliding window, position bias or attention sinks, the module causal."""
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     return (
         ENABLED
         and needs_grad
-        and query.dtype == key.dtype == torch.float32
+        and (query.dtype == key.dtype == torch.float32 or torch.is_autocast_enabled(query.device.type))
         and query.shape[-2] == key.shape[-2] > 1
         and not kwargs.get("dropout")
         and kwargs.get("softcap") is None
@@ -64,7 +66,6 @@ def joint_applies(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         and kwargs.get("sliding_window") is None
         and getattr(module, "is_causal", True)
         and (mask is None or mask.dtype == torch.bool)
-        and not torch.is_autocast_enabled(query.device.type)
     )
 
 
@@ -94,6 +95,11 @@ class _AttentionWithGraph(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_weights5, _grad_index):
+        with float32_region(grad_out.device):  # a backward run inside autocast stays float32
+            return _AttentionWithGraph._backward(ctx, grad_out.float(), grad_weights5)
+
+    @staticmethod
+    def _backward(ctx, grad_out, grad_weights5):
         query, key, value, mask, out5, index5, weights5 = ctx.saved_tensors
         spec: ScoreSpec = ctx.spec
         layout = _Layout(query, key.shape[1])
@@ -122,12 +128,26 @@ class _AttentionWithGraph(torch.autograd.Function):
 def attention_with_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, *, scaling: float,
                          top_k: int) -> tuple[torch.Tensor, TopKGraph]:
     """``(attention output (B, H, Lq, Dv), the top-k graph)`` from ``query (B, H, L, D)``, ``key``/``value``
-    ``(B, Hkv, L, .)`` and a bool mask or ``None`` (plain causal), all float32. See the module docstring."""
+    ``(B, Hkv, L, .)`` and a bool mask or ``None`` (plain causal). See the module docstring.
+
+    Computed in float32 whatever the inputs' dtype and under ``torch.autocast`` too, so the graph is the one the
+    separate kernel builds from the same q and k. The output is float32; :func:`sdpa_layout` rounds it to the
+    autocast dtype, as sdpa's would be (sdpa itself would round q and k to that dtype first, so under autocast
+    the two outputs differ by that dtype's rounding)."""
     heads, q_len = query.shape[1], query.shape[2]
     spec = ScoreSpec(scaling=float(scaling), softcap=None, sliding_window=None, groups=heads // key.shape[1], q_len=q_len)
     chunks = plan_chunks(q_len, key.shape[2], top_k, mask is not None, None, topk_sum.QUERY_CHUNK_ROWS)
-    out, weights, index = _AttentionWithGraph.apply(query, key, value, mask, spec, top_k, chunks)
+    with float32_region(query.device):
+        out, weights, index = _AttentionWithGraph.apply(query.float(), key.float(), value.float(), mask, spec, top_k, chunks)
     return out, TopKGraph(weights, index, chunks, top_k)
+
+
+def sdpa_layout(out: torch.Tensor) -> torch.Tensor:
+    """:func:`attention_with_graph`'s output ``(B, H, L, Dv)`` in the layout and dtype an sdpa call returns:
+    ``(B, L, H, Dv)`` contiguous, in the autocast dtype under ``torch.autocast`` (float32 otherwise)."""
+    device_type = out.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else out.dtype
+    return out.transpose(1, 2).to(dtype=dtype, memory_format=torch.contiguous_format)
 
 
 class _GraphSum(torch.autograd.Function):
@@ -152,6 +172,11 @@ class _GraphSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad5):
+        with float32_region(grad5.device):  # a backward run inside autocast stays float32
+            return _GraphSum._backward(ctx, grad5.float())
+
+    @staticmethod
+    def _backward(ctx, grad5):
         weights5, index5, features = ctx.saved_tensors
         layout = ctx.layout
         grad_weights5 = torch.zeros_like(weights5) if ctx.needs_input_grad[0] else None
@@ -174,11 +199,12 @@ def graph_sum(graph: TopKGraph, features: torch.Tensor, sum_mode: str = "auto") 
     """``n_i = sum_m W[i, m] x[idx_m]``: features ``(B, Hkv, Lk, F)`` (shared ones expanded) -> ``(B, H, Lq, F)`` float32.
 
     ``sum_mode``: ``"dense"``, ``"gather"`` or ``"auto"`` (:func:`gin_adapter.topk_sum.choose_sum_mode`: gathered
-    on long sequences, as the separate kernel)."""
+    on long sequences, as the separate kernel). Float32 under ``torch.autocast`` too."""
     mode = choose_sum_mode(sum_mode, graph.top_k, features.shape[-2])
     features = features.float()
     if mode == "gather" or features.stride(1) == 0:  # rows gathered by flat index; shared features: one copy per head
         features = features.contiguous()
-    out5 = _GraphSum.apply(graph.weights, graph.index, features, graph.chunks, mode)
+    with float32_region(features.device):  # float32 under mixed precision too
+        out5 = _GraphSum.apply(graph.weights, graph.index, features, graph.chunks, mode)
     batch, kv_heads, groups, q_len, dim = out5.shape
     return out5.view(batch, kv_heads * groups, q_len, dim)

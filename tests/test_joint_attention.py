@@ -55,7 +55,7 @@ def test_joint_equals_sdpa_and_the_separate_kernel(length, padding, chunk_rows, 
         assert torch.allclose(a, b, atol=1e-5), name
 
 
-def _loss_and_grads(config: GinConfig, enabled: bool, padding: bool, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _loss_and_grads(config: GinConfig, enabled: bool, padding: bool, monkeypatch, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     calls = []
     original = joint_module.attention_with_graph
 
@@ -73,7 +73,8 @@ def _loss_and_grads(config: GinConfig, enabled: bool, padding: bool, monkeypatch
     mask = torch.ones_like(ids)
     if padding:
         mask[0, :20] = 0
-    loss = model(ids, attention_mask=mask, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(ids, attention_mask=mask, labels=ids).loss
     loss.backward()
     return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]), len(calls)
 
@@ -90,6 +91,21 @@ def test_training_with_the_joint_path_equals_the_separate_path(fields, padding, 
     assert joint_calls > 0 and calls == 0
     assert torch.allclose(joint_loss, loss, atol=1e-6)
     assert torch.allclose(joint_grads, grads, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("fields", [dict(), dict(node_features="hidden")], ids=["default", "hidden"])
+def test_training_under_autocast_with_the_joint_path_matches_the_separate_path(fields, padding, monkeypatch):
+    """Under bf16 autocast the joint path runs (in float32) and gives the loss and adapter gradients of sdpa (in
+    bfloat16) + the separate kernel up to bfloat16 rounding of the attention output (here about 0.2-0.4 % of the
+    gradient's norm). That the graphs and their gradients are the same is checked exactly, one level down, by
+    ``test_joint_under_autocast_builds_the_separate_kernels_graph``."""
+    config = GinConfig(hidden_dim=8, **fields)
+    joint_loss, joint_grads, joint_calls = _loss_and_grads(config, True, padding, monkeypatch, autocast=True)
+    loss, grads, calls = _loss_and_grads(config, False, padding, monkeypatch, autocast=True)
+    assert joint_calls > 0 and calls == 0
+    assert torch.allclose(joint_loss, loss, atol=1e-4)
+    assert (joint_grads - grads).norm() < 0.02 * grads.norm()
 
 
 @pytest.mark.parametrize("fields", [dict(backend="dense"), dict(backend="gather"), dict(sparsify="threshold", head_reduction="sum")])
@@ -110,11 +126,40 @@ def test_joint_applies_only_where_it_reproduces_sdpa(case):
     kwargs = {"dropout": {"dropout": 0.1}, "softcap": {"softcap": 30.0}, "sliding_window": {"sliding_window": 4},
               "sinks": {"s_aux": torch.zeros(2)}}.get(case, {})
     mask = torch.zeros(1, 1, 6, 6) if case == "float_mask" else None
-    if case == "autocast":
+    if case == "autocast":  # computed in float32 and rounded to the autocast dtype (bf16 inputs too)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not joint_applies(module, q, k, mask, kwargs)
+            assert joint_applies(module, q, k, mask, kwargs) and joint_applies(module, q.bfloat16(), k.bfloat16(), mask, kwargs)
         return
     assert joint_applies(module, q, k, mask, kwargs) == (case == "plain")
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_joint_under_autocast_builds_the_separate_kernels_graph(input_dtype):
+    """Under ``torch.autocast(bfloat16)`` the joint path computes in float32: its neighbour sums and their gradients
+    equal the separate kernel's (which builds the graph in float32 too) for the same q, k, v; its attention output
+    is rounded to bfloat16 as sdpa's is and equals sdpa's up to bfloat16 rounding (sdpa rounds q and k first)."""
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 40, 8, generator=generator).to(input_dtype).requires_grad_(True)
+    k, v = (torch.randn(2, 2, 40, 8, generator=generator).to(input_dtype).requires_grad_(True) for _ in range(2))
+    weights = torch.randn(2, 4, 40, 8, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, graph = attention_with_graph(q, k, v, None, scaling=8**-0.5, top_k=3)
+        out = joint_module.sdpa_layout(out)
+        sums = graph_sum(graph, v)
+        separate = topk_neighbour_sum(q, k, v, None, top_k=3, scaling=8**-0.5)
+        reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+    assert out.dtype == reference.dtype == torch.bfloat16 and out.shape == (2, 40, 4, 8)
+    assert torch.allclose(out.float(), reference.float(), atol=3e-2)
+    assert sums.dtype == torch.float32
+    assert torch.allclose(sums, separate, atol=1e-6)
+    joint_grads = torch.autograd.grad((sums * weights).sum(), (q, k, v), retain_graph=True)
+    separate_grads = torch.autograd.grad((separate * weights).sum(), (q, k, v))
+    for name, a, b in zip("qkv", joint_grads, separate_grads):
+        assert a.dtype == input_dtype and torch.allclose(a.float(), b.float(), atol=1e-5), name
+    out_grads = torch.autograd.grad(out.float().sum(), (q, k, v), retain_graph=True)
+    reference_grads = torch.autograd.grad(reference.float().sum(), (q, k, v))
+    for name, a, b in zip("qkv", out_grads, reference_grads):
+        assert torch.allclose(a.float(), b.float(), atol=5e-2, rtol=5e-2), name
 
 
 def test_the_joint_k_follows_the_active_adapters_and_replaced_configs(monkeypatch):
