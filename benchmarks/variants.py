@@ -3,8 +3,8 @@
 ``base`` (frozen floor), ``lora`` (rank matched to the GIN's trainable-parameter count), ``gin`` (package default:
 the fused top-k kernel), ``gin_generic`` (the same rule through the generic chain), ``gin_pyg``, ``gin_detached``,
 ``gin_thr`` (the published adjacency rule), ``published`` (``benchmarks/published.py``), ``gin_hidden``
-(hidden-state node features), ``gin_published`` (``GinConfig.published(graph="gin")``) with ``lora_b`` matched to
-it; see
+(hidden-state node features), ``gin_published`` (``GinConfig.published(graph="gin")``; ``gin_published_separate`` the same through sdpa + the
+separate kernel) with ``lora_b`` matched to it; see
 ``run_benchmarks.py``. Also the inputs: real text from the embedded corpus.
 """
 
@@ -24,7 +24,7 @@ from gin_adapter import GinConfig, count_trainable_parameters, get_gin_model, gi
 logger = logging.getLogger("benchmarks")
 
 
-ALL_VARIANTS = ("base", "lora", "gin", "gin_separate", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_published", "lora_b")
+ALL_VARIANTS = ("base", "lora", "gin", "gin_separate", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_published", "gin_published_separate", "lora_b")
 LABELS = {
     "base": "frozen base (floor)",
     "lora": "LoRA (q_proj, v_proj), matched params",
@@ -37,6 +37,7 @@ LABELS = {
     "published": "published-style re-creation of gin_thr",
     "gin_hidden": "GIN, node_features='hidden' (h + attn_out), hidden_dim 27",
     "gin_published": "GIN, GinConfig.published(graph='gin') (6.85M params on SmolLM2)",
+    "gin_published_separate": "GIN, GinConfig.published(graph='gin'), sdpa + the separate threshold kernel (joint.ENABLED off)",
     "lora_b": "LoRA (q_proj, v_proj), matched to gin_published",
 }
 GIN_CONFIGS: dict[str, dict] = {
@@ -48,7 +49,10 @@ GIN_CONFIGS: dict[str, dict] = {
     "gin_thr": dict(head_reduction="sum", sparsify="threshold"),
     "gin_hidden": dict(node_features="hidden", hidden_dim=27),
     "gin_published": dict(preset="published", graph="gin"),
+    "gin_published_separate": dict(preset="published", graph="gin"),
 }
+SEPARATE = ("gin_separate", "gin_published_separate")
+"""Variants trained with ``gin_adapter.joint.ENABLED`` off: sdpa, then the separate kernel scores the keys again."""
 
 
 def load_base(name: str, dtype: torch.dtype, device: torch.device):
@@ -174,7 +178,7 @@ def build_variants(base: torch.nn.Module, names: list[str], *, compile_: bool = 
         else:
             raise ValueError(f"unknown variant {name!r}; choose from {ALL_VARIANTS}")
         params = [p for p in model.parameters() if p.requires_grad]
-        variant = Variant(name, model, sum(p.numel() for p in params), joint=name != "gin_separate")
+        variant = Variant(name, model, sum(p.numel() for p in params), joint=name not in SEPARATE)
         if params:
             variant.optimizer = torch.optim.AdamW(params, lr=1e-4)
         if compile_ and name not in ("gin_pyg", "published"):

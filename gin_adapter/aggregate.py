@@ -10,7 +10,8 @@ width). Two implementations give the same numbers and gradients:
   itself (training with sdpa, :mod:`gin_adapter.joint`), only sums over it;
 * the published rule (heads summed, sharpened, thresholded; ``GinConfig.published()``) with ``backend="auto"``
   runs the fused kernel :func:`gin_adapter.threshold_sum.threshold_neighbour_sum`, chunked, nothing of size
-  ``(B, H, Lq, Lk)`` kept;
+  ``(B, H, Lq, Lk)`` kept, or, when the attention function built the graph with the attention
+  (:mod:`gin_adapter.joint_threshold`), only sums over it;
 * every other rule (and ``backend="dense"`` or ``"pyg"`` for the published one) runs the generic chain :func:`neighbour_sums` (probabilities,
   head reduction, sparsify, sum), checkpointed when ``rule.recompute`` so its ``(B, H, Lq, Lk)`` intermediates are
   rebuilt in backward instead of kept.
@@ -26,6 +27,7 @@ import torch.utils.checkpoint
 from .adjacency import AdjacencyRule, attention_probabilities, float32_region, sparse_adjacency, visible_keys
 from .gin import NEIGHBOUR_SUMS, neighbour_sum_reference
 from .joint import TopKGraph, graph_sum
+from .joint_threshold import ThresholdGraph, same_rule, threshold_graph_sum
 from .threshold_sum import threshold_neighbour_sum
 from .topk_sum import topk_neighbour_sum
 
@@ -46,7 +48,7 @@ class GraphInputs:
     scaling: float
     softcap: float | None
     sliding_window: int | None
-    joint: TopKGraph | None = None  # the top-k graph, when the attention function built it with the attention
+    joint: TopKGraph | ThresholdGraph | None = None  # the graph, when the attention function built it with the attention
 
     @property
     def groups(self) -> int:
@@ -110,10 +112,14 @@ def graph_neighbour_sum(graph: GraphInputs, features: torch.Tensor, rule: Adjace
     The fused kernel always returns one row per query head (shared features are expanded over the KV heads as a
     view); the generic chain returns one row per adjacency head.
     """
-    if graph.joint is not None and rule.fused_top_k and rule.top_k == graph.joint.top_k:
+    joint = graph.joint
+    if isinstance(joint, TopKGraph) and rule.fused_top_k and rule.top_k == joint.top_k:
         batch, kv_heads, k_len = graph.key.shape[:3]
-        joint = graph.joint if rule.adjacency_grad else replace(graph.joint, weights=graph.joint.weights.detach())
+        joint = joint if rule.adjacency_grad else replace(joint, weights=joint.weights.detach())
         return graph_sum(joint, features.expand(batch, kv_heads, k_len, features.shape[-1]))
+    if isinstance(joint, ThresholdGraph) and rule.fused_threshold and same_rule(rule, joint.rule):
+        joint = joint if rule.adjacency_grad else replace(joint, adjacency=joint.adjacency.detach())
+        return threshold_graph_sum(joint, features, graph.groups)
     query, key = (graph.query, graph.key) if rule.adjacency_grad else (graph.query.detach(), graph.key.detach())
     if rule.fused_top_k:
         batch, kv_heads, k_len = key.shape[:3]

@@ -9,9 +9,10 @@ flash, ...): it runs the original function unchanged and, when the calling modul
 (:mod:`gin_adapter.aggregate`), when every kind of node feature (values, the hidden state after attention) is
 known. Only eager attention returns probabilities, so the adjacency is recomputed from q and k; nothing of size
 ``(B, H, Lq, Lk)`` is kept for backward. One exception saves that recomputation: when a wrapper training under
-sdpa asks for the per-head top-k graph and the call is plain softmax attention (:func:`gin_adapter.joint.joint_applies`),
-the function computes the attention output itself together with the graph (:mod:`gin_adapter.joint`; equal to
-sdpa's output up to float32 rounding). The mask interface is registered too, or no mask is built.
+sdpa asks for the per-head top-k graph or the published rule's graph and the call is plain softmax attention
+(:func:`gin_adapter.joint.joint_applies`), the function computes the attention output itself together with the
+graph (:mod:`gin_adapter.joint`, :mod:`gin_adapter.joint_threshold`; equal to sdpa's output up to float32
+rounding, or the autocast dtype's). The mask interface is registered too, or no mask is built.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import joint
+from . import joint, joint_threshold
+from .adjacency import AdjacencyRule
 from .aggregate import GraphInputs
 
 PREFIX = "gin_"
@@ -37,13 +39,14 @@ PREFIX = "gin_"
 class AggregationRequest:
     """A wrapped attention module's request for its own attention call's graph inputs (filled by the function).
 
-    ``joint_top_k``: the wrapper's adapters all use the per-head top-k rule with this ``k``, so an sdpa call that
-    :func:`gin_adapter.joint.joint_applies` to may build that graph together with the attention output.
+    ``joint_rule``: the rule all the wrapper's adapters build their graph with, when the attention may build it
+    together with its output (the per-head top-k rule or the published rule, backend ``"auto"``): an sdpa call
+    that :func:`gin_adapter.joint.joint_applies` to then does.
     """
 
     module: torch.nn.Module
     graph: GraphInputs | None = None
-    joint_top_k: int | None = None
+    joint_rule: AdjacencyRule | None = None
 
 
 _REQUEST: ContextVar[AggregationRequest | None] = ContextVar("gin_adapter_request", default=None)
@@ -78,11 +81,12 @@ def make_attention_function(base_implementation: str) -> Callable:
         if request is not None and request.module is not module:
             request = None
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-        if (request is not None and request.joint_top_k is not None and base_implementation == "sdpa"
-                and joint.joint_applies(module, query, key, attention_mask, kwargs)):
-            output, graph = joint.attention_with_graph(query, key, value, attention_mask, scaling=scale, top_k=request.joint_top_k)
-            request.graph = GraphInputs(query, key, value, attention_mask, scaling=scale, softcap=None, sliding_window=None, joint=graph)
-            return joint.sdpa_layout(output), None  # sdpa's layout (B, L, H, D) and dtype, no attention weights
+        if request is not None and request.joint_rule is not None and base_implementation == "sdpa":
+            built = _attention_with_graph(module, query, key, value, attention_mask, scale, request.joint_rule, kwargs)
+            if built is not None:
+                output, graph = built
+                request.graph = GraphInputs(query, key, value, attention_mask, scaling=scale, softcap=None, sliding_window=None, joint=graph)
+                return joint.sdpa_layout(output), None  # sdpa's layout (B, L, H, D) and dtype, no attention weights
         if base_implementation == "eager":
             base_fn = _model_eager_function(module)
         else:
@@ -96,6 +100,17 @@ def make_attention_function(base_implementation: str) -> Callable:
 
     gin_attention.__name__ = f"{PREFIX}{base_implementation}_attention"
     return gin_attention
+
+
+def _attention_with_graph(module, query, key, value, mask, scale: float, rule: AdjacencyRule, kwargs: dict):
+    """``(attention output (B, H, L, Dv), graph)`` computed together where that reproduces sdpa's call, else ``None``."""
+    if not joint.joint_applies(module, query, key, mask, kwargs):
+        return None
+    if rule.fused_top_k:
+        return joint.attention_with_graph(query, key, value, mask, scaling=scale, top_k=rule.top_k)
+    if rule.fused_threshold and joint_threshold.fits(rule, query, key):
+        return joint_threshold.attention_with_threshold_graph(query, key, value, mask, scaling=scale, rule=rule)
+    return None
 
 
 def install(base_implementation: str) -> str:

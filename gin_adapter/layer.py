@@ -30,6 +30,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from . import joint_threshold
 from .adjacency import AdjacencyRule
 from .aggregate import GraphInputs, graph_neighbour_sum
 from .attention import AggregationRequest, capture
@@ -52,7 +53,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         self.gin_node_features: dict[str, str] = {}
         self.dims, self.layer_index = dims, layer_index
         self._layer_input_watcher: LayerInputWatcher | None = None
-        self._joint_top_k: dict[tuple[str, ...], int | None] = {}  # per set of active adapters, see _joint_top_k_for
+        self._joint_rule: dict[tuple[str, ...], AdjacencyRule | None] = {}  # per set of active adapters, see _joint_rule_for
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self.update_layer(adapter_name, config, scale_init=scale_init)
@@ -67,7 +68,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         self.gin_blocks[adapter_name] = block
         self.gin_rules[adapter_name] = AdjacencyRule.from_config(config)
         self.gin_node_features[adapter_name] = config.node_features
-        self._joint_top_k.clear()
+        self._joint_rule.clear()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def watch_layer_input(self, decoder_layer: nn.Module) -> None:
@@ -95,7 +96,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         active = [name for name in self.active_adapters if name in self.gin_blocks]
         if self.disable_adapters or not active:
             return self.base_layer(hidden_states, *args, **kwargs)
-        output, graph = self.attend(hidden_states, *args, joint_top_k=self._joint_top_k_for(active), **kwargs)
+        output, graph = self.attend(hidden_states, *args, joint_rule=self._joint_rule_for(active), **kwargs)
         attn_output = output[0] if isinstance(output, tuple) else output
         cache, cache_layer = find_cache(kwargs), None
         if cache is not None:  # refuse caches the adapter cannot follow; keep projected features beside the KV cache
@@ -110,10 +111,10 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         attn_output = attn_output + (delta if delta.dtype == attn_output.dtype else delta.to(attn_output.dtype))
         return (attn_output, *output[1:]) if isinstance(output, tuple) else attn_output
 
-    def attend(self, hidden_states: torch.Tensor, *args: Any, joint_top_k: int | None = None, **kwargs: Any) -> tuple[Any, GraphInputs]:
+    def attend(self, hidden_states: torch.Tensor, *args: Any, joint_rule: AdjacencyRule | None = None, **kwargs: Any) -> tuple[Any, GraphInputs]:
         """Run the wrapped attention module unchanged; return its output and the graph inputs it recorded (q, k, v,
-        mask; with ``joint_top_k``, the top-k graph built inside the attention, :mod:`gin_adapter.joint`)."""
-        request = AggregationRequest(module=self.base_layer, joint_top_k=joint_top_k)
+        mask; with ``joint_rule``, the graph built inside the attention where it can be, :mod:`gin_adapter.joint`)."""
+        request = AggregationRequest(module=self.base_layer, joint_rule=joint_rule)
         with capture(request):
             output = self.base_layer(hidden_states, *args, **kwargs)
         if request.graph is None:
@@ -124,16 +125,19 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
             )
         return output, request.graph
 
-    def _joint_top_k_for(self, active: list[str]) -> int | None:
-        """The ``k`` the attention may build the graph with (:mod:`gin_adapter.joint`): every active adapter uses the
-        fused per-head top-k rule with backend ``"auto"`` and that same ``k``; else ``None``. Worked out once per set
-        of active adapters (the forward runs per layer and decoded token)."""
+    def _joint_rule_for(self, active: list[str]) -> AdjacencyRule | None:
+        """The rule the attention may build the graph with (:mod:`gin_adapter.joint`,
+        :mod:`gin_adapter.joint_threshold`): every active adapter uses the fused per-head top-k rule with backend
+        ``"auto"`` and the same ``k``, or the published rule (backend ``"auto"``) with the same constants; else
+        ``None``. Worked out once per set of active adapters (the forward runs per layer and decoded token)."""
         key = tuple(active)
-        if key not in self._joint_top_k:
+        if key not in self._joint_rule:
             rules = [self.gin_rules[name] for name in active]
-            same = all(r.fused_top_k and r.backend == "auto" and r.top_k == rules[0].top_k for r in rules)
-            self._joint_top_k[key] = rules[0].top_k if same else None
-        return self._joint_top_k[key]
+            first = rules[0]
+            top_k = all(r.fused_top_k and r.backend == "auto" and r.top_k == first.top_k for r in rules)
+            threshold = all(r.fused_threshold and joint_threshold.same_rule(r, first) for r in rules)
+            self._joint_rule[key] = first if top_k or threshold else None
+        return self._joint_rule[key]
 
     def _node_features(self, name: str, graph: GraphInputs, hidden_states, attn_output, cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_self (B, Hs, Lq, F), features of every key (B, Hkv or 1, Lk, F))`` for adapter ``name``."""

@@ -170,11 +170,12 @@ def test_the_joint_k_follows_the_active_adapters_and_replaced_configs(monkeypatc
     model.add_adapter("threshold", GinConfig(hidden_dim=8, sparsify="threshold", head_reduction="sum"))
     model.add_adapter("k2", GinConfig(hidden_dim=8, top_k=2))
     layer = gin_layers(model)[0]
-    assert layer._joint_top_k_for(["default"]) == 4
-    assert layer._joint_top_k_for(["threshold"]) is None
-    assert layer._joint_top_k_for(["default", "k2"]) is None  # two different k: the separate kernel
+    assert layer._joint_rule_for(["default"]).top_k == 4
+    assert layer._joint_rule_for(["threshold"]).fused_threshold  # the published rule's own joint path
+    assert layer._joint_rule_for(["default", "threshold"]) is None
+    assert layer._joint_rule_for(["default", "k2"]) is None  # two different k: the separate kernel
     layer.update_layer("default", GinConfig(hidden_dim=8, top_k=6), scale_init=0.0)
-    assert layer._joint_top_k_for(["default"]) == 6
+    assert layer._joint_rule_for(["default"]).top_k == 6
     model.set_adapter("k2")
     model.train()
     seen = []

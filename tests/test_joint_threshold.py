@@ -1,0 +1,120 @@
+"""The attention and the published rule's graph from one score computation (gin_adapter/joint_threshold.py): equal
+to sdpa followed by the separate fused kernel, in values and gradients, and used only where it fits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import perturb_adapter, tiny_model
+
+from gin_adapter import GinConfig, get_gin_model, gin_layers
+from gin_adapter import joint as joint_module
+from gin_adapter import joint_threshold
+from gin_adapter.adjacency import AdjacencyRule
+from gin_adapter.joint_threshold import attention_with_threshold_graph, threshold_graph_sum
+from gin_adapter.threshold_sum import threshold_neighbour_sum
+
+
+def _rule(graph: str, threshold: float = 0.6) -> AdjacencyRule:
+    return AdjacencyRule.from_config(GinConfig.published(hidden_dim=6, graph=graph, threshold=threshold))
+
+
+@pytest.mark.parametrize("graph", ["gin", "reference"])
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+@pytest.mark.parametrize("threshold", [0.6, 0.05], ids=["published", "keeps_every_visible_key"])
+def test_joint_threshold_equals_sdpa_and_the_separate_kernel(graph, padding, chunk_rows, threshold, monkeypatch):
+    """Attention output, the neighbour sums of the values and of features shared by the heads, and the gradients
+    to q, k, v and the shared features all equal sdpa + ``threshold_neighbour_sum``."""
+    from gin_adapter import topk_sum
+
+    if chunk_rows:
+        monkeypatch.setattr(topk_sum, "QUERY_CHUNK_ROWS", chunk_rows)
+    rule = _rule(graph, threshold)
+    generator = torch.Generator().manual_seed(7)
+    q = (3 * torch.randn(2, 4, 40, 8, generator=generator)).requires_grad_()  # peaked rows: head sums above 1 occur
+    k, v = (torch.randn(2, 2, 40, 8, generator=generator, requires_grad=True) for _ in range(2))
+    shared = torch.randn(2, 1, 40, 6, generator=generator, requires_grad=True)
+    mask = None
+    if padding:
+        mask = torch.ones(2, 1, 40, 40, dtype=torch.bool).tril()
+        mask[0, ..., :3] = False  # sample 0 left-padded by 3 tokens
+        mask[0, :, :3, :3] = torch.eye(3, dtype=torch.bool)
+    upstream = [torch.randn(2, 4, 40, d, generator=generator) for d in (8, 8)] + [torch.randn(2, 1, 40, 6, generator=generator)]
+
+    def separate():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return (out, threshold_neighbour_sum(q, k, v, mask, rule, scaling=8**-0.5), threshold_neighbour_sum(q, k, shared, mask, rule, scaling=8**-0.5))
+
+    def joint():
+        out, built = attention_with_threshold_graph(q, k, v, mask, scaling=8**-0.5, rule=rule)
+        return out, threshold_graph_sum(built, v, groups=2), threshold_graph_sum(built, shared, groups=2)
+
+    results = []
+    for fn in (separate, joint):
+        outputs = fn()
+        loss = sum((o * w).sum() for o, w in zip(outputs, upstream))
+        results.append([o.detach() for o in outputs] + list(torch.autograd.grad(loss, (q, k, v, shared))))
+    for name, a, b in zip(["out", "sum of values", "sum of shared", "dq", "dk", "dv", "d shared"], *results):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+    graph_only = torch.autograd.grad(threshold_graph_sum(attention_with_threshold_graph(q, k, v, mask, scaling=8**-0.5, rule=rule)[1], shared, 2).sum(), q)[0]
+    assert graph_only.abs().sum() > 0  # the graph's own gradient reaches the queries
+
+
+def _step(config: GinConfig, enabled: bool, length: int, padding: bool, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    calls = []
+    original = joint_threshold.attention_with_threshold_graph
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(joint_module, "ENABLED", enabled)
+    monkeypatch.setattr(joint_threshold, "attention_with_threshold_graph", spy)
+    torch.manual_seed(0)
+    model = get_gin_model(tiny_model(), config)
+    perturb_adapter(model)
+    model.train()
+    ids = torch.randint(3, 128, (2, length), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if padding:
+        mask[0, :5] = 0
+    loss = model(ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]), len(calls)
+
+
+@pytest.mark.parametrize("graph", ["gin", "reference"])
+@pytest.mark.parametrize("padding", [False, True])
+def test_training_the_published_preset_with_the_joint_path_equals_the_separate_path(graph, padding, monkeypatch):
+    """A training step of ``GinConfig.published()`` (hidden-state features, dropout off) gives the same loss and
+    adapter gradients with the graph built beside the attention as with sdpa + the separate kernel."""
+    config = GinConfig.published(hidden_dim=8, graph=graph, dropout=0.0)
+    joint_loss, joint_grads, joint_calls = _step(config, True, 48, padding, monkeypatch)
+    loss, grads, calls = _step(config, False, 48, padding, monkeypatch)
+    assert joint_calls > 0 and calls == 0
+    assert torch.allclose(joint_loss, loss, atol=1e-6)
+    assert torch.allclose(joint_grads, grads, atol=1e-6, rtol=1e-4)
+
+
+def test_long_inputs_keep_the_separate_kernel_for_the_gin_operator(monkeypatch):
+    """``graph="gin"`` keeps the whole ``(B, Lq, Lk)`` graph: past ``Lk = H * D`` keys (64 in the tiny model) the
+    attention leaves it to the separate kernel; the self-loop operator keeps only the diagonal and always may."""
+    assert _step(GinConfig.published(hidden_dim=8, graph="gin", dropout=0.0), True, 65, False, monkeypatch)[2] == 0
+    assert _step(GinConfig.published(hidden_dim=8, graph="gin", dropout=0.0), True, 64, False, monkeypatch)[2] > 0
+    assert _step(GinConfig.published(hidden_dim=8, graph="reference", dropout=0.0), True, 65, False, monkeypatch)[2] > 0
+
+
+def test_the_joint_rule_follows_the_active_adapters():
+    """The attention builds the graph only when every active adapter would build the same one."""
+    model = get_gin_model(tiny_model(), GinConfig.published(hidden_dim=8))
+    model.add_adapter("messages", GinConfig.published(hidden_dim=8, graph="gin"))
+    model.add_adapter("dense", GinConfig.published(hidden_dim=8, backend="dense"))
+    model.add_adapter("topk", GinConfig(hidden_dim=8))
+    layer = gin_layers(model)[0]
+    assert layer._joint_rule_for(["default"]) == layer.gin_rules["default"]
+    assert layer._joint_rule_for(["default", "messages"]) is None  # different operators: different graphs
+    assert layer._joint_rule_for(["dense"]) is None  # an explicit backend keeps the generic chain
+    assert layer._joint_rule_for(["default", "topk"]) is None
+    assert layer._joint_rule_for(["topk"]).top_k == 8
