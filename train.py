@@ -170,6 +170,7 @@ def train_one_run(trial: Trial, ctx: Context) -> dict[str, Any]:
         model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
 
         state, resumed_from = resume_latest(accelerator, ckpt_root) if ctx.resume else (TrainerState(), None)
+        resumed_step = state.step
         if resumed_from is not None:
             accelerator.print(f"[{trial.id}] resumed from {resumed_from} at step {state.step}")
         batches = accelerator.skip_first_batches(train_loader, state.step * cfg.gradient_accumulation_steps)
@@ -184,8 +185,10 @@ def train_one_run(trial: Trial, ctx: Context) -> dict[str, Any]:
                 state.scales.append((0, scales))
 
         started = time.perf_counter() - state.elapsed_s
+        cpu_started = time.process_time()  # this working period's CPU time: unlike wall time, not inflated by pauses
         _train_steps(trial, ctx, model, optimizer, scheduler, batches, trainable, state, ckpt_root, started, last_ckpt=resumed_from)
         train_wall = time.perf_counter() - started
+        train_cpu = time.process_time() - cpu_started
         ood_ppl = evaluate_perplexity(model, ctx.ood_loader, accelerator)["perplexity"] if ctx.ood_loader is not None else None
 
     adapter_dir = ctx.out / "adapters" / trial.run.name / "trials" / trial.id
@@ -199,6 +202,8 @@ def train_one_run(trial: Trial, ctx: Context) -> dict[str, Any]:
         "trainable_params": n_trainable, "total_params": n_total, "plan": trial.plan.to_dict(),
         "ood_ppl": ood_ppl, "peak_memory": memory.result(), "machine": machine(accelerator.device),
         "wall_time_s": wall, "train_tokens_per_s": state.step * global_batch * cfg.data.block_size / max(train_wall, 1e-9),
+        # process CPU seconds of the steps this working period ran (all threads; with training evaluations)
+        "train_cpu_s": train_cpu, "train_cpu_steps": state.step - resumed_step,
         "resumed_from": str(resumed_from) if resumed_from else None, "adapter_dir": str(adapter_dir.relative_to(ctx.out)),
         "curves": {"train_loss": state.train_loss, "val_ppl": state.val_ppl}, "scale_history": state.scales,
     }

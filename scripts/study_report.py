@@ -69,15 +69,15 @@ def budget_table(names: list[str], summary: dict[str, dict[str, Any]], base: dic
     base_ood = base.get("ood_perplexity")
     lines = [
         "| arm | trainable params | best lr (grid) | val ppl, mean +- std (seeds) | paired diff to its LoRA [95 % CI] | "
-        "out-of-domain ppl (change vs base) | train tokens/s | peak memory MB | min / trial |",
-        "| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: |",
+        "out-of-domain ppl (change vs base) | train tokens/s | CPU s / step | peak memory MB | min / trial |",
+        "| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     if base:
-        lines.append(f"| base model | 0 | - | {base['perplexity']:.3f} | - | {_fmt(base_ood, '.2f')} | - | - | - |")
+        lines.append(f"| base model | 0 | - | {base['perplexity']:.3f} | - | {_fmt(base_ood, '.2f')} | - | - | - | - |")
     for name in names:
         s = summary.get(name)
         if s is None:
-            lines.append(f"| `{name}` | | not started | | | | | | |")
+            lines.append(f"| `{name}` | | not started | | | | | | | |")
             continue
         grid = ", ".join(f"{lr:g}" for lr in s["grid"])
         flags = (" **at edge**" if s["best_at_edge"] else "") + ("" if s["sweep_complete"] else " (sweep unfinished)")
@@ -94,7 +94,8 @@ def budget_table(names: list[str], summary: dict[str, dict[str, Any]], base: dic
         minutes = s.get("wall_time_s_per_trial")
         lines.append(
             f"| `{name}` | {s['trainable_params']:,} | {s['best_learning_rate']:g} ({grid}){flags} | {ppl} | {paired} | {ood_text} | "
-            f"{_fmt(s.get('train_tokens_per_s'), '.0f')} | {_fmt(s.get('peak_memory_mb'), '.0f')} | {_fmt(minutes and minutes / 60, '.1f')} |"
+            f"{_fmt(s.get('train_tokens_per_s'), '.0f')} | {_fmt(s.get('train_cpu_s_per_step'), '.1f')} | {_fmt(s.get('peak_memory_mb'), '.0f')} | "
+            f"{_fmt(minutes and minutes / 60, '.1f')} |"
         )
     return lines
 
@@ -106,6 +107,14 @@ def learning_rate_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
         cells = ", ".join(f"{lr}: {d['mean']:.3f} ({d['n']})" for lr, d in s["by_learning_rate"].items())
         lines.append(f"| `{name}` | {cells} |")
     return lines
+
+
+COST_NOTE = (
+    "Cost columns (medians over the arm's trials at its best rate): tokens/s and minutes are wall-clock on a shared "
+    "machine and include any time the study was paused for a benchmark or slowed by tests running beside it; "
+    "CPU s / step is the process's CPU time per training step (evaluations at steps 50 and 100 included, all "
+    "threads), which pauses do not inflate; '-' for trials recorded before it was."
+)
 
 
 def machines(trials: list[dict[str, Any]]) -> list[str]:
@@ -139,6 +148,7 @@ def report(folder: Path, with_next: bool = True) -> str:
         lines.append(f"Next trial: `{upcoming}`." if upcoming else "The study is complete.")
     for root, names in budget_groups(cfg).items():
         lines += ["", f"## Compared with `{root}`", ""] + budget_table(names, summary, base)
+    lines += ["", COST_NOTE]
     lines += ["", "## Every learning rate", ""] + learning_rate_lines(summary)
     lines += ["", "## Where the trials ran", ""] + machines(trials)
     return "\n".join(lines) + "\n"

@@ -77,7 +77,7 @@ def test_study_end_to_end_on_a_tiny_model(tiny: dict, tmp_path: Path, single_thr
         # a single rate is an edge: one extension each (by x3), then the extra seed at the better of the two
         assert s["grid"] == [1e-2, 3e-2] and s["n_seeds"] == 2, name
         assert {t["learning_rate"] for t in trials.values() if t["run"] == name} == {1e-2, 3e-2}
-        assert s["ood_ppl_mean"] > 1 and s["peak_memory_mb"] > 0 and s["train_tokens_per_s"] > 0
+        assert s["ood_ppl_mean"] > 1 and s["peak_memory_mb"] > 0 and s["train_tokens_per_s"] > 0 and s["train_cpu_s_per_step"] > 0
     assert report["base"]["ood_perplexity"] > 1
     for trial in trials.values():  # what ran where: CPU, threads and the versions that decide the numbers
         assert trial["machine"]["versions"]["torch"] == torch.__version__ and trial["machine"]["cpu_model"]

@@ -371,6 +371,7 @@ def test_resume_after_crash_matches_uninterrupted_run(reference_run: dict, tiny:
     resumed = train.main(["--config", str(config), "--resume"])
     gin_trial = next(t for t in resumed["trials"] if t["run"] == "gin")
     assert gin_trial["resumed_from"].endswith("checkpoint-4")
+    assert gin_trial["train_cpu_steps"] == STEPS - 4 and gin_trial["train_cpu_s"] > 0  # CPU time of this working period's steps
     reference = reference_run["report"]
     for name in ("gin", "lora"):
         assert resumed["summary"][name]["val_ppl_mean"] == pytest.approx(reference["summary"][name]["val_ppl_mean"], rel=1e-6)

@@ -58,6 +58,7 @@ def summarize(cfg: TrainingConfig, results: list[dict[str, Any]]) -> dict[str, d
             "train_tokens_per_s": _median([r.get("train_tokens_per_s") for r in at_best]),
             "peak_memory_mb": max((r.get("peak_memory") or {}).get("peak_mb", 0.0) for r in at_best) or None,
             "wall_time_s_per_trial": _median([r.get("wall_time_s") for r in at_best]),
+            "train_cpu_s_per_step": _median([r["train_cpu_s"] / r["train_cpu_steps"] for r in at_best if r.get("train_cpu_steps")]),
             "baseline": run.baseline, "by_learning_rate": by_lr,
         }
     for name, entry in summary.items():
