@@ -70,3 +70,28 @@ def gathered_sum_grads(grad: torch.Tensor, index: torch.Tensor, weights: torch.T
         contributions = (weights.unsqueeze(-1) * grad.unsqueeze(-2)).reshape(-1, width)
         grad_features.view(-1, width).index_add_(0, flat_rows(index, features.shape[-2]), contributions)
     return grad_weights
+
+
+def chunk_sum(sum_mode: str, local: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, features: torch.Tensor,
+              k0: int, k1: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """One chunk's ``n (B, Hkv, R, F)``: ``sum_mode`` ``"dense"`` (``A X`` over the chunk's keys ``[k0, k1)``, ``A``
+    scattered into ``buffer`` ``(B, Hkv, R, k1 - k0)`` when given, e.g. the chunk's spent probabilities) or
+    ``"gather"`` (the ``k`` rows of all of ``features (B, Hkv, Lk, F)``, contiguous). ``local = index - k0``."""
+    if sum_mode == "dense":
+        if buffer is None:
+            buffer = features.new_empty(*local.shape[:-1], k1 - k0)
+        return torch.matmul(scatter_adjacency(buffer, local, weights), features[..., k0:k1, :])
+    return weighted_rows(weights, gather_rows(features, index))
+
+
+def chunk_sum_grads(sum_mode: str, grad: torch.Tensor, local: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                    features: torch.Tensor, grad_features: torch.Tensor | None, k0: int, k1: int, *, need_weights: bool) -> torch.Tensor | None:
+    """Backward of :func:`chunk_sum`: returns ``dW`` (``None`` unless ``need_weights``) and adds ``dX`` into
+    ``grad_features`` (same shape as ``features``) when it is given."""
+    if sum_mode == "dense":
+        grad_weights, grad_chunk = dense_sum_grads(grad, local, weights, features[..., k0:k1, :], need_weights=need_weights,
+                                                   need_features=grad_features is not None)
+        if grad_chunk is not None:
+            grad_features[..., k0:k1, :] += grad_chunk
+        return grad_weights
+    return gathered_sum_grads(grad, index, weights, features, grad_features, need_weights=need_weights)

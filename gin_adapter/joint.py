@@ -28,7 +28,7 @@ import torch
 
 from . import topk_sum
 from .adjacency import float32_region
-from .chunk_sums import dense_sum_grads, gather_rows, gathered_sum_grads, scatter_adjacency, weighted_rows
+from .chunk_sums import chunk_sum, chunk_sum_grads
 from .top_k import top_k_last
 from .topk_sum import Chunk, ScoreSpec, SumMode, _Layout, add_score_grads, _mask_rows, _row_probabilities, _scores, choose_sum_mode, plan_chunks
 
@@ -160,12 +160,7 @@ class _GraphSum(torch.autograd.Function):
         out5 = features.new_empty(*weights5.shape[:4], features.shape[-1])
         for chunk in chunks:
             weights, index = layout.rows(weights5, chunk), layout.rows(index5, chunk)
-            if sum_mode == "dense":
-                adjacency = scatter_adjacency(features.new_empty(*index.shape[:-1], chunk.k1 - chunk.k0), index - chunk.k0, weights)
-                out = torch.matmul(adjacency, features[..., chunk.k0 : chunk.k1, :])
-            else:
-                out = weighted_rows(weights, gather_rows(features, index))
-            layout.put(out5, chunk, out)
+            layout.put(out5, chunk, chunk_sum(sum_mode, index - chunk.k0, index, weights, features, chunk.k0, chunk.k1))
         ctx.save_for_backward(weights5, index5, features)
         ctx.chunks, ctx.layout, ctx.sum_mode = chunks, layout, sum_mode
         return out5
@@ -183,13 +178,8 @@ class _GraphSum(torch.autograd.Function):
         grad_features = torch.zeros_like(features) if ctx.needs_input_grad[2] else None
         for chunk in ctx.chunks:
             grad, weights, index = layout.rows(grad5, chunk), layout.rows(weights5, chunk), layout.rows(index5, chunk)
-            if ctx.sum_mode == "dense":
-                grad_weights, grad_chunk = dense_sum_grads(grad, index - chunk.k0, weights, features[..., chunk.k0 : chunk.k1, :],
-                                                           need_weights=grad_weights5 is not None, need_features=grad_features is not None)
-                if grad_chunk is not None:
-                    grad_features[..., chunk.k0 : chunk.k1, :] += grad_chunk
-            else:
-                grad_weights = gathered_sum_grads(grad, index, weights, features, grad_features, need_weights=grad_weights5 is not None)
+            grad_weights = chunk_sum_grads(ctx.sum_mode, grad, index - chunk.k0, index, weights, features, grad_features, chunk.k0, chunk.k1,
+                                           need_weights=grad_weights5 is not None)
             if grad_weights is not None:
                 layout.put(grad_weights5, chunk, grad_weights)
         return grad_weights5, None, grad_features, None, None

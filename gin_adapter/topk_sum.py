@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 
 from .adjacency import float32_region, visible_keys
-from .chunk_sums import dense_sum_grads, gather_rows, gathered_sum_grads, scatter_adjacency, weighted_rows
+from .chunk_sums import chunk_sum, chunk_sum_grads, scatter_adjacency
 from .top_k import top_k_last
 
 SumMode = Literal["dense", "gather"]
@@ -245,11 +245,7 @@ def _forward_chunk(chunk_query, key, values, mask, spec: ScoreSpec, k: int, sum_
     del scores
     weights, local = top_k_last(probs, k)  # key positions relative to k0; picks of invisible keys have weight 0
     index = local + chunk.k0 if chunk.k0 else local
-    if sum_mode == "dense":
-        adjacency = scatter_adjacency(probs, local, weights)  # the probability buffer becomes A
-        out = torch.matmul(adjacency, values[..., chunk.k0 : chunk.k1, :])
-    else:
-        out = weighted_rows(weights, gather_rows(values, index))
+    out = chunk_sum(sum_mode, local, index, weights, values, chunk.k0, chunk.k1, buffer=probs)  # dense: probs become A
     return out, index, weights
 
 
@@ -270,15 +266,7 @@ def _backward(ctx, grad_out):
         grad = layout.rows(grad5, chunk)  # (B, Hkv, G*rows, D)
         index, weights = layout.rows(index5, chunk), layout.rows(weights5, chunk)
         local = index - chunk.k0
-        chunk_values = values[..., chunk.k0 : chunk.k1, :]
-        grad_weights = None
-        if ctx.sum_mode == "dense":
-            grad_weights, grad_chunk_values = dense_sum_grads(grad, local, weights, chunk_values, need_weights=need_q or need_k, need_features=need_v)
-            if grad_chunk_values is not None:
-                grad_value[..., chunk.k0 : chunk.k1, :] += grad_chunk_values
-                del grad_chunk_values
-        else:
-            grad_weights = gathered_sum_grads(grad, index, weights, values, grad_value, need_weights=need_q or need_k)
+        grad_weights = chunk_sum_grads(ctx.sum_mode, grad, local, index, weights, values, grad_value, chunk.k0, chunk.k1, need_weights=need_q or need_k)
         if grad_weights is None:
             continue
         chunk_query = layout.rows(query5, chunk)
