@@ -108,14 +108,10 @@ class _AttentionWithGraph(torch.autograd.Function):
         grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
         for chunk in ctx.chunks:
             chunk_query, chunk_keys = layout.rows(query5, chunk), key[..., chunk.k0 : chunk.k1, :]
-            chunk_values = value[..., chunk.k0 : chunk.k1, :]
-            grad = layout.rows(grad5, chunk)
             scores, _ = _scores(chunk_query, chunk_keys, _mask_rows(mask, chunk), spec, chunk)
             probs = _row_probabilities(scores, may_be_empty=mask is not None)
             del scores
-            grad_value[..., chunk.k0 : chunk.k1, :] += torch.matmul(probs.transpose(-1, -2), grad)
-            d_probs = torch.matmul(grad, chunk_values.transpose(-1, -2))  # dP of the attention output
-            row = (grad * layout.rows(out5, chunk)).sum(dim=-1, keepdim=True)
+            d_probs, row = attention_output_grads(probs, layout.rows(grad5, chunk), value, layout.rows(out5, chunk), grad_value, chunk)
             if grad_weights5 is not None:
                 kept = layout.rows(grad_weights5, chunk)
                 d_probs.scatter_add_(-1, layout.rows(index5, chunk) - chunk.k0, kept)
@@ -123,6 +119,16 @@ class _AttentionWithGraph(torch.autograd.Function):
             d_scores = d_probs.sub_(row).mul_(probs)
             add_score_grads(d_scores, None, chunk_query, chunk_keys, chunk, layout, spec, grad_query5, grad_key)
         return grad_query5.view(query.shape), grad_key, grad_value, None, None, None, None
+
+
+def attention_output_grads(probs: torch.Tensor, grad: torch.Tensor, value: torch.Tensor, out_rows: torch.Tensor, grad_value: torch.Tensor,
+                           chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's share of the attention output's backward, ``O = P v``: adds ``dv = P^T dO`` into ``grad_value``
+    and returns ``dP = dO v^T`` ``(B, Hkv, G * rows, keys)`` and ``sum_j dP_j P_j = dO . O`` ``(B, Hkv, G * rows, 1)``
+    (the softmax backward's row term), for the graph's gradient to be added to before ``dS = P (dP - row)``."""
+    grad_value[..., chunk.k0 : chunk.k1, :] += torch.matmul(probs.transpose(-1, -2), grad)
+    d_probs = torch.matmul(grad, value[..., chunk.k0 : chunk.k1, :].transpose(-1, -2))
+    return d_probs, (grad * out_rows).sum(dim=-1, keepdim=True)
 
 
 def attention_with_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, *, scaling: float,

@@ -32,6 +32,7 @@ import torch
 
 from . import topk_sum
 from .adjacency import AdjacencyRule, float32_region
+from .joint import attention_output_grads
 from .threshold_sum import _chunk_graph, _self_columns
 from .topk_sum import Chunk, ScoreSpec, _Layout, add_score_grads, plan_chunks
 
@@ -107,12 +108,8 @@ def _backward(ctx, grad_out, grad_graph):
     grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
     for chunk in ctx.chunks:
         chunk_query, chunk_keys = layout.rows(query5, chunk), key[..., chunk.k0 : chunk.k1, :]
-        chunk_values = value[..., chunk.k0 : chunk.k1, :]
-        grad = layout.rows(grad5, chunk)
         adjacency, probs, kept, under_one, sharpened, _ = _chunk_graph(chunk_query, key, mask, spec, rule, chunk, batch)
-        grad_value[..., chunk.k0 : chunk.k1, :] += torch.matmul(probs.transpose(-1, -2), grad)
-        d_probs = torch.matmul(grad, chunk_values.transpose(-1, -2))  # dP of the attention output
-        row = (grad * layout.rows(out5, chunk)).sum(dim=-1, keepdim=True)
+        d_probs, row = attention_output_grads(probs, layout.rows(grad5, chunk), value, layout.rows(out5, chunk), grad_value, chunk)
         if grad_graph is not None:
             d_summed = _chunk_graph_grad(grad_graph, chunk, rule, spec, adjacency.shape, k_len) * kept
             d_summed = d_summed.mul_(sharpened * (1.0 - sharpened)).mul_(rule.sharpen_alpha).mul_(under_one)  # dW (B, R, K)

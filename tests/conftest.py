@@ -56,6 +56,38 @@ def perturb_adapter(model: torch.nn.Module, scale: float = 0.5, seed: int = 1) -
                 block.eps.copy_(torch.rand(1, generator=generator))
 
 
+def joint_training_step(config, *, joint_enabled: bool, spied: tuple, monkeypatch, length: int = 150, padding: bool = False,
+                        pad_tokens: int = 20, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One training step of a tiny wrapped model: ``(loss, every adapter gradient flattened, calls of the spied
+    function)``. ``spied = (module, name)``: the function whose calls are counted (a joint attention path);
+    ``joint_enabled`` sets ``gin_adapter.joint.ENABLED``. Sample 0 is left-padded by ``pad_tokens`` with ``padding``."""
+    from gin_adapter import get_gin_model
+    from gin_adapter import joint as joint_module
+
+    calls = []
+    module, name = spied
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(joint_module, "ENABLED", joint_enabled)
+    monkeypatch.setattr(module, name, spy)
+    torch.manual_seed(0)
+    model = get_gin_model(tiny_model(), config)
+    perturb_adapter(model)
+    model.train()
+    ids = torch.randint(3, 128, (2, length), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if padding:
+        mask[0, :pad_tokens] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]), len(calls)
+
+
 @pytest.fixture
 def make_model():
     return tiny_model

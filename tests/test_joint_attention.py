@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_adapter, tiny_model
+from conftest import joint_training_step, tiny_model
 
 from gin_adapter import GinConfig, get_gin_model, gin_layers
 from gin_adapter import joint as joint_module
@@ -56,27 +56,8 @@ def test_joint_equals_sdpa_and_the_separate_kernel(length, padding, chunk_rows, 
 
 
 def _loss_and_grads(config: GinConfig, enabled: bool, padding: bool, monkeypatch, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
-    calls = []
-    original = joint_module.attention_with_graph
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(joint_module, "ENABLED", enabled)
-    monkeypatch.setattr(joint_module, "attention_with_graph", spy)
-    torch.manual_seed(0)
-    model = get_gin_model(tiny_model(), config)
-    perturb_adapter(model)
-    model.train()
-    ids = torch.randint(3, 128, (2, 150), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    if padding:
-        mask[0, :20] = 0
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(ids, attention_mask=mask, labels=ids).loss
-    loss.backward()
-    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]), len(calls)
+    return joint_training_step(config, joint_enabled=enabled, spied=(joint_module, "attention_with_graph"), monkeypatch=monkeypatch,
+                               padding=padding, autocast=autocast)
 
 
 @pytest.mark.parametrize("padding", [False, True])

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_adapter, tiny_model
+from conftest import joint_training_step, tiny_model
 
 from gin_adapter import GinConfig, get_gin_model, gin_layers
-from gin_adapter import joint as joint_module
 from gin_adapter import joint_threshold
 from gin_adapter.adjacency import AdjacencyRule
 from gin_adapter.joint_threshold import attention_with_threshold_graph, threshold_graph_sum
@@ -63,26 +62,8 @@ def test_joint_threshold_equals_sdpa_and_the_separate_kernel(graph, padding, chu
 
 
 def _step(config: GinConfig, enabled: bool, length: int, padding: bool, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, int]:
-    calls = []
-    original = joint_threshold.attention_with_threshold_graph
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(joint_module, "ENABLED", enabled)
-    monkeypatch.setattr(joint_threshold, "attention_with_threshold_graph", spy)
-    torch.manual_seed(0)
-    model = get_gin_model(tiny_model(), config)
-    perturb_adapter(model)
-    model.train()
-    ids = torch.randint(3, 128, (2, length), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    if padding:
-        mask[0, :5] = 0
-    loss = model(ids, attention_mask=mask, labels=ids).loss
-    loss.backward()
-    return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]), len(calls)
+    return joint_training_step(config, joint_enabled=enabled, spied=(joint_threshold, "attention_with_threshold_graph"),
+                               monkeypatch=monkeypatch, length=length, padding=padding, pad_tokens=5)
 
 
 @pytest.mark.parametrize("graph", ["gin", "reference"])
