@@ -109,6 +109,31 @@ def learning_rate_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def curve_lines(summary: dict[str, dict[str, Any]], trials: list[dict[str, Any]]) -> list[str]:
+    """Whether training had flattened: validation perplexity at each evaluated step of every arm's trials at its
+    best rate (mean over their seeds), and the drop over the second half of training."""
+    lines = ["| arm (best lr) | val ppl by step (seeds) | last half's drop |", "| --- | --- | --- |"]
+    for name, s in summary.items():
+        at_best = [t for t in trials if t["run"] == name and t["learning_rate"] == s["best_learning_rate"]]
+        by_step: dict[int, list[float]] = {}
+        for trial in at_best:
+            for step, ppl in trial["curves"]["val_ppl"]:
+                by_step.setdefault(int(step), []).append(ppl)
+        steps = sorted(by_step)
+        means = {step: sum(v) / len(v) for step, v in by_step.items()}
+        cells = ", ".join(f"{step}: {means[step]:.3f}" for step in steps)
+        middle = min(steps, key=lambda step: abs(step - steps[-1] / 2)) if len(steps) > 2 else None
+        drop = f"{(means[middle] - means[steps[-1]]) / means[middle]:.1%} (step {middle} -> {steps[-1]})" if middle else "-"
+        lines.append(f"| `{name}` ({s['best_learning_rate']:g}) | {cells} ({len(at_best)}) | {drop} |")
+    return lines
+
+
+FLATTEN_NOTE = (
+    "Step 0 is the wrapped model before training: the base model's perplexity for every arm that starts as the "
+    "identity; `GinConfig.published()` starts with the published per-layer scales (0 in the first layer to 0.5 in "
+    "the last), so it starts above it."
+)
+
 COST_NOTE = (
     "Cost columns (medians over the arm's trials at its best rate): tokens/s and minutes are wall-clock on a shared "
     "machine and include any time the study was paused for a benchmark or slowed by tests running beside it; "
@@ -150,6 +175,7 @@ def report(folder: Path, with_next: bool = True) -> str:
         lines += ["", f"## Compared with `{root}`", ""] + budget_table(names, summary, base)
     lines += ["", COST_NOTE]
     lines += ["", "## Every learning rate", ""] + learning_rate_lines(summary)
+    lines += ["", "## Did training flatten?", "", FLATTEN_NOTE, ""] + curve_lines(summary, trials)
     lines += ["", "## Where the trials ran", ""] + machines(trials)
     return "\n".join(lines) + "\n"
 

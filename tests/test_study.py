@@ -100,6 +100,12 @@ def test_study_end_to_end_on_a_tiny_model(tiny: dict, tmp_path: Path, single_thr
     row = next(line for line in text.splitlines() if line.startswith("| `gin_small` |"))
     assert f"{paired['mean']:+.3f} [{paired['ci95_low']:+.3f}, {paired['ci95_high']:+.3f}] (2 seeds)" in row
     assert f"{summary['gin_small']['val_ppl_mean']:.3f} +- {summary['gin_small']['val_ppl_std']:.3f} (2)" in row
+    # the curves at each arm's best rate: validation perplexity at every evaluated step, mean over its seeds
+    curve = next(line for line in text.split("## Did training flatten?")[1].splitlines() if line.startswith("| `gin_small` ("))
+    on_disk = [json.loads(f.read_text()) for f in (Path(report["config"]["output_dir"]) / "trials").glob("*.json")]
+    at_best = [t for t in on_disk if t["run"] == "gin_small" and t["learning_rate"] == summary["gin_small"]["best_learning_rate"]]
+    final = sum(t["curves"]["val_ppl"][-1][1] for t in at_best) / len(at_best)
+    assert f"{at_best[0]['curves']['val_ppl'][-1][0]}: {final:.3f}" in curve and f"({len(at_best)})" in curve
 
 
 def test_trials_record_the_commit_the_process_started_from(monkeypatch) -> None:
