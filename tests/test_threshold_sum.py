@@ -10,7 +10,7 @@ from conftest import perturb_adapter, tiny_model
 
 from gin_adapter import GinConfig, get_gin_model, gin_layers
 from gin_adapter import threshold_sum as threshold_module
-from gin_adapter.adjacency import AdjacencyRule, attention_probabilities, visible_keys
+from gin_adapter.adjacency import AdjacencyRule, attention_probabilities, sparse_adjacency, visible_keys
 from gin_adapter.aggregate import neighbour_sums, repeat_heads
 from gin_adapter.threshold_sum import threshold_neighbour_sum
 
@@ -125,3 +125,23 @@ def test_threshold_kernel_compiles_without_graph_breaks(graph):
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     for eager_grad, compiled_grad in zip(results[0][1], results[1][1]):
         assert torch.allclose(eager_grad, compiled_grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0], ids=["flat", "plain", "peaked"])
+def test_the_published_rule_keeps_at_most_heads_over_w_min_keys_per_row(scale):
+    """docs/benchmarks.md's bound: a kept key has ``W_j > w_min = tau + logit(threshold) / alpha`` and the row's
+    ``W`` sum to at most ``H`` (every head's probabilities sum to 1), so a row keeps fewer than ``H / w_min`` keys
+    (64 for 9 heads and the published constants) however long the sequence; with flat attention rows get close."""
+    import math
+
+    rule = _rule("gin")
+    w_min = rule.sharpen_tau + math.log(rule.threshold / (1 - rule.threshold)) / rule.sharpen_alpha
+    heads, length = 9, 600
+    generator = torch.Generator().manual_seed(2)
+    q = scale * torch.randn(1, heads, length, 16, generator=generator)
+    k = torch.randn(1, heads, length, 16, generator=generator)
+    visible = visible_keys(None, length, length, q.device)
+    adjacency = sparse_adjacency(attention_probabilities(q, k, visible, 16**-0.5), visible, rule)
+    kept = (adjacency > 0).sum(dim=-1)
+    assert kept.max() <= math.floor(heads / w_min) == 64
+    assert kept.max() > 8  # the bound is not vacuous here: rows keep many keys
