@@ -97,7 +97,8 @@ def test_save_load_round_trip_both_apis(tmp_path):
     saved = _randomise_adapter(model)
     folder = save_adapter(model, tmp_path / "adapter")
     ids = _ids()
-    expected = model(ids).logits
+    with torch.no_grad():  # as the loaded, frozen copies run: without gradients the attention's own kernel runs
+        expected = model(ids).logits  # (with them the graph is built beside the attention: equal up to rounding)
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "GIN"
     assert not (folder / "adapter_model.bin").exists()
     for loader in (lambda base: PeftModel.from_pretrained(base, folder), lambda base: load_gin_model(base, folder)):
