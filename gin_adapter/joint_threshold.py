@@ -7,8 +7,12 @@ the attention output together with the graph:
     O[b, h, i] = sum_j P[b, h, i, j] v[b, h // G, j]                                    (B, H, Lq, Dv)
     W = min(1, sum_h P[b, h]),   S = sigmoid(alpha (W - tau)),   A = S * [S > threshold] * visible    (B, Lq, Lk)
 
-kept whole for ``graph="gin"`` (``n = A x``) and as its diagonal ``A[b, i, self(i)]`` ``(B, Lq)`` for
-``graph="reference"`` (self-loops only). :func:`threshold_graph_sum` forms the neighbour sum for any node features
+kept for the neighbour sum in one of three forms (:func:`storage`): its diagonal ``A[b, i, self(i)]`` ``(B, Lq)``
+for ``graph="reference"`` (self-loops only); for ``graph="gin"`` either whole, ``(B, Lq, Lk)`` (``n = A x``), or,
+on long inputs, as the ``K`` largest entries of each row with their key indices, ``(B, Lq, K)`` (``n`` gathered
+from ``K`` rows). That form is exact: a kept key has ``W_j > w_min = tau + logit(threshold) / alpha`` and a row's
+``W`` sum to at most ``H`` (each head's probabilities sum to 1), so a row keeps fewer than ``H / w_min`` keys,
+``K = floor(H / w_min)`` (64 for 9 heads and the published constants) whatever the length. :func:`threshold_graph_sum` forms the neighbour sum for any node features
 later (plain autograd: one matmul, or a product with the diagonal). Backward recomputes ``P`` once per chunk and
 adds the graph's gradient ``dA`` to the attention's before one softmax backward:
 
@@ -19,37 +23,70 @@ adds the graph's gradient ``dA`` to the attention's before one softmax backward:
 So a layer scores the keys twice (forward, backward) instead of four times (sdpa and the separate kernel, each
 forward and backward), and runs one ``dq``/``dk`` pair instead of two. The values and gradients equal sdpa followed
 by :func:`gin_adapter.threshold_sum.threshold_neighbour_sum` up to float32 rounding (tests). Kept for backward:
-q, k, v, the mask argument, ``O`` (which sdpa keeps too) and the graph: ``(B, Lq, Lk)`` for ``graph="gin"``,
-which is why :func:`fits` takes this path only while that is no larger than the queries ``(B, H, Lq, D)``
-(``Lk <= H * D``: 576 keys on SmolLM2), ``(B, Lq)`` for ``graph="reference"``.
+q, k, v, the mask argument, ``O`` (which sdpa keeps too) and the graph in its form.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from . import topk_sum
 from .adjacency import AdjacencyRule, float32_region
 from .joint import attention_output_grads
+from .joint import TopKGraph, graph_sum
 from .threshold_sum import _chunk_graph, _self_columns
+from .top_k import top_k_last
 from .topk_sum import Chunk, ScoreSpec, _Layout, add_score_grads, plan_chunks
+
+Storage = Literal["diagonal", "dense", "top_k"]
+
+TOP_K_STORAGE_MIN_KEYS_PER_PICK = 8
+"""``graph="gin"`` keeps each row's ``K`` largest entries instead of the whole graph once there are at least this
+many keys per pick (``Lk >= 8 K``: 512 keys for 9 heads). Below it the whole graph and one dense matmul per sum
+are cheap (4 x 256 tokens: 1 MB per layer); above it the gathered sum, ``O(L K F)`` instead of ``O(L^2 F)``, wins
+and the whole graph would outgrow the queries."""
 
 
 @dataclass
 class ThresholdGraph:
-    """The graph :func:`attention_with_threshold_graph` built (differentiable): the adjacency ``(B, Lq, Lk)``
-    (``graph="gin"``) or its diagonal ``(B, Lq)`` (``graph="reference"``), and the rule it follows."""
+    """The graph :func:`attention_with_threshold_graph` built (differentiable), in its :func:`storage` form:
+    ``adjacency`` ``(B, Lq)`` (``"diagonal"``), ``(B, Lq, Lk)`` (``"dense"``) or ``(B, Lq, K)`` with the key
+    ``index`` of each entry (``"top_k"``); and the rule it follows."""
 
     adjacency: torch.Tensor
     rule: AdjacencyRule
+    form: Storage
+    index: torch.Tensor | None = None
+    chunks: list[Chunk] | None = None
+
+
+def kept_per_row_bound(rule: AdjacencyRule, heads: int) -> int | None:
+    """``floor(H / w_min)``, ``w_min = tau + logit(threshold) / alpha``: more keys than this are never kept in one
+    row (see the module docstring); ``None`` when ``w_min <= 0`` (a threshold that keeps keys of any weight)."""
+    w_min = rule.sharpen_tau + math.log(rule.threshold / (1.0 - rule.threshold)) / rule.sharpen_alpha
+    return math.floor(heads / w_min) if w_min > 0 else None
+
+
+def storage(rule: AdjacencyRule, query: torch.Tensor, key: torch.Tensor) -> Storage | None:
+    """How this call's graph is kept, or ``None`` when none fits (sdpa + the separate kernel then): the diagonal
+    for ``graph="reference"``; for ``"gin"`` each row's ``K`` largest entries from
+    :data:`TOP_K_STORAGE_MIN_KEYS_PER_PICK` keys per pick on, else the whole graph while it is no larger than the
+    queries ``(B, H, Lq, D)`` (``Lk <= H * D``)."""
+    if rule.graph == "reference":
+        return "diagonal"
+    k_len, bound = key.shape[-2], kept_per_row_bound(rule, query.shape[1])
+    if bound is not None and k_len >= TOP_K_STORAGE_MIN_KEYS_PER_PICK * bound:
+        return "top_k"
+    return "dense" if k_len <= query.shape[1] * query.shape[-1] else None
 
 
 def fits(rule: AdjacencyRule, query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Whether keeping this call's graph costs no more memory than the queries: always for ``graph="reference"``
-    (the diagonal), for ``"gin"`` while ``Lk <= H * D``; longer inputs take sdpa + the separate kernel."""
-    return rule.graph == "reference" or key.shape[-2] <= query.shape[1] * query.shape[-1]
+    """Whether the graph of this call can be kept in some form (:func:`storage`)."""
+    return storage(rule, query, key) is not None
 
 
 def same_rule(a: AdjacencyRule, b: AdjacencyRule) -> bool:
@@ -58,48 +95,60 @@ def same_rule(a: AdjacencyRule, b: AdjacencyRule) -> bool:
     return all(getattr(a, name) == getattr(b, name) for name in fields)
 
 
-def _store(graph: torch.Tensor, adjacency: torch.Tensor, chunk: Chunk, rule: AdjacencyRule, spec: ScoreSpec, k_len: int) -> None:
-    """Write one chunk's adjacency ``(B, R, K)`` into the kept graph (whole, or the rows' own columns)."""
-    if rule.graph == "gin":
-        graph[:, chunk.q0 : chunk.q1, chunk.k0 : chunk.k1] = adjacency
+def _store(graph: torch.Tensor, index: torch.Tensor | None, adjacency: torch.Tensor, chunk: Chunk, form: Storage, spec: ScoreSpec,
+           k_len: int) -> None:
+    """Write one chunk's adjacency ``(B, R, K)`` into the kept graph in its form."""
+    rows = slice(chunk.q0, chunk.q1)
+    if form == "dense":
+        graph[:, rows, chunk.k0 : chunk.k1] = adjacency
+    elif form == "top_k":  # every kept entry is among the row's K largest (module docstring); the rest weigh 0
+        weights, local = top_k_last(adjacency, graph.shape[-1])
+        graph[:, rows], index[:, rows] = weights, local + chunk.k0
     else:
         columns = _self_columns(chunk, spec.q_len, k_len, adjacency.device)
-        graph[:, chunk.q0 : chunk.q1] = adjacency.gather(-1, columns.view(1, -1, 1).expand(adjacency.shape[0], -1, 1)).squeeze(-1)
+        graph[:, rows] = adjacency.gather(-1, columns.view(1, -1, 1).expand(adjacency.shape[0], -1, 1)).squeeze(-1)
 
 
-def _chunk_graph_grad(grad_graph: torch.Tensor, chunk: Chunk, rule: AdjacencyRule, spec: ScoreSpec, shape: torch.Size, k_len: int) -> torch.Tensor:
+def _chunk_graph_grad(grad_graph: torch.Tensor, index: torch.Tensor | None, chunk: Chunk, form: Storage, spec: ScoreSpec, shape: torch.Size,
+                      k_len: int) -> torch.Tensor:
     """``dA`` of one chunk ``(B, R, K)`` from the kept graph's gradient."""
-    if rule.graph == "gin":
-        return grad_graph[:, chunk.q0 : chunk.q1, chunk.k0 : chunk.k1]
+    rows = slice(chunk.q0, chunk.q1)
+    if form == "dense":
+        return grad_graph[:, rows, chunk.k0 : chunk.k1]
+    if form == "top_k":
+        return grad_graph.new_zeros(shape).scatter_(-1, index[:, rows] - chunk.k0, grad_graph[:, rows])
     columns = _self_columns(chunk, spec.q_len, k_len, grad_graph.device)
-    index = columns.view(1, -1, 1).expand(shape[0], -1, 1)
-    return grad_graph.new_zeros(shape).scatter_(-1, index, grad_graph[:, chunk.q0 : chunk.q1, None])
+    return grad_graph.new_zeros(shape).scatter_(-1, columns.view(1, -1, 1).expand(shape[0], -1, 1), grad_graph[:, rows, None])
 
 
 class _AttentionWithThresholdGraph(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, mask, spec: ScoreSpec, rule: AdjacencyRule, chunks: list[Chunk]):
+    def forward(ctx, query, key, value, mask, spec: ScoreSpec, rule: AdjacencyRule, chunks: list[Chunk], form: Storage, top_k: int):
         layout = _Layout(query, key.shape[1])
         batch, k_len = layout.batch, key.shape[-2]
         query5 = layout.split(query)
         out5 = value.new_empty(batch, layout.kv_heads, layout.groups, layout.q_len, value.shape[-1])
-        graph = query.new_zeros(batch, layout.q_len, k_len) if rule.graph == "gin" else query.new_empty(batch, layout.q_len)
+        shape = {"dense": (batch, layout.q_len, k_len), "top_k": (batch, layout.q_len, top_k), "diagonal": (batch, layout.q_len)}[form]
+        graph = query.new_zeros(shape) if form == "dense" else query.new_empty(shape)
+        index = torch.empty(shape, dtype=torch.long, device=query.device) if form == "top_k" else None
         for chunk in chunks:
             adjacency, probs = _chunk_graph(layout.rows(query5, chunk), key, mask, spec, rule, chunk, batch)[:2]
             layout.put(out5, chunk, torch.matmul(probs, value[..., chunk.k0 : chunk.k1, :]))
-            _store(graph, adjacency, chunk, rule, spec, k_len)
-        ctx.save_for_backward(query, key, value, mask, out5)
-        ctx.spec, ctx.rule, ctx.chunks = spec, rule, chunks
-        return out5.view(*query.shape[:-1], value.shape[-1]), graph
+            _store(graph, index, adjacency, chunk, form, spec, k_len)
+        ctx.save_for_backward(query, key, value, mask, out5, index)
+        ctx.spec, ctx.rule, ctx.chunks, ctx.form = spec, rule, chunks, form
+        if index is not None:
+            ctx.mark_non_differentiable(index)
+        return out5.view(*query.shape[:-1], value.shape[-1]), graph, index
 
     @staticmethod
-    def backward(ctx, grad_out, grad_graph):
+    def backward(ctx, grad_out, grad_graph, _grad_index):
         with float32_region(grad_out.device):  # a backward run inside autocast stays float32
             return _backward(ctx, grad_out.float(), grad_graph)
 
 
 def _backward(ctx, grad_out, grad_graph):
-    query, key, value, mask, out5 = ctx.saved_tensors
+    query, key, value, mask, out5, index = ctx.saved_tensors
     spec, rule = ctx.spec, ctx.rule
     layout = _Layout(query, key.shape[1])
     batch, k_len = layout.batch, key.shape[-2]
@@ -111,7 +160,7 @@ def _backward(ctx, grad_out, grad_graph):
         adjacency, probs, kept, under_one, sharpened, _ = _chunk_graph(chunk_query, key, mask, spec, rule, chunk, batch)
         d_probs, row = attention_output_grads(probs, layout.rows(grad5, chunk), value, layout.rows(out5, chunk), grad_value, chunk)
         if grad_graph is not None:
-            d_summed = _chunk_graph_grad(grad_graph, chunk, rule, spec, adjacency.shape, k_len) * kept
+            d_summed = _chunk_graph_grad(grad_graph, index, chunk, ctx.form, spec, adjacency.shape, k_len) * kept
             d_summed = d_summed.mul_(sharpened * (1.0 - sharpened)).mul_(rule.sharpen_alpha).mul_(under_one)  # dW (B, R, K)
             rows, keys = chunk.rows, chunk.k1 - chunk.k0
             per_head = d_probs.view(batch, -1, rows, keys)  # (B, H, R, K), heads h = kv * G + g
@@ -119,21 +168,30 @@ def _backward(ctx, grad_out, grad_graph):
             row += (probs.view(batch, -1, rows, keys) * d_summed.unsqueeze(1)).sum(dim=-1, keepdim=True).view_as(row)
         d_scores = d_probs.sub_(row).mul_(probs)
         add_score_grads(d_scores, None, chunk_query, chunk_keys, chunk, layout, spec, grad_query5, grad_key)
-    return grad_query5.view(query.shape), grad_key, grad_value, None, None, None, None
+    return grad_query5.view(query.shape), grad_key, grad_value, None, None, None, None, None, None
 
 
 def attention_with_threshold_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, *,
-                                   scaling: float, rule: AdjacencyRule) -> tuple[torch.Tensor, ThresholdGraph]:
+                                   scaling: float, rule: AdjacencyRule, form: Storage | None = None) -> tuple[torch.Tensor, ThresholdGraph]:
     """``(attention output (B, H, Lq, Dv) float32, the published rule's graph)`` from ``query (B, H, L, D)``,
     ``key``/``value`` ``(B, Hkv, L, .)`` and a bool mask or ``None`` (plain causal). Computed in float32, under
-    ``torch.autocast`` too (:func:`gin_adapter.joint.sdpa_layout` rounds the output as sdpa's). See the module
+    ``torch.autocast`` too (:func:`gin_adapter.joint.sdpa_layout` rounds the output as sdpa's). ``form``: how the
+    graph is kept (default :func:`storage`'s choice, or the whole graph where it has none). See the module
     docstring."""
     heads, q_len = query.shape[1], query.shape[2]
+    form = form or ("diagonal" if rule.graph == "reference" else storage(rule, query, key) or "dense")
+    if (form == "diagonal") != (rule.graph == "reference"):
+        raise ValueError(f"graph={rule.graph!r} cannot be kept as {form!r}: the diagonal is for graph='reference' only.")
+    top_k = kept_per_row_bound(rule, heads) if form == "top_k" else 1
+    if top_k is None:
+        raise ValueError(f"threshold={rule.threshold} keeps keys of any weight, so no number of keys per row bounds its graph; "
+                         "keep it whole (form='dense').")
+    top_k = min(top_k, key.shape[-2])
     spec = ScoreSpec(scaling=float(scaling), softcap=None, sliding_window=None, groups=heads // key.shape[1], q_len=q_len)
-    chunks = plan_chunks(q_len, key.shape[2], 1, mask is not None, None, topk_sum.QUERY_CHUNK_ROWS)
+    chunks = plan_chunks(q_len, key.shape[2], top_k, mask is not None, None, topk_sum.QUERY_CHUNK_ROWS)  # >= K keys per chunk
     with float32_region(query.device):
-        out, graph = _AttentionWithThresholdGraph.apply(query.float(), key.float(), value.float(), mask, spec, rule, chunks)
-    return out, ThresholdGraph(graph, rule)
+        out, graph, index = _AttentionWithThresholdGraph.apply(query.float(), key.float(), value.float(), mask, spec, rule, chunks, form, top_k)
+    return out, ThresholdGraph(graph, rule, form, index, chunks)
 
 
 def threshold_graph_sum(graph: ThresholdGraph, features: torch.Tensor, groups: int) -> torch.Tensor:
@@ -142,7 +200,12 @@ def threshold_graph_sum(graph: ThresholdGraph, features: torch.Tensor, groups: i
     ``(B, H, Lq, F)`` float32, as :func:`gin_adapter.threshold_sum.threshold_neighbour_sum` does."""
     features = features.float()
     with float32_region(features.device):
-        if graph.rule.graph == "gin":
+        if graph.form == "top_k":  # the K kept entries of each row, one graph for every feature head
+            batch, q_len, top_k = graph.adjacency.shape
+            shape5 = (batch, features.shape[1], 1, q_len, top_k)
+            picks = TopKGraph(graph.adjacency[:, None, None].expand(shape5), graph.index[:, None, None].expand(shape5), graph.chunks, top_k)
+            out = graph_sum(picks, features, "gather")
+        elif graph.form == "dense":
             out = torch.matmul(graph.adjacency.unsqueeze(1), features)
         else:
             q_len = graph.adjacency.shape[-1]
