@@ -108,8 +108,9 @@ def _attention_with_graph(module, query, key, value, mask, scale: float, rule: A
         return None
     if rule.fused_top_k:
         return joint.attention_with_graph(query, key, value, mask, scaling=scale, top_k=rule.top_k)
-    if rule.fused_threshold and joint_threshold.fits(rule, query, key):
-        return joint_threshold.attention_with_threshold_graph(query, key, value, mask, scaling=scale, rule=rule)
+    form = joint_threshold.storage(rule, query, key) if rule.fused_threshold else None
+    if form is not None:
+        return joint_threshold.attention_with_threshold_graph(query, key, value, mask, scaling=scale, rule=rule, form=form)
     return None
 
 

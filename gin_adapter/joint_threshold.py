@@ -12,9 +12,10 @@ for ``graph="reference"`` (self-loops only); for ``graph="gin"`` either whole, `
 on long inputs, as the ``K`` largest entries of each row with their key indices, ``(B, Lq, K)`` (``n`` gathered
 from ``K`` rows). That form is exact: a kept key has ``W_j > w_min = tau + logit(threshold) / alpha`` and a row's
 ``W`` sum to at most ``H`` (each head's probabilities sum to 1), so a row keeps fewer than ``H / w_min`` keys,
-``K = floor(H / w_min)`` (64 for 9 heads and the published constants) whatever the length. :func:`threshold_graph_sum` forms the neighbour sum for any node features
-later (plain autograd: one matmul, or a product with the diagonal). Backward recomputes ``P`` once per chunk and
-adds the graph's gradient ``dA`` to the attention's before one softmax backward:
+``K = floor(H / w_min)`` (64 for 9 heads and the published constants) whatever the length.
+:func:`threshold_graph_sum` forms the neighbour sum for any node features later (one matmul, a product with the
+diagonal, or the gathered sum of :mod:`gin_adapter.joint`). Backward recomputes ``P`` once per chunk and adds the
+graph's gradient ``dA`` to the attention's before one softmax backward:
 
     dW = dA * [S > threshold] * visible * alpha S (1 - S) * [sum_h P <= 1]                 (the same for every head)
     dP_h = dO_h v^T + dW,   dS_h = P_h * (dP_h - sum_j dP_h,j P_h,j),   sum_j dP_h,j P_h,j = dO_h . O_h + sum_j dW_j P_h,j
@@ -36,8 +37,7 @@ import torch
 
 from . import topk_sum
 from .adjacency import AdjacencyRule, float32_region
-from .joint import attention_output_grads
-from .joint import TopKGraph, graph_sum
+from .joint import TopKGraph, attention_output_grads, graph_sum
 from .threshold_sum import _chunk_graph, _self_columns
 from .top_k import top_k_last
 from .topk_sum import Chunk, ScoreSpec, _Layout, add_score_grads, plan_chunks
@@ -82,11 +82,6 @@ def storage(rule: AdjacencyRule, query: torch.Tensor, key: torch.Tensor) -> Stor
     if bound is not None and k_len >= TOP_K_STORAGE_MIN_KEYS_PER_PICK * bound:
         return "top_k"
     return "dense" if k_len <= query.shape[1] * query.shape[-1] else None
-
-
-def fits(rule: AdjacencyRule, query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Whether the graph of this call can be kept in some form (:func:`storage`)."""
-    return storage(rule, query, key) is not None
 
 
 def same_rule(a: AdjacencyRule, b: AdjacencyRule) -> bool:
@@ -179,7 +174,7 @@ def attention_with_threshold_graph(query: torch.Tensor, key: torch.Tensor, value
     graph is kept (default :func:`storage`'s choice, or the whole graph where it has none). See the module
     docstring."""
     heads, q_len = query.shape[1], query.shape[2]
-    form = form or ("diagonal" if rule.graph == "reference" else storage(rule, query, key) or "dense")
+    form = form or storage(rule, query, key) or "dense"
     if (form == "diagonal") != (rule.graph == "reference"):
         raise ValueError(f"graph={rule.graph!r} cannot be kept as {form!r}: the diagonal is for graph='reference' only.")
     top_k = kept_per_row_bound(rule, heads) if form == "top_k" else 1
