@@ -4,6 +4,7 @@ where, and the next trial ``--resume`` would run. Works on a finished study and 
 
     .venv/bin/python scripts/study_report.py results/study            # print
     .venv/bin/python scripts/study_report.py results/study --write    # also write <output_dir>/REPORT.md
+    .venv/bin/python scripts/study_report.py results/study --export   # also export finished arms' best adapters
 
 Every number printed comes from the trial files, so the README's Results can be pasted from this output.
 """
@@ -11,6 +12,7 @@ Every number printed comes from the trial files, so the README's Results can be 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gin_adapter.compare.config import TrainingConfig  # noqa: E402
-from gin_adapter.compare.report import summarize  # noqa: E402
+from gin_adapter.compare.report import export_adapters, representative, summarize  # noqa: E402
 
 
 def load_study(folder: Path) -> tuple[TrainingConfig, list[dict[str, Any]], dict[str, Any]]:
@@ -180,12 +182,36 @@ def report(folder: Path, with_next: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
+def export_finished(folder: Path, dtype: str = "bfloat16") -> tuple[list[str], list[str]]:
+    """Export the best-seed adapter (``adapters/<run>/``, as train.py does when the study completes) of every arm
+    that has all its seeds at its best rate (train.py runs the extra seeds only once that rate is settled), so it
+    can be committed as soon as it is final.
+    ``dtype``: the config's ``export_adapter_dtype`` (``config.json`` does not keep it; configs/study.yaml's is
+    bfloat16). Returns ``(exported, missing)``: the runs written, and those whose trial adapter is not in this
+    checkout."""
+    cfg, trials, _ = load_study(folder)
+    cfg = dataclasses.replace(cfg, export_adapter_dtype=dtype)
+    summary = summarize(cfg, trials)
+    seeds = len(cfg.seeds) + len(cfg.extra_seeds)
+    final = {name: s for name, s in summary.items() if s["n_seeds"] >= seeds}  # extra seeds run only once the rate is settled
+    chosen = representative(final, trials, cfg)
+    missing = export_adapters(cfg, chosen, folder)
+    return [name for name in chosen if name not in missing], missing
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", nargs="?", default="results/study", help="the study's output_dir")
     parser.add_argument("--write", action="store_true", help="also write <folder>/REPORT.md")
     parser.add_argument("--no-next", action="store_true", help="do not work out the next trial (needs the model's config)")
+    parser.add_argument("--export", nargs="?", const="bfloat16", choices=["bfloat16", "float32"],
+                        help="also export the best-seed adapter of every arm whose seeds are all done, in this dtype (default bfloat16)")
     args = parser.parse_args(argv)
+    if args.export:
+        exported, missing = export_finished(Path(args.folder), args.export)
+        sys.stderr.write(f"exported adapters/<run>/ for: {', '.join(exported) or 'none'}\n")
+        if missing:
+            sys.stderr.write(f"not exported, trial adapter not in this checkout: {', '.join(missing)}\n")
     text = report(Path(args.folder), with_next=not args.no_next)
     if args.write:
         (Path(args.folder) / "REPORT.md").write_text(text)

@@ -4,6 +4,7 @@ extension at an edge, extra seeds at the best rate, paired differences, out-of-d
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -100,6 +101,15 @@ def test_study_end_to_end_on_a_tiny_model(tiny: dict, tmp_path: Path, single_thr
     row = next(line for line in text.splitlines() if line.startswith("| `gin_small` |"))
     assert f"{paired['mean']:+.3f} [{paired['ci95_low']:+.3f}, {paired['ci95_high']:+.3f}] (2 seeds)" in row
     assert f"{summary['gin_small']['val_ppl_mean']:.3f} +- {summary['gin_small']['val_ppl_std']:.3f} (2)" in row
+    # --export writes the same best-seed adapters while a study runs, and names an arm whose trial adapter is gone
+    out = Path(report["config"]["output_dir"])
+    (out / "adapters" / "gin_small" / "adapter_model.safetensors").unlink()
+    shutil.rmtree(out / "adapters" / "ia3" / "trials")  # as when its trials ran in another checkout
+    exported, missing = study_report.export_finished(out)
+    assert "gin_small" in exported and missing == ["ia3"]
+    rewritten = load_file(out / "adapters" / "gin_small" / "adapter_model.safetensors")
+    assert {t.dtype for t in rewritten.values()} == {torch.bfloat16}
+
     # the curves at each arm's best rate: validation perplexity at every evaluated step, mean over its seeds
     curve = next(line for line in text.split("## Did training flatten?")[1].splitlines() if line.startswith("| `gin_small` ("))
     on_disk = [json.loads(f.read_text()) for f in (Path(report["config"]["output_dir"]) / "trials").glob("*.json")]

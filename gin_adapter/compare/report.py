@@ -181,20 +181,36 @@ def write_report(cfg: TrainingConfig, report: dict[str, Any], out: Path, acceler
     ``export_adapter_dtype``), ``results.json``, the plots, the table."""
     if not accelerator.is_main_process:
         return
-    for name, r in representative(report["summary"], report["trials"], cfg).items():
-        src, dst = out / r["adapter_dir"], out / "adapters" / name
-        for f in src.iterdir():
-            if f.suffix == ".safetensors" and cfg.export_adapter_dtype != "float32":
-                tensors = load_file(f)
-                dtype = getattr(torch, cfg.export_adapter_dtype)
-                save_file({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}, dst / f.name)
-            else:
-                shutil.copy2(f, dst / f.name)
+    missing = export_adapters(cfg, representative(report["summary"], report["trials"], cfg), out)
+    if missing:
+        report["adapters_missing"] = missing
+        accelerator.print(f"not exported, their trials' adapters are not in this checkout: {', '.join(missing)} "
+                          "(delete a trial's JSON and run --resume again to retrain it)")
     write_json(out / "results.json", report)
     write_plots(report, out)
     accelerator.print("\n" + format_table(report["summary"], report["base"]["perplexity"], report["base"].get("ood_perplexity")))
     accelerator.print(report["answer"])
     accelerator.print(f"results: {out / 'results.json'} (wall time {report['wall_time_s']:.0f} s)")
+
+
+def export_adapters(cfg: TrainingConfig, chosen: dict[str, dict[str, Any]], out: Path) -> list[str]:
+    """Copy each run's chosen trial's adapter (``trials/<id>``, kept per trial and not committed) to
+    ``adapters/<run>/``, safetensors in ``export_adapter_dtype``. Returns the runs whose trial adapter is not on
+    disk (a trial finished in another checkout: its JSON is committed, its adapter is not)."""
+    missing = []
+    for name, trial in chosen.items():
+        src, dst = out / trial["adapter_dir"], out / "adapters" / name
+        if not src.is_dir():
+            missing.append(name)
+            continue
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.suffix == ".safetensors" and cfg.export_adapter_dtype != "float32":
+                dtype = getattr(torch, cfg.export_adapter_dtype)
+                save_file({k: t.to(dtype) if t.is_floating_point() else t for k, t in load_file(f).items()}, dst / f.name)
+            elif f.is_file():
+                shutil.copy2(f, dst / f.name)
+    return missing
 
 
 def write_plots(report: dict[str, Any], out: Path) -> None:
