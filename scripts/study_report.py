@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gin_adapter.compare.config import TrainingConfig  # noqa: E402
-from gin_adapter.compare.report import export_adapters, representative, summarize  # noqa: E402
+from gin_adapter.compare.report import control_differences, export_adapters, representative, summarize  # noqa: E402
 
 
 def load_study(folder: Path) -> tuple[TrainingConfig, list[dict[str, Any]], dict[str, Any]]:
@@ -84,13 +84,7 @@ def budget_table(names: list[str], summary: dict[str, dict[str, Any]], base: dic
         grid = ", ".join(f"{lr:g}" for lr in s["grid"])
         flags = (" **at edge**" if s["best_at_edge"] else "") + ("" if s["sweep_complete"] else " (sweep unfinished)")
         ppl = f"{s['val_ppl_mean']:.3f} +- {s['val_ppl_std']:.3f} ({s['n_seeds']})" if s["n_seeds"] > 1 else f"{s['val_ppl_mean']:.3f} (1)"
-        diff = s.get("paired_difference_to_baseline")
-        if diff is None:
-            paired = "-"
-        elif diff["n"] < 2:
-            paired = f"{diff['mean']:+.3f} (1 seed, no CI)"
-        else:
-            paired = f"{diff['mean']:+.3f} [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}] ({diff['n']} seeds)"
+        paired = _paired(s.get("paired_difference_to_baseline"))
         ood = s.get("ood_ppl_mean")
         ood_text = f"{ood:.2f} ({ood - base_ood:+.2f})" if ood is not None and base_ood else _fmt(ood, ".2f")
         minutes = s.get("wall_time_s_per_trial")
@@ -99,6 +93,36 @@ def budget_table(names: list[str], summary: dict[str, dict[str, Any]], base: dic
             f"{_fmt(s.get('train_tokens_per_s'), '.0f')} | {_fmt(s.get('train_cpu_s_per_step'), '.1f')} | {_fmt(s.get('peak_memory_mb'), '.0f')} | "
             f"{_fmt(minutes and minutes / 60, '.1f')} |"
         )
+    return lines
+
+
+def _paired(diff: dict[str, float] | None) -> str:
+    """A paired difference as a table cell: mean [95 % CI] (seeds)."""
+    if diff is None:
+        return "-"
+    if diff["n"] < 2:
+        return f"{diff['mean']:+.3f} (1 seed, no CI)"
+    return f"{diff['mean']:+.3f} [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}] ({diff['n']} seeds)"
+
+
+def control_lines(controls: list[dict[str, Any]]) -> list[str]:
+    """Each GIN arm against the same arm without messages (``graph: reference``, self-loops only)."""
+    lines = ["| with messages | without (self-loops only) | val ppl difference [95 % CI] | out-of-domain ppl difference [95 % CI] |",
+             "| --- | --- | --- | --- |"]
+    lines += [f"| `{c['with_messages']}` | `{c['without_messages']}` | {_paired(c['val_ppl'])} | {_paired(c['ood_ppl'])} |" for c in controls]
+    return lines
+
+
+def generalisation_lines(summary: dict[str, dict[str, Any]], base: dict[str, Any]) -> list[str]:
+    """In-domain gain next to out-of-domain change per arm (the paper's generalisation-gap claim), with the paired
+    out-of-domain difference to the arm's LoRA."""
+    lines = ["| arm | in-domain val ppl change vs base | out-of-domain ppl change vs base | out-of-domain difference to its LoRA [95 % CI] |",
+             "| --- | ---: | ---: | --- |"]
+    base_ppl, base_ood = base.get("perplexity"), base.get("ood_perplexity")
+    for name, s in summary.items():
+        gain = f"{s['val_ppl_mean'] - base_ppl:+.3f}" if base_ppl else "-"
+        ood = f"{s['ood_ppl_mean'] - base_ood:+.2f}" if base_ood and s.get("ood_ppl_mean") is not None else "-"
+        lines.append(f"| `{name}` | {gain} | {ood} | {_paired(s.get('paired_ood_difference_to_baseline'))} |")
     return lines
 
 
@@ -134,6 +158,20 @@ FLATTEN_NOTE = (
     "Step 0 is the wrapped model before training: the base model's perplexity for every arm that starts as the "
     "identity; `GinConfig.published()` starts with the published per-layer scales (0 in the first layer to 0.5 in "
     "the last), so it starts above it."
+)
+
+CONTROL_NOTE = (
+    "Each pair has the same GinConfig except `graph`: `gin` sums the node features of the attention graph's "
+    "neighbours, `reference` only each token's own (self-loops, the published code's behaviour). The difference is "
+    "paired over seeds (same data order, same validation blocks), each arm at its own best learning rate; a negative "
+    "value means the messages lowered perplexity."
+)
+
+OOD_NOTE = (
+    "The paper claims GIN narrows the gap between training and unseen data. Here: each arm's change of in-domain "
+    "validation perplexity from the base model next to its change on the out-of-domain corpus (never trained on), "
+    "and the out-of-domain difference to the LoRA of its budget, paired over seeds (negative: less forgetting, or "
+    "more transfer, than that LoRA)."
 )
 
 COST_NOTE = (
@@ -176,6 +214,8 @@ def report(folder: Path, with_next: bool = True) -> str:
     for root, names in budget_groups(cfg).items():
         lines += ["", f"## Compared with `{root}`", ""] + budget_table(names, summary, base)
     lines += ["", COST_NOTE]
+    lines += ["", "## Do messages along the graph matter?", "", CONTROL_NOTE, ""] + control_lines(control_differences(cfg, summary))
+    lines += ["", "## In-domain gain and out-of-domain change", "", OOD_NOTE, ""] + generalisation_lines(summary, base)
     lines += ["", "## Every learning rate", ""] + learning_rate_lines(summary)
     lines += ["", "## Did training flatten?", "", FLATTEN_NOTE, ""] + curve_lines(summary, trials)
     lines += ["", "## Where the trials ran", ""] + machines(trials)

@@ -18,6 +18,7 @@ import study_report  # noqa: E402
 
 import train
 from gin_adapter.compare.config import TrainingConfig
+from gin_adapter.compare.report import control_differences, message_controls, summarize, verdict
 from gin_adapter.compare.runs import next_trial
 
 
@@ -137,3 +138,47 @@ def test_trials_record_the_commit_the_process_started_from(monkeypatch) -> None:
         assert machine_module.machine()["commit"] == "aaaaaaaaaaaa"  # a trial written after HEAD moved
     finally:
         machine_module.source_commit.cache_clear()
+
+
+def _control_study() -> TrainingConfig:
+    return TrainingConfig.from_dict({"learning_rates": [1e-3], "extend_grid": 0, "seeds": [0], "extra_seeds": [1, 2], "runs": [
+        {"name": "lora", "method": "lora", "lora": {"r": 2}},
+        {"name": "h", "method": "gin", "gin": {"node_features": "hidden", "hidden_dim": 8}, "baseline": "lora"},
+        {"name": "h_ref", "method": "gin", "gin": {"node_features": "hidden", "hidden_dim": 8, "graph": "reference"}, "baseline": "lora"},
+        {"name": "v_ref", "method": "gin", "gin": {"hidden_dim": 8, "graph": "reference"}},  # other features: no control of h
+        {"name": "p", "method": "gin", "gin": {"preset": "published", "graph": "gin"}},
+        {"name": "p_ref", "method": "gin", "gin": {"preset": "published"}},  # the preset's own graph is 'reference'
+    ]})
+
+
+def test_message_controls_pair_gin_runs_that_differ_only_in_graph():
+    assert message_controls(_control_study()) == [("h", "h_ref"), ("p", "p_ref")]
+
+
+def test_control_and_out_of_domain_differences_are_paired_over_seeds(tmp_path: Path) -> None:
+    cfg = _control_study()
+    val = {"lora": [12.0, 12.2, 12.1], "h": [12.5, 12.9, 12.4], "h_ref": [12.3, 12.4, 12.6]}
+    ood = {"lora": [50.0, 51.0, 52.0], "h": [49.0, 50.5, 50.0], "h_ref": [52.0, 52.0, 52.5]}
+    trials = [{**_result(run, 1e-3, seed, val[run][seed]), "ood_ppl": ood[run][seed], "trainable_params": 10,
+               "curves": {"val_ppl": [[0, 18.0], [50, 13.0], [100, val[run][seed]]]}, "machine": {}}
+              for run in val for seed in range(3)]
+    summary = summarize(cfg, trials)
+    (row,) = control_differences(cfg, summary)  # p / p_ref have no trials yet
+    assert (row["with_messages"], row["without_messages"]) == ("h", "h_ref")
+    assert row["val_ppl"]["mean"] == pytest.approx((0.2 + 0.5 - 0.2) / 3) and row["val_ppl"]["n"] == 3
+    assert row["ood_ppl"]["mean"] == pytest.approx((-3.0 - 1.5 - 2.5) / 3)
+    assert summary["h"]["paired_ood_difference_to_baseline"]["mean"] == pytest.approx((-1.0 - 0.5 - 2.0) / 3)
+    verdict_text = verdict(summary, 18.0, [row])
+    assert "Messages: h is 0.167 ppl higher than h_ref (paired over 3 seeds; 95 % CI" in verdict_text
+
+    # scripts/study_report.py renders both from the files on disk
+    (tmp_path / "trials").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "base_eval.json").write_text(json.dumps({"perplexity": 18.0, "ood_perplexity": 60.0}))
+    for trial in trials:
+        (tmp_path / "trials" / f"{trial['trial']}.json").write_text(json.dumps(trial))
+    text = study_report.report(tmp_path, with_next=False)
+    d = row["val_ppl"]
+    assert f"| `h` | `h_ref` | {d['mean']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] (3 seeds) |" in text
+    gap = next(line for line in text.split("## In-domain gain")[1].splitlines() if line.startswith("| `h` |"))
+    assert gap.startswith(f"| `h` | {sum(val['h']) / 3 - 18.0:+.3f} | {sum(ood['h']) / 3 - 60.0:+.2f} | -1.167 [")

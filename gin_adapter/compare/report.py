@@ -7,6 +7,7 @@ numbers compare methods, they are not test-set estimates.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import shutil
@@ -55,6 +56,7 @@ def summarize(cfg: TrainingConfig, results: list[dict[str, Any]]) -> dict[str, d
             "val_ppl_mean": by_lr[f"{best_lr:g}"]["mean"], "val_ppl_std": by_lr[f"{best_lr:g}"]["std"], "n_seeds": len(at_best),
             "val_ppl_by_seed": {str(r["seed"]): r["final_val_ppl"] for r in at_best},  # str keys: as JSON stores them
             "ood_ppl_mean": mean_std(ood)[0] if ood else None,
+            "ood_ppl_by_seed": {str(r["seed"]): r["ood_ppl"] for r in at_best if r.get("ood_ppl") is not None},
             "train_tokens_per_s": _median([r.get("train_tokens_per_s") for r in at_best]),
             "peak_memory_mb": max((r.get("peak_memory") or {}).get("peak_mb", 0.0) for r in at_best) or None,
             "wall_time_s_per_trial": _median([r.get("wall_time_s") for r in at_best]),
@@ -64,7 +66,36 @@ def summarize(cfg: TrainingConfig, results: list[dict[str, Any]]) -> dict[str, d
     for name, entry in summary.items():
         base = summary.get(entry["baseline"]) if entry["baseline"] else None
         entry["paired_difference_to_baseline"] = paired_difference(entry["val_ppl_by_seed"], base["val_ppl_by_seed"]) if base else None
+        entry["paired_ood_difference_to_baseline"] = paired_difference(entry["ood_ppl_by_seed"], base["ood_ppl_by_seed"]) if base else None
     return summary
+
+
+def message_controls(cfg: TrainingConfig) -> list[tuple[str, str]]:
+    """``(with messages, without)`` pairs of GIN runs: the same :class:`~gin_adapter.GinConfig` except ``graph``
+    (``"gin"``: messages from key ``j`` to query ``i``; ``"reference"``: self-loops only). Their paired difference
+    is what the messages along the attention graph add, everything else held fixed."""
+    from .budget import gin_config
+
+    def without_graph(run: Any) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(gin_config(run.gin)).items() if k != "graph"}
+
+    gins = [run for run in cfg.runs if run.method == "gin"]
+    graph = {run.name: gin_config(run.gin).graph for run in gins}
+    return [(a.name, b.name) for a in gins for b in gins
+            if graph[a.name] == "gin" and graph[b.name] == "reference" and without_graph(a) == without_graph(b)]
+
+
+def control_differences(cfg: TrainingConfig, summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each pair of :func:`message_controls` with trials: the paired difference (with - without) of validation
+    and out-of-domain perplexity over shared seeds, each arm at its own best learning rate."""
+    rows = []
+    for with_messages, without in message_controls(cfg):
+        a, b = summary.get(with_messages), summary.get(without)
+        if a and b:
+            rows.append({"with_messages": with_messages, "without_messages": without,
+                         "val_ppl": paired_difference(a["val_ppl_by_seed"], b["val_ppl_by_seed"]),
+                         "ood_ppl": paired_difference(a["ood_ppl_by_seed"], b["ood_ppl_by_seed"])})
+    return rows
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -72,22 +103,27 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def verdict(summary: dict[str, dict[str, Any]], base_ppl: float | None) -> str:
-    """One honest sentence per run with a baseline (paired over seeds), else per GIN/LoRA pair (unpaired)."""
-    lines = []
-    for name, s in summary.items():
-        diff = s.get("paired_difference_to_baseline")
-        if diff is None:
-            continue
-        other = s["baseline"]
-        where = "lower" if diff["mean"] < 0 else "higher"
-        if diff["n"] < 2:
-            certainty = "one shared seed, no interval"
-        elif diff["ci95_high"] < 0 or diff["ci95_low"] > 0:
-            certainty = f"95 % CI [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}] excludes 0"
-        else:
-            certainty = f"95 % CI [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}] includes 0: not distinguishable"
-        lines.append(f"{name} is {abs(diff['mean']):.3f} ppl {where} than {other} (paired over {diff['n']} seeds; {certainty}).")
+def certainty(diff: dict[str, float]) -> str:
+    """Whether a :func:`~gin_adapter.compare.stats.paired_difference` tells its arms apart, in words."""
+    if diff["n"] < 2:
+        return "one shared seed, no interval"
+    interval = f"95 % CI [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}]"
+    if diff["ci95_high"] < 0 or diff["ci95_low"] > 0:
+        return f"{interval} excludes 0"
+    return f"{interval} includes 0: not distinguishable"
+
+
+def _compared(name: str, other: str, diff: dict[str, float]) -> str:
+    where = "lower" if diff["mean"] < 0 else "higher"
+    return f"{name} is {abs(diff['mean']):.3f} ppl {where} than {other} (paired over {diff['n']} seeds; {certainty(diff)})."
+
+
+def verdict(summary: dict[str, dict[str, Any]], base_ppl: float | None, controls: list[dict[str, Any]] | None = None) -> str:
+    """One honest sentence per run with a baseline (paired over seeds) and per message control (with messages vs
+    self-loops only), else per GIN/LoRA pair (unpaired)."""
+    lines = [_compared(name, s["baseline"], s["paired_difference_to_baseline"])
+             for name, s in summary.items() if s.get("paired_difference_to_baseline")]
+    lines += [f"Messages: {_compared(c['with_messages'], c['without_messages'], c['val_ppl'])}" for c in controls or [] if c["val_ppl"]]
     if lines:
         return " ".join(lines)
     gins = [n for n, s in summary.items() if s["method"] == "gin"]
@@ -162,10 +198,11 @@ def build_report(cfg: TrainingConfig, results: list[dict[str, Any]], base: dict[
     """
     summary = summarize(cfg, results)
     chosen = representative(summary, results, cfg)
+    controls = control_differences(cfg, summary)
     return {
         "question": QUESTION,
-        "answer": verdict(summary, base["perplexity"]),
-        "base": base, "summary": summary, "budget": budget, "trials": [{k: v for k, v in r.items() if k not in ("curves", "scale_history")} for r in results],
+        "answer": verdict(summary, base["perplexity"], controls),
+        "base": base, "summary": summary, "message_controls": controls, "budget": budget, "trials": [{k: v for k, v in r.items() if k not in ("curves", "scale_history")} for r in results],
         "curves": {name: r["curves"] for name, r in chosen.items()},
         "scale_history": {name: r["scale_history"] for name, r in chosen.items() if r["scale_history"]},
         "trial_curves": {r["trial"]: r["curves"] for r in results},
