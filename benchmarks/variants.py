@@ -24,7 +24,8 @@ from gin_adapter import GinConfig, count_trainable_parameters, get_gin_model, gi
 logger = logging.getLogger("benchmarks")
 
 
-ALL_VARIANTS = ("base", "lora", "gin", "gin_separate", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_published", "gin_published_separate", "lora_b")
+ALL_VARIANTS = ("base", "lora", "gin", "gin_separate", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_hidden_reference",
+               "gin_hidden_reference_separate", "gin_published", "gin_published_separate", "lora_b")
 LABELS = {
     "base": "frozen base (floor)",
     "lora": "LoRA (q_proj, v_proj), matched params",
@@ -36,6 +37,8 @@ LABELS = {
     "gin_thr": "GIN, published rule (sum + threshold), its fused kernel",
     "published": "published-style re-creation of gin_thr",
     "gin_hidden": "GIN, node_features='hidden' (h + attn_out), hidden_dim 27",
+    "gin_hidden_reference": "GIN, node_features='hidden', graph='reference' (self-loops only; its graph built with the attention)",
+    "gin_hidden_reference_separate": "GIN, node_features='hidden', graph='reference', sdpa + the generic chain (joint.ENABLED off)",
     "gin_published": "GIN, GinConfig.published(graph='gin') (6.85M params on SmolLM2)",
     "gin_published_separate": "GIN, GinConfig.published(graph='gin'), sdpa + the separate threshold kernel (joint.ENABLED off)",
     "lora_b": "LoRA (q_proj, v_proj), matched to gin_published",
@@ -48,10 +51,12 @@ GIN_CONFIGS: dict[str, dict] = {
     "gin_detached": dict(adjacency_grad=False),
     "gin_thr": dict(head_reduction="sum", sparsify="threshold"),
     "gin_hidden": dict(node_features="hidden", hidden_dim=27),
+    "gin_hidden_reference": dict(node_features="hidden", hidden_dim=27, graph="reference"),
+    "gin_hidden_reference_separate": dict(node_features="hidden", hidden_dim=27, graph="reference"),
     "gin_published": dict(preset="published", graph="gin"),
     "gin_published_separate": dict(preset="published", graph="gin"),
 }
-SEPARATE = ("gin_separate", "gin_published_separate")
+SEPARATE = ("gin_separate", "gin_hidden_reference_separate", "gin_published_separate")
 """Variants trained with ``gin_adapter.joint.ENABLED`` off: sdpa, then the separate kernel scores the keys again."""
 
 

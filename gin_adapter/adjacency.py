@@ -37,6 +37,7 @@ class AdjacencyRule:
     recompute: bool
     adjacency_grad: bool = True
     fused_top_k: bool = False  # computed by gin_adapter.topk_sum (per-head top-k, not the pyg backend)
+    per_head_top_k: bool = False  # the per-head top-k graph, either graph mode: gin_adapter.joint can build it in training
     fused_threshold: bool = False  # computed by gin_adapter.threshold_sum (the published rule, backend "auto")
 
     @classmethod
@@ -53,6 +54,7 @@ class AdjacencyRule:
             recompute=config.recompute_adjacency,
             adjacency_grad=config.adjacency_grad,
             fused_top_k=config.is_per_head_top_k and config.backend != "pyg",
+            per_head_top_k=config.sparsify == "topk" and config.head_reduction == "none" and config.backend != "pyg",
             fused_threshold=config.head_reduction == "sum" and config.sparsify == "threshold" and config.backend == "auto",
         )
 

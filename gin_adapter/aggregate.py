@@ -26,7 +26,7 @@ import torch.utils.checkpoint
 
 from .adjacency import AdjacencyRule, attention_probabilities, float32_region, sparse_adjacency, visible_keys
 from .gin import NEIGHBOUR_SUMS, neighbour_sum_reference
-from .joint import TopKGraph, graph_sum
+from .joint import TopKGraph, graph_sum, self_loop_sum
 from .joint_threshold import ThresholdGraph, same_rule, threshold_graph_sum
 from .threshold_sum import threshold_neighbour_sum
 from .topk_sum import topk_neighbour_sum
@@ -113,9 +113,11 @@ def graph_neighbour_sum(graph: GraphInputs, features: torch.Tensor, rule: Adjace
     view); the generic chain returns one row per adjacency head.
     """
     joint = graph.joint
-    if isinstance(joint, TopKGraph) and rule.fused_top_k and rule.top_k == joint.top_k:
+    if isinstance(joint, TopKGraph) and rule.per_head_top_k and rule.top_k == joint.top_k:
         batch, kv_heads, k_len = graph.key.shape[:3]
         joint = joint if rule.adjacency_grad else replace(joint, weights=joint.weights.detach())
+        if rule.graph == "reference":
+            return self_loop_sum(joint, features)
         return graph_sum(joint, features.expand(batch, kv_heads, k_len, features.shape[-1]))
     if isinstance(joint, ThresholdGraph) and rule.fused_threshold and same_rule(rule, joint.rule):
         joint = joint if rule.adjacency_grad else replace(joint, adjacency=joint.adjacency.detach())

@@ -106,7 +106,7 @@ def _attention_with_graph(module, query, key, value, mask, scale: float, rule: A
     """``(attention output (B, H, L, Dv), graph)`` computed together where that reproduces sdpa's call, else ``None``."""
     if not joint.joint_applies(module, query, key, mask, kwargs):
         return None
-    if rule.fused_top_k:
+    if rule.per_head_top_k:
         return joint.attention_with_graph(query, key, value, mask, scaling=scale, top_k=rule.top_k)
     form = joint_threshold.storage(rule, query, key) if rule.fused_threshold else None
     if form is not None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import topk_sum
-from .adjacency import float32_region
+from .adjacency import float32_region, self_index
 from .chunk_sums import chunk_sum, chunk_sum_grads
 from .top_k import top_k_last
 from .topk_sum import Chunk, ScoreSpec, SumMode, _Layout, add_score_grads, _mask_rows, _row_probabilities, _scores, choose_sum_mode, plan_chunks
@@ -204,3 +204,20 @@ def graph_sum(graph: TopKGraph, features: torch.Tensor, sum_mode: str = "auto") 
         out5 = _GraphSum.apply(graph.weights, graph.index, features, graph.chunks, mode)
     batch, kv_heads, groups, q_len, dim = out5.shape
     return out5.view(batch, kv_heads * groups, q_len, dim)
+
+
+def self_loop_sum(graph: TopKGraph, features: torch.Tensor) -> torch.Tensor:
+    """``graph="reference"`` on the top-k graph (self-loops only, the published code's effective operator):
+
+        n[b, h, i] = W[b, h, i, self(i)] x[b, h // G, self(i)]    (0 where query i's own key is not among its top k)
+
+    features ``(B, Hkv or 1, Lk, F)`` -> ``(B, H, Lq, F)`` float32, the rows of
+    :func:`gin_adapter.gin.neighbour_sum_reference` on the same graph; gradients to the weights (by autograd) and
+    the features."""
+    weights, index = graph.weights, graph.index  # (B, Hkv, G, Lq, k)
+    batch, kv_heads, groups, q_len, _ = weights.shape
+    own = self_index(q_len, features.shape[-2], weights.device)  # (Lq,)
+    with float32_region(features.device):
+        self_weight = (weights * (index == own[:, None])).sum(-1)  # (B, Hkv, G, Lq)
+        out5 = self_weight.unsqueeze(-1) * features[..., own, :].float().unsqueeze(2)  # (B, Hkv, G, Lq, F)
+    return out5.reshape(batch, kv_heads * groups, q_len, out5.shape[-1])

@@ -127,14 +127,14 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
 
     def _joint_rule_for(self, active: list[str]) -> AdjacencyRule | None:
         """The rule the attention may build the graph with (:mod:`gin_adapter.joint`,
-        :mod:`gin_adapter.joint_threshold`): every active adapter uses the fused per-head top-k rule with backend
-        ``"auto"`` and the same ``k``, or the published rule (backend ``"auto"``) with the same constants; else
+        :mod:`gin_adapter.joint_threshold`): every active adapter uses the per-head top-k rule (either graph mode)
+        with backend ``"auto"`` and the same ``k``, or the published rule (backend ``"auto"``) with the same constants; else
         ``None``. Worked out once per set of active adapters (the forward runs per layer and decoded token)."""
         key = tuple(active)
         if key not in self._joint_rule:
             rules = [self.gin_rules[name] for name in active]
             first = rules[0]
-            top_k = all(r.fused_top_k and r.backend == "auto" and r.top_k == first.top_k for r in rules)
+            top_k = all(r.per_head_top_k and r.backend == "auto" and r.top_k == first.top_k for r in rules)
             threshold = all(r.fused_threshold and joint_threshold.same_rule(r, first) for r in rules)
             self._joint_rule[key] = first if top_k or threshold else None
         return self._joint_rule[key]

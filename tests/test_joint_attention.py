@@ -61,11 +61,13 @@ def _loss_and_grads(config: GinConfig, enabled: bool, padding: bool, monkeypatch
 
 
 @pytest.mark.parametrize("padding", [False, True])
-@pytest.mark.parametrize("fields", [dict(), dict(node_features="hidden"), dict(adjacency_grad=False), dict(top_k=3)],
+@pytest.mark.parametrize("fields", [dict(), dict(node_features="hidden"), dict(adjacency_grad=False), dict(top_k=3), dict(graph="reference"),
+                                    dict(node_features="hidden", graph="reference"), dict(graph="reference", adjacency_grad=False)],
                          ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()) or "default")
 def test_training_with_the_joint_path_equals_the_separate_path(fields, padding, monkeypatch):
     """A training step of a wrapped model (three query chunks, optional left padding) gives the same loss and
-    adapter gradients with the graph built beside the attention as with sdpa + the separate kernel."""
+    adapter gradients with the graph built beside the attention as with sdpa + the separate kernel (for
+    ``graph="reference"``: + the generic chain's self-loop sum)."""
     config = GinConfig(hidden_dim=8, **fields)
     joint_loss, joint_grads, joint_calls = _loss_and_grads(config, True, padding, monkeypatch)
     loss, grads, calls = _loss_and_grads(config, False, padding, monkeypatch)
@@ -75,7 +77,8 @@ def test_training_with_the_joint_path_equals_the_separate_path(fields, padding, 
 
 
 @pytest.mark.parametrize("padding", [False, True])
-@pytest.mark.parametrize("fields", [dict(), dict(node_features="hidden")], ids=["default", "hidden"])
+@pytest.mark.parametrize("fields", [dict(), dict(node_features="hidden"), dict(node_features="hidden", graph="reference")],
+                         ids=["default", "hidden", "hidden-reference"])
 def test_training_under_autocast_with_the_joint_path_matches_the_separate_path(fields, padding, monkeypatch):
     """Under bf16 autocast the joint path runs (in float32) and gives the loss and adapter gradients of sdpa (in
     bfloat16) + the separate kernel up to bfloat16 rounding of the attention output (here about 0.2-0.4 % of the
