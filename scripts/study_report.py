@@ -5,6 +5,7 @@ where, and the next trial ``--resume`` would run. Works on a finished study and 
     .venv/bin/python scripts/study_report.py results/study            # print
     .venv/bin/python scripts/study_report.py results/study --write    # also write <output_dir>/REPORT.md
     .venv/bin/python scripts/study_report.py results/study --export   # also export finished arms' best adapters
+    .venv/bin/python scripts/study_report.py results/study --plots    # also write curves_<LoRA run>.png per budget
 
 Every number printed comes from the trial files, so the README's Results can be pasted from this output.
 """
@@ -231,12 +232,31 @@ def export_finished(folder: Path, dtype: str = "bfloat16") -> tuple[list[str], l
     checkout."""
     cfg, trials, _ = load_study(folder)
     cfg = dataclasses.replace(cfg, export_adapter_dtype=dtype)
-    summary = summarize(cfg, trials)
-    seeds = len(cfg.seeds) + len(cfg.extra_seeds)
-    final = {name: s for name, s in summary.items() if s["n_seeds"] >= seeds}  # extra seeds run only once the rate is settled
-    chosen = representative(final, trials, cfg)
+    chosen = representative(finished_arms(cfg, summarize(cfg, trials)), trials, cfg)
     missing = export_adapters(cfg, chosen, folder)
     return [name for name in chosen if name not in missing], missing
+
+
+def finished_arms(cfg: TrainingConfig, summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The summary of the arms that have all their seeds at their best rate (train.py runs the extra seeds only
+    once that rate is settled, so these rows are final)."""
+    seeds = len(cfg.seeds) + len(cfg.extra_seeds)
+    return {name: s for name, s in summary.items() if s["n_seeds"] >= seeds}
+
+
+def write_curves(folder: Path) -> list[Path]:
+    """``curves_<LoRA run>.png`` per budget: training loss and validation perplexity of the best-seed trial of each
+    finished arm at its best rate (train.py's ``curves.png`` holds every arm once the study is complete)."""
+    from gin_adapter.analysis.plotting import plot_training_curves
+
+    cfg, trials, _ = load_study(folder)
+    chosen = representative(finished_arms(cfg, summarize(cfg, trials)), trials, cfg)
+    written = []
+    for root, names in budget_groups(cfg).items():
+        curves = {name: chosen[name]["curves"] for name in names if name in chosen}
+        if curves:
+            written.append(plot_training_curves(curves, folder / f"curves_{root}.png"))
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -246,7 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-next", action="store_true", help="do not work out the next trial (needs the model's config)")
     parser.add_argument("--export", nargs="?", const="bfloat16", choices=["bfloat16", "float32"],
                         help="also export the best-seed adapter of every arm whose seeds are all done, in this dtype (default bfloat16)")
+    parser.add_argument("--plots", action="store_true", help="also write curves_<LoRA run>.png per budget (finished arms)")
     args = parser.parse_args(argv)
+    if args.plots:
+        sys.stderr.write("wrote " + ", ".join(str(path) for path in write_curves(Path(args.folder))) + "\n")
     if args.export:
         exported, missing = export_finished(Path(args.folder), args.export)
         sys.stderr.write(f"exported adapters/<run>/ for: {', '.join(exported) or 'none'}\n")

@@ -155,7 +155,7 @@ def test_message_controls_pair_gin_runs_that_differ_only_in_graph():
     assert message_controls(_control_study()) == [("h", "h_ref"), ("p", "p_ref")]
 
 
-def test_control_and_out_of_domain_differences_are_paired_over_seeds(tmp_path: Path) -> None:
+def test_control_and_out_of_domain_differences_are_paired_over_seeds(tmp_path: Path, monkeypatch) -> None:
     cfg = _control_study()
     val = {"lora": [12.0, 12.2, 12.1], "h": [12.5, 12.9, 12.4], "h_ref": [12.3, 12.4, 12.6]}
     ood = {"lora": [50.0, 51.0, 52.0], "h": [49.0, 50.5, 50.0], "h_ref": [52.0, 52.0, 52.5]}
@@ -182,3 +182,10 @@ def test_control_and_out_of_domain_differences_are_paired_over_seeds(tmp_path: P
     assert f"| `h` | `h_ref` | {d['mean']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] (3 seeds) |" in text
     gap = next(line for line in text.split("## In-domain gain")[1].splitlines() if line.startswith("| `h` |"))
     assert gap.startswith(f"| `h` | {sum(val['h']) / 3 - 18.0:+.3f} | {sum(ood['h']) / 3 - 60.0:+.2f} | -1.167 [")
+    # --plots: one figure per budget, of the arms whose seeds are all done (here all three of `lora`'s budget)
+    drawn = {}
+    monkeypatch.setattr("gin_adapter.analysis.plotting.plot_training_curves", lambda curves, path: drawn.setdefault(Path(path), curves) and Path(path))
+    (tmp_path / "trials" / "h_ref__lr0.001__seed2.json").unlink()  # h_ref unfinished: left out
+    assert study_report.write_curves(tmp_path) == [tmp_path / "curves_lora.png"]
+    assert set(drawn[tmp_path / "curves_lora.png"]) == {"lora", "h"}
+    assert drawn[tmp_path / "curves_lora.png"]["h"]["val_ppl"][-1][1] == min(val["h"])  # the best seed's trial
