@@ -106,6 +106,12 @@ def test_study_end_to_end_on_a_tiny_model(tiny: dict, tmp_path: Path, single_thr
     out = Path(report["config"]["output_dir"])
     (out / "adapters" / "gin_small" / "adapter_model.safetensors").unlink()
     shutil.rmtree(out / "adapters" / "ia3" / "trials")  # as when its trials ran in another checkout
+    record = json.loads((out / "adapters" / "ia3" / "study_trial.json").read_text())
+    best = min((t for t in report["trials"] if t["run"] == "ia3" and t["learning_rate"] == summary["ia3"]["best_learning_rate"]),
+               key=lambda t: t["final_val_ppl"])
+    assert record["trial"] == best["trial"] and record["final_val_ppl"] == best["final_val_ppl"]
+    assert study_report.export_finished(out)[1] == []  # exported before from the same trial: nothing missing
+    (out / "adapters" / "ia3" / "study_trial.json").unlink()  # no record of which trial it came from
     exported, missing = study_report.export_finished(out)
     assert "gin_small" in exported and missing == ["ia3"]
     rewritten = load_file(out / "adapters" / "gin_small" / "adapter_model.safetensors")

@@ -8,6 +8,7 @@ numbers compare methods, they are not test-set estimates.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import platform
 import shutil
@@ -232,15 +233,18 @@ def write_report(cfg: TrainingConfig, report: dict[str, Any], out: Path, acceler
 
 def export_adapters(cfg: TrainingConfig, chosen: dict[str, dict[str, Any]], out: Path) -> list[str]:
     """Copy each run's chosen trial's adapter (``trials/<id>``, kept per trial and not committed) to
-    ``adapters/<run>/``, safetensors in ``export_adapter_dtype``. Returns the runs whose trial adapter is not on
-    disk (a trial finished in another checkout: its JSON is committed, its adapter is not)."""
+    ``adapters/<run>/``, safetensors in ``export_adapter_dtype``, with ``study_trial.json`` naming the trial.
+    Returns the runs whose trial adapter is not on disk and not exported before (a trial finished in another
+    checkout: its JSON is committed, its adapter is not)."""
     missing = []
     for name, trial in chosen.items():
         src, dst = out / trial["adapter_dir"], out / "adapters" / name
         if not src.is_dir():
-            missing.append(name)
+            if exported_trial(dst) != trial["trial"]:
+                missing.append(name)
             continue
         dst.mkdir(parents=True, exist_ok=True)
+        write_json(dst / EXPORT_RECORD, {"trial": trial["trial"], "final_val_ppl": trial["final_val_ppl"], "machine": trial.get("machine")})
         for f in src.iterdir():
             if f.suffix == ".safetensors" and cfg.export_adapter_dtype != "float32":
                 dtype = getattr(torch, cfg.export_adapter_dtype)
@@ -248,6 +252,16 @@ def export_adapters(cfg: TrainingConfig, chosen: dict[str, dict[str, Any]], out:
             elif f.is_file():
                 shutil.copy2(f, dst / f.name)
     return missing
+
+
+EXPORT_RECORD = "study_trial.json"
+"""In ``adapters/<run>/``: the trial the adapter was exported from."""
+
+
+def exported_trial(folder: Path) -> str | None:
+    """The trial id ``adapters/<run>/`` was exported from (``None``: nothing exported there, or before it was recorded)."""
+    record = folder / EXPORT_RECORD
+    return json.loads(record.read_text())["trial"] if record.is_file() else None
 
 
 def write_plots(report: dict[str, Any], out: Path) -> None:
