@@ -195,3 +195,25 @@ def test_control_and_out_of_domain_differences_are_paired_over_seeds(tmp_path: P
     assert study_report.write_curves(tmp_path) == [tmp_path / "curves_lora.png"]
     assert set(drawn[tmp_path / "curves_lora.png"]) == {"lora", "h"}
     assert drawn[tmp_path / "curves_lora.png"]["h"]["val_ppl"][-1][1] == min(val["h"])  # the best seed's trial
+
+
+def test_readme_study_rows_are_rendered_from_the_committed_trials() -> None:
+    """Every table row of the README's study section that names only finished arms (all seeds at the best rate,
+    and the same for their LoRA) is a row scripts/study_report.py renders from results/study: a number copied into
+    the README that the committed trial files do not hold fails here."""
+    root = Path(__file__).resolve().parent.parent
+    folder = root / "results" / "study"
+    cfg, trials, _ = study_report.load_study(folder)
+    finished = study_report.finished_arms(cfg, summarize(cfg, trials))
+    baseline = {run.name: run.baseline for run in cfg.runs}
+    rendered = set(study_report.report(folder, with_next=False).splitlines())
+    section = (root / "README.md").read_text().split("### The study: `configs/study.yaml`")[1].split("\n### ")[0]
+    shown = set()
+    for row in (line for line in section.splitlines() if line.startswith("| `")):
+        names = row.split("|")[1:3]
+        arms = {part.split("`")[1] for part in names if part.strip().startswith("`")} & set(baseline)
+        if arms and all(a in finished and (baseline[a] is None or baseline[a] in finished) for a in arms):
+            assert row in rendered, f"README row not rendered from results/study (rerun scripts/study_report.py and copy it): {row}"
+            shown |= arms
+    missing = {a for a in finished if baseline[a] is None or baseline[a] in finished} - shown
+    assert not missing, f"finished arms without their rows in the README's study section: {sorted(missing)}"
