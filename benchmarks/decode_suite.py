@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from benchmarks.measure import interleaved_times, median, synchronizer
 from benchmarks.variants import LABELS, build_variants
-from gin_adapter import gin_layers
+from gin_adapter import gin_layers, joint
 from gin_adapter.aggregate import graph_neighbour_sum
 
 logger = logging.getLogger("benchmarks")
@@ -38,13 +38,15 @@ def _set_scales(model: torch.nn.Module, value: float) -> None:
                 block.scale.fill_(value)
 
 
-def _decode_call(model: torch.nn.Module, prompt: torch.Tensor, token: torch.Tensor):
-    """A function decoding ``token`` after the cached ``prompt`` (the cache is restored after each call)."""
+def _decode_call(model: torch.nn.Module, prompt: torch.Tensor, token: torch.Tensor, joint_on: bool = True):
+    """A function decoding ``token`` after the cached ``prompt`` (the cache is restored after each call);
+    ``joint_on``: :data:`gin_adapter.joint.ENABLED` during the call (off: sdpa, then the separate decode step)."""
     cache = DynamicCache()
     with torch.inference_mode():
         model(input_ids=prompt, cache=cache, use_cache=True)
 
     def call() -> None:
+        joint.ENABLED = joint_on
         with torch.inference_mode():
             model(input_ids=token, cache=cache, use_cache=True)
             cache.crop(-token.shape[-1])
@@ -108,7 +110,7 @@ def run_decode(base, prompt: torch.Tensor, names: list[str], *, warmup: int, ste
     for name, variant in variants.items():
         model = variant.model.eval()
         _set_scales(model, 0.5)
-        fns[name] = _decode_call(model, prompt[:, :-1], token)
+        fns[name] = _decode_call(model, prompt[:, :-1], token, variant.joint)
         fns[name]()  # first call outside the timing
         calls[name] = _aten_calls(fns[name])
     rounds = 20 * steps  # one call is a few ms: many rounds for a stable median
@@ -121,6 +123,7 @@ def run_decode(base, prompt: torch.Tensor, names: list[str], *, warmup: int, ste
         rows.append(dict(variant=name, label=LABELS[name], prompt=prompt.shape[1] - 1, layers=layers, token_s=seconds, token_s_all=t,
                          aten_calls=calls[name], overhead_us_per_layer=(seconds - base_s) / layers * 1e6,
                          aten_calls_per_layer=(calls[name] - calls["base"]) / layers, timer=times.primary))
+    joint.ENABLED = True
     parts = gin_parts_us(variants["gin"].model, prompt[:, :-1], token) if "gin" in variants else {}
     del variants, fns
     gc.collect()

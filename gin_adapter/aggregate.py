@@ -7,7 +7,8 @@ width). Two implementations give the same numbers and gradients:
 
 * the per-head top-k rule (the default) runs the fused kernel :func:`gin_adapter.topk_sum.topk_neighbour_sum`,
   which never keeps the probabilities, or, when the attention function already built the graph with the attention
-  itself (training with sdpa, :mod:`gin_adapter.joint`), only sums over it;
+  itself (training with sdpa, :mod:`gin_adapter.joint`; one decoded token, :mod:`gin_adapter.joint_decode`),
+  only sums over it;
 * the published rule (heads summed, sharpened, thresholded; ``GinConfig.published()``) with ``backend="auto"``
   runs the fused kernel :func:`gin_adapter.threshold_sum.threshold_neighbour_sum`, chunked, nothing of size
   ``(B, H, Lq, Lk)`` kept, or, when the attention function built the graph with the attention
@@ -27,6 +28,7 @@ import torch.utils.checkpoint
 from .adjacency import AdjacencyRule, attention_probabilities, float32_region, sparse_adjacency, visible_keys
 from .gin import NEIGHBOUR_SUMS, neighbour_sum_reference
 from .joint import TopKGraph, graph_sum, self_loop_sum
+from .joint_decode import DecodeGraph, decode_graph_sum
 from .joint_threshold import ThresholdGraph, same_rule, threshold_graph_sum
 from .threshold_sum import threshold_neighbour_sum
 from .topk_sum import topk_neighbour_sum
@@ -48,7 +50,7 @@ class GraphInputs:
     scaling: float
     softcap: float | None
     sliding_window: int | None
-    joint: TopKGraph | ThresholdGraph | None = None  # the graph, when the attention function built it with the attention
+    joint: TopKGraph | ThresholdGraph | DecodeGraph | None = None  # the graph, when the attention function built it with the attention
 
     @property
     def groups(self) -> int:
@@ -113,6 +115,8 @@ def graph_neighbour_sum(graph: GraphInputs, features: torch.Tensor, rule: Adjace
     view); the generic chain returns one row per adjacency head.
     """
     joint = graph.joint
+    if isinstance(joint, DecodeGraph) and rule.per_head_top_k and rule.top_k == joint.top_k:  # one decoded token, no grad
+        return decode_graph_sum(joint, features, reference=rule.graph == "reference")
     if isinstance(joint, TopKGraph) and rule.per_head_top_k and rule.top_k == joint.top_k:
         batch, kv_heads, k_len = graph.key.shape[:3]
         joint = joint if rule.adjacency_grad else replace(joint, weights=joint.weights.detach())

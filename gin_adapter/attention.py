@@ -12,7 +12,8 @@ known. Only eager attention returns probabilities, so the adjacency is recompute
 sdpa asks for the per-head top-k graph or the published rule's graph and the call is plain softmax attention
 (:func:`gin_adapter.joint.joint_applies`), the function computes the attention output itself together with the
 graph (:mod:`gin_adapter.joint`, :mod:`gin_adapter.joint_threshold`; equal to sdpa's output up to float32
-rounding, or the autocast dtype's). The mask interface is registered too, or no mask is built.
+rounding, or the autocast dtype's); so it does for one decoded float32 token with the per-head top-k rule
+(:mod:`gin_adapter.joint_decode`). The mask interface is registered too, or no mask is built.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import joint, joint_threshold
+from . import joint, joint_decode, joint_threshold
 from .adjacency import AdjacencyRule
 from .aggregate import GraphInputs
 
@@ -41,7 +42,8 @@ class AggregationRequest:
 
     ``joint_rule``: the rule all the wrapper's adapters build their graph with, when the attention may build it
     together with its output (the per-head top-k rule or the published rule, backend ``"auto"``): an sdpa call
-    that :func:`gin_adapter.joint.joint_applies` to then does.
+    that :func:`gin_adapter.joint.joint_applies` to (or, for the top-k rule, one decoded token that
+    :func:`gin_adapter.joint_decode.decode_applies` to) then does.
     """
 
     module: torch.nn.Module
@@ -86,7 +88,7 @@ def make_attention_function(base_implementation: str) -> Callable:
             if built is not None:
                 output, graph = built
                 request.graph = GraphInputs(query, key, value, attention_mask, scaling=scale, softcap=None, sliding_window=None, joint=graph)
-                return joint.sdpa_layout(output), None  # sdpa's layout (B, L, H, D) and dtype, no attention weights
+                return output, None  # sdpa's layout (B, L, H, D) and dtype, no attention weights
         if base_implementation == "eager":
             base_fn = _model_eager_function(module)
         else:
@@ -103,14 +105,21 @@ def make_attention_function(base_implementation: str) -> Callable:
 
 
 def _attention_with_graph(module, query, key, value, mask, scale: float, rule: AdjacencyRule, kwargs: dict):
-    """``(attention output (B, H, L, Dv), graph)`` computed together where that reproduces sdpa's call, else ``None``."""
+    """``(attention output in sdpa's layout (B, L, H, Dv) and dtype, graph)`` computed together where that
+    reproduces sdpa's call (training, or one decoded token with the per-head top-k rule), else ``None``."""
+    if not joint.ENABLED:
+        return None
+    if rule.per_head_top_k and joint_decode.decode_applies(module, query, key, value, mask, kwargs):
+        return joint_decode.attention_with_graph(query, key, value, scaling=scale, top_k=rule.top_k)
     if not joint.joint_applies(module, query, key, mask, kwargs):
         return None
     if rule.per_head_top_k:
-        return joint.attention_with_graph(query, key, value, mask, scaling=scale, top_k=rule.top_k)
+        output, graph = joint.attention_with_graph(query, key, value, mask, scaling=scale, top_k=rule.top_k)
+        return joint.sdpa_layout(output), graph
     form = joint_threshold.storage(rule, query, key) if rule.fused_threshold else None
     if form is not None:
-        return joint_threshold.attention_with_threshold_graph(query, key, value, mask, scaling=scale, rule=rule, form=form)
+        output, graph = joint_threshold.attention_with_threshold_graph(query, key, value, mask, scaling=scale, rule=rule, form=form)
+        return joint.sdpa_layout(output), graph
     return None
 
 

@@ -34,7 +34,8 @@ from .topk_sum import Chunk, ScoreSpec, SumMode, _Layout, add_score_grads, _mask
 
 
 ENABLED = True
-"""Build the graph together with the attention where :func:`joint_applies` (set ``False`` to time the separate path)."""
+"""Build the graph together with the attention where :func:`joint_applies` (or, decoding,
+:func:`gin_adapter.joint_decode.decode_applies`); set ``False`` to time the separate path."""
 
 
 @dataclass

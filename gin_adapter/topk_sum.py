@@ -36,7 +36,8 @@ from typing import Literal
 import torch
 
 from .adjacency import float32_region, visible_keys
-from .chunk_sums import chunk_sum, chunk_sum_grads, scatter_adjacency
+from .chunk_sums import chunk_sum, chunk_sum_grads
+from .joint_decode import decode_scores, top_k_adjacency
 from .top_k import top_k_last
 
 SumMode = Literal["dense", "gather"]
@@ -352,19 +353,16 @@ def _decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sp
     per-call overhead, not arithmetic). With ``R = B * Hkv`` rows of ``G`` query heads:
     ``s = scaling * q K^T`` as one ``baddbmm`` (``(R, G, Lk)``, the scale folded in as in :func:`_scores` without
     a mask), ``softmax`` then ``topk`` of the probabilities (same picks and weights as :func:`_forward`), the k
-    weights scattered into the score buffer, one ``bmm`` with the values."""
+    weights scattered into the score buffer, one ``bmm`` with the values (:mod:`gin_adapter.joint_decode` builds
+    the same graph together with the attention output)."""
     batch, heads, _, dim = query.shape
     kv_heads, k_len, width = key.shape[1], key.shape[2], value.shape[-1]
     rows = batch * kv_heads
     if spec.softcap is None:
-        grouped = (query if query.dtype == torch.float32 else query.float()).reshape(rows, spec.groups, dim)
-        keys = (key if key.dtype == torch.float32 else key.float()).reshape(rows, k_len, dim)
-        scores = torch.baddbmm(grouped.new_empty(rows, spec.groups, k_len), grouped, keys.transpose(1, 2), beta=0.0, alpha=spec.scaling)
+        scores = decode_scores(query, key, spec.scaling)
     else:
         grouped = query.reshape(batch, kv_heads, spec.groups, dim)
         scores = _scores(grouped, key, None, spec, Chunk(0, 1, 0, k_len))[0].view(rows, spec.groups, k_len)
-    probs = torch.softmax(scores, dim=-1)
-    weights, index = probs.topk(min(top_k, k_len), dim=-1)
+    adjacency = top_k_adjacency(scores, torch.softmax(scores, dim=-1), top_k)
     values = (value if value.dtype == torch.float32 else value.float()).reshape(rows, k_len, width)
-    out = torch.bmm(scatter_adjacency(scores, index, weights), values)  # (R, G, Dv)
-    return out.view(batch, heads, 1, width)
+    return torch.bmm(adjacency, values).view(batch, heads, 1, width)  # (R, G, Dv) -> (B, H, 1, Dv)
