@@ -91,20 +91,24 @@ class _AttentionWithGraph(torch.autograd.Function):
             layout.put(index5, chunk, local + chunk.k0)
         ctx.save_for_backward(query, key, value, mask, out5, index5, weights5)
         ctx.spec, ctx.chunks = spec, chunks
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for unused weights (adjacency_grad=False)
         ctx.mark_non_differentiable(index5)
         return out5.view(*query.shape[:-1], value.shape[-1]), weights5, index5
 
     @staticmethod
     def backward(ctx, grad_out, grad_weights5, _grad_index):
-        with float32_region(grad_out.device):  # a backward run inside autocast stays float32
-            return _AttentionWithGraph._backward(ctx, grad_out.float(), grad_weights5)
+        if grad_out is None and grad_weights5 is None:
+            return (None,) * 7
+        with float32_region(ctx.saved_tensors[0].device):  # a backward run inside autocast stays float32
+            return _AttentionWithGraph._backward(ctx, None if grad_out is None else grad_out.float(), grad_weights5)
 
     @staticmethod
     def _backward(ctx, grad_out, grad_weights5):
         query, key, value, mask, out5, index5, weights5 = ctx.saved_tensors
         spec: ScoreSpec = ctx.spec
         layout = _Layout(query, key.shape[1])
-        grad5, query5 = layout.split(grad_out), layout.split(query)
+        grad5 = torch.zeros_like(out5) if grad_out is None else layout.split(grad_out)  # (an unused attention output)
+        query5 = layout.split(query)
         grad_query5 = layout.split(torch.zeros_like(query))
         grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
         for chunk in ctx.chunks:

@@ -132,14 +132,17 @@ class _AttentionWithThresholdGraph(torch.autograd.Function):
             _store(graph, index, adjacency, chunk, form, spec, k_len)
         ctx.save_for_backward(query, key, value, mask, out5, index)
         ctx.spec, ctx.rule, ctx.chunks, ctx.form = spec, rule, chunks, form
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused graph (adjacency_grad=False)
         if index is not None:
             ctx.mark_non_differentiable(index)
         return out5.view(*query.shape[:-1], value.shape[-1]), graph, index
 
     @staticmethod
     def backward(ctx, grad_out, grad_graph, _grad_index):
-        with float32_region(grad_out.device):  # a backward run inside autocast stays float32
-            return _backward(ctx, grad_out.float(), grad_graph)
+        if grad_out is None and grad_graph is None:
+            return (None,) * 9
+        with float32_region(ctx.saved_tensors[0].device):  # a backward run inside autocast stays float32
+            return _backward(ctx, None if grad_out is None else grad_out.float(), grad_graph)
 
 
 def _backward(ctx, grad_out, grad_graph):
@@ -147,7 +150,8 @@ def _backward(ctx, grad_out, grad_graph):
     spec, rule = ctx.spec, ctx.rule
     layout = _Layout(query, key.shape[1])
     batch, k_len = layout.batch, key.shape[-2]
-    grad5, query5 = layout.split(grad_out), layout.split(query)
+    grad5 = torch.zeros_like(out5) if grad_out is None else layout.split(grad_out)  # (an unused attention output)
+    query5 = layout.split(query)
     grad_query5 = layout.split(torch.zeros_like(query))
     grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
     for chunk in ctx.chunks:

@@ -55,6 +55,30 @@ def test_joint_equals_sdpa_and_the_separate_kernel(length, padding, chunk_rows, 
         assert torch.allclose(a, b, atol=1e-5), name
 
 
+@pytest.mark.parametrize("used", ["output", "graph"])
+def test_joint_gradients_when_only_the_output_or_only_the_graph_is_used(used, monkeypatch):
+    """With only one of the two results in the loss the other gets no gradient (not a zero-filled one): the
+    gradients to q, k, v equal sdpa's alone, or the separate kernel's alone."""
+    received = []
+    backward = joint_module._AttentionWithGraph._backward
+    monkeypatch.setattr(joint_module._AttentionWithGraph, "_backward",
+                        staticmethod(lambda ctx, grad_out, grad_weights: received.append((grad_out, grad_weights)) or backward(ctx, grad_out, grad_weights)))
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 24, 8, generator=generator, requires_grad=True)
+    k, v = (torch.randn(2, 2, 24, 8, generator=generator, requires_grad=True) for _ in range(2))
+    upstream = torch.randn(2, 4, 24, 8, generator=generator)
+    out, graph = attention_with_graph(q, k, v, None, scaling=8**-0.5, top_k=3)
+    if used == "output":
+        got, expected = out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        got, expected = graph_sum(graph, v), topk_neighbour_sum(q, k, v, None, top_k=3, scaling=8**-0.5)
+    grads = torch.autograd.grad((got * upstream).sum(), (q, k, v))
+    for name, a, b in zip("qkv", grads, torch.autograd.grad((expected * upstream).sum(), (q, k, v))):
+        assert torch.allclose(a, b, atol=1e-5), name
+    (grad_out, grad_weights), = received
+    assert (grad_weights is None) == (used == "output") and (grad_out is None) == (used == "graph")
+
+
 def _loss_and_grads(config: GinConfig, enabled: bool, padding: bool, monkeypatch, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     return joint_training_step(config, joint_enabled=enabled, spied=(joint_module, "attention_with_graph"), monkeypatch=monkeypatch,
                                padding=padding, autocast=autocast)
