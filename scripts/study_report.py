@@ -7,6 +7,13 @@ where, and the next trial ``--resume`` would run. Works on a finished study and 
     .venv/bin/python scripts/study_report.py results/study --export   # also export finished arms' best adapters
     .venv/bin/python scripts/study_report.py results/study --plots    # also write curves_<LoRA run>.png per budget
 
+A best-seed adapter whose trial ran in another checkout (its JSON committed, its adapter not) is trained again
+without touching the study's trials:
+
+    .venv/bin/python scripts/study_report.py results/study --prepare-retrain /tmp/retrain
+    OMP_NUM_THREADS=2 .venv/bin/python train.py --config configs/study.yaml --output-dir /tmp/retrain --resume
+    .venv/bin/python scripts/study_report.py results/study --export --adapters-from /tmp/retrain --write
+
 Every number printed comes from the trial files, so the README's Results can be pasted from this output.
 """
 
@@ -24,7 +31,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gin_adapter.compare.config import TrainingConfig  # noqa: E402
-from gin_adapter.compare.report import control_differences, export_adapters, representative, summarize  # noqa: E402
+from gin_adapter.compare.adapter_export import EXPORT_RECORD, export_adapters, exported_trial, prepare_retrain  # noqa: E402
+from gin_adapter.compare.report import control_differences, representative, summarize  # noqa: E402
 
 
 def load_study(folder: Path) -> tuple[TrainingConfig, list[dict[str, Any]], dict[str, Any]]:
@@ -175,6 +183,14 @@ OOD_NOTE = (
     "more transfer, than that LoRA)."
 )
 
+ADAPTER_NOTE = (
+    "`adapters/<arm>/` holds each finished arm's best seed at its best learning rate (bf16 safetensors, "
+    "`study_trial.json` naming the trial). A trial that ran in a checkout that was not kept was trained again from "
+    "the same config, seed, data order and validation set (`--prepare-retrain`, then `train.py --resume`): the "
+    "study's numbers are its first run; re-scoring the committed adapter gives the retrained run's perplexity, which "
+    "differs from the first by run-to-run noise (float rounding differs between CPUs and kernel versions)."
+)
+
 COST_NOTE = (
     "Cost columns (medians over the arm's trials at its best rate): tokens/s and minutes are wall-clock on a shared "
     "machine and include any time the study was paused for a benchmark or slowed by tests running beside it; "
@@ -219,22 +235,58 @@ def report(folder: Path, with_next: bool = True) -> str:
     lines += ["", "## In-domain gain and out-of-domain change", "", OOD_NOTE, ""] + generalisation_lines(summary, base)
     lines += ["", "## Every learning rate", ""] + learning_rate_lines(summary)
     lines += ["", "## Did training flatten?", "", FLATTEN_NOTE, ""] + curve_lines(summary, trials)
+    lines += ["", "## The committed adapters", "", ADAPTER_NOTE, ""] + adapter_lines(folder, cfg, summary, trials)
     lines += ["", "## Where the trials ran", ""] + machines(trials)
     return "\n".join(lines) + "\n"
 
 
-def export_finished(folder: Path, dtype: str = "bfloat16") -> tuple[list[str], list[str]]:
+def adapter_lines(folder: Path, cfg: TrainingConfig, summary: dict[str, dict[str, Any]], trials: list[dict[str, Any]]) -> list[str]:
+    """One row per finished arm: the trial its committed adapter (``adapters/<run>/``) holds, the trial's validation
+    perplexity in the study and, for an adapter trained again (``retrained`` in its record), the retrained one's."""
+    lines = ["| arm | trial | val ppl in the study | the committed adapter's val ppl | trained on |", "| --- | --- | ---: | ---: | --- |"]
+    for name, trial in representative(finished_arms(cfg, summary), trials, cfg).items():
+        record_file = folder / "adapters" / name / EXPORT_RECORD
+        record = json.loads(record_file.read_text()) if record_file.is_file() else None
+        if record is None or record["trial"] != trial["trial"]:
+            lines.append(f"| `{name}` | `{trial['trial']}` | {trial['final_val_ppl']:.4f} | not exported | - |")
+            continue
+        again = record.get("retrained")
+        own = again or record
+        where = _cpu(own.get("machine") or {}) + (", trained again" if again else "")
+        lines.append(f"| `{name}` | `{trial['trial']}` | {trial['final_val_ppl']:.4f} | {own['final_val_ppl']:.4f} | {where} |")
+    return lines
+
+
+def _cpu(machine: dict[str, Any]) -> str:
+    """``AMD EPYC (AVX-512)``: the CPU model and its widest vector extension, as recorded with a trial."""
+    widest = "AMX" if machine.get("amx") else "AVX-512" if machine.get("avx512") else "AVX2" if machine.get("avx2") else None
+    return machine.get("cpu_model", "?") + (f" ({widest})" if widest else "")
+
+
+def export_finished(folder: Path, dtype: str = "bfloat16", retrained: list[Path] | None = None) -> tuple[list[str], list[str]]:
     """Export the best-seed adapter (``adapters/<run>/``, as train.py does when the study completes) of every arm
     that has all its seeds at its best rate (train.py runs the extra seeds only once that rate is settled), so it
-    can be committed as soon as it is final.
+    can be committed as soon as it is final; a trial adapter not in this checkout is taken from the scratch
+    studies ``retrained`` (:func:`prepare_missing`) where it was trained again.
     ``dtype``: the config's ``export_adapter_dtype`` (``config.json`` does not keep it; configs/study.yaml's is
     bfloat16). Returns ``(exported, missing)``: the runs written, and those whose trial adapter is not in this
     checkout."""
     cfg, trials, _ = load_study(folder)
     cfg = dataclasses.replace(cfg, export_adapter_dtype=dtype)
     chosen = representative(finished_arms(cfg, summarize(cfg, trials)), trials, cfg)
-    missing = export_adapters(cfg, chosen, folder)
+    missing = export_adapters(cfg, chosen, folder, retrained or ())
     return [name for name in chosen if name not in missing], missing
+
+
+def prepare_missing(folder: Path, scratch: Path) -> list[str]:
+    """A scratch copy of the study lacking only the trials of the finished arms' best-seed adapters that are neither
+    in this checkout nor exported (``train.py --resume`` on it trains them again; the study's trials stay as they
+    are). Returns those trial ids."""
+    cfg, trials, _ = load_study(folder)
+    chosen = representative(finished_arms(cfg, summarize(cfg, trials)), trials, cfg)
+    wanted = [t["trial"] for name, t in chosen.items()
+              if not (folder / t["adapter_dir"]).is_dir() and exported_trial(folder / "adapters" / name) != t["trial"]]
+    return prepare_retrain(folder, wanted, scratch) if wanted else []
 
 
 def finished_arms(cfg: TrainingConfig, summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -266,12 +318,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-next", action="store_true", help="do not work out the next trial (needs the model's config)")
     parser.add_argument("--export", nargs="?", const="bfloat16", choices=["bfloat16", "float32"],
                         help="also export the best-seed adapter of every arm whose seeds are all done, in this dtype (default bfloat16)")
+    parser.add_argument("--adapters-from", type=Path, action="append", default=[], metavar="DIR",
+                        help="with --export: a scratch study (--prepare-retrain) holding trial adapters this checkout lacks (repeatable)")
+    parser.add_argument("--prepare-retrain", type=Path, metavar="DIR",
+                        help="copy the study into DIR without the trials whose best-seed adapters are missing, then exit")
     parser.add_argument("--plots", action="store_true", help="also write curves_<LoRA run>.png per budget (finished arms)")
     args = parser.parse_args(argv)
+    if args.prepare_retrain:
+        wanted = prepare_missing(Path(args.folder), args.prepare_retrain)
+        sys.stderr.write(f"{args.prepare_retrain}: the study without {', '.join(wanted)}; train them again with\n"
+                         f"  train.py --config <the study's YAML> --output-dir {args.prepare_retrain} --resume\n"
+                         f"then: scripts/study_report.py {args.folder} --export --adapters-from {args.prepare_retrain}\n"
+                         if wanted else "every finished arm's best-seed adapter is here or exported: nothing to retrain\n")
+        return
     if args.plots:
         sys.stderr.write("wrote " + ", ".join(str(path) for path in write_curves(Path(args.folder))) + "\n")
     if args.export:
-        exported, missing = export_finished(Path(args.folder), args.export)
+        exported, missing = export_finished(Path(args.folder), args.export, args.adapters_from)
         sys.stderr.write(f"exported adapters/<run>/ for: {', '.join(exported) or 'none'}\n")
         if missing:
             sys.stderr.write(f"not exported, trial adapter not in this checkout: {', '.join(missing)}\n")

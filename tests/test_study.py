@@ -114,6 +114,28 @@ def test_study_end_to_end_on_a_tiny_model(tiny: dict, tmp_path: Path, single_thr
     (out / "adapters" / "ia3" / "study_trial.json").unlink()  # no record of which trial it came from
     exported, missing = study_report.export_finished(out)
     assert "gin_small" in exported and missing == ["ia3"]
+    # train that trial again in a scratch copy of the study lacking only it; export from there, the study unchanged
+    scratch = tmp_path / "retrain"
+    assert study_report.prepare_missing(out, scratch) == [best["trial"]]
+    assert {f.name for f in (scratch / "trials").glob("*.json")} == {f.name for f in (out / "trials").glob("*.json")} - {f"{best['trial']}.json"}
+    with pytest.raises(FileExistsError, match="already holds a study"):
+        study_report.prepare_missing(out, scratch)
+    study_trials = {f.name: f.read_text() for f in (out / "trials").glob("*.json")}
+    train.main(["--config", str(config), "--output-dir", str(scratch), "--resume"])
+    again = json.loads((scratch / "trials" / f"{best['trial']}.json").read_text())
+    exported, missing = study_report.export_finished(out, retrained=[scratch])
+    assert "ia3" in exported and missing == []
+    record = json.loads((out / "adapters" / "ia3" / "study_trial.json").read_text())
+    assert record["trial"] == best["trial"] and record["final_val_ppl"] == best["final_val_ppl"]
+    assert record["retrained"]["final_val_ppl"] == again["final_val_ppl"] and record["retrained"]["machine"]["cpu_model"]
+    assert {f.name: f.read_text() for f in (out / "trials").glob("*.json")} == study_trials
+    row = next(line for line in study_report.report(out, with_next=False).splitlines() if line.startswith("| `ia3` | `"))
+    assert f"| {best['final_val_ppl']:.4f} | {again['final_val_ppl']:.4f} |" in row and "trained again" in row
+    config_file = scratch / "config.json"
+    config_file.write_text(config_file.read_text().replace('"max_steps": 4', '"max_steps": 5'))
+    (out / "adapters" / "ia3" / "study_trial.json").unlink()
+    with pytest.raises(ValueError, match="was not prepared from"):
+        study_report.export_finished(out, retrained=[scratch])
     rewritten = load_file(out / "adapters" / "gin_small" / "adapter_model.safetensors")
     assert {t.dtype for t in rewritten.values()} == {torch.bfloat16}
 

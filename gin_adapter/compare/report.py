@@ -8,10 +8,8 @@ numbers compare methods, they are not test-set estimates.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import platform
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -19,8 +17,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
 
+from .adapter_export import export_adapters
 from .config import TrainingConfig
 from .machine import machine
 from .outputs import write_json
@@ -223,45 +221,12 @@ def write_report(cfg: TrainingConfig, report: dict[str, Any], out: Path, acceler
     if missing:
         report["adapters_missing"] = missing
         accelerator.print(f"not exported, their trials' adapters are not in this checkout: {', '.join(missing)} "
-                          "(delete a trial's JSON and run --resume again to retrain it)")
+                          f"(to train those trials again without changing the study: scripts/study_report.py {out} --prepare-retrain DIR)")
     write_json(out / "results.json", report)
     write_plots(report, out)
     accelerator.print("\n" + format_table(report["summary"], report["base"]["perplexity"], report["base"].get("ood_perplexity")))
     accelerator.print(report["answer"])
     accelerator.print(f"results: {out / 'results.json'} (wall time {report['wall_time_s']:.0f} s)")
-
-
-def export_adapters(cfg: TrainingConfig, chosen: dict[str, dict[str, Any]], out: Path) -> list[str]:
-    """Copy each run's chosen trial's adapter (``trials/<id>``, kept per trial and not committed) to
-    ``adapters/<run>/``, safetensors in ``export_adapter_dtype``, with ``study_trial.json`` naming the trial.
-    Returns the runs whose trial adapter is not on disk and not exported before (a trial finished in another
-    checkout: its JSON is committed, its adapter is not)."""
-    missing = []
-    for name, trial in chosen.items():
-        src, dst = out / trial["adapter_dir"], out / "adapters" / name
-        if not src.is_dir():
-            if exported_trial(dst) != trial["trial"]:
-                missing.append(name)
-            continue
-        dst.mkdir(parents=True, exist_ok=True)
-        write_json(dst / EXPORT_RECORD, {"trial": trial["trial"], "final_val_ppl": trial["final_val_ppl"], "machine": trial.get("machine")})
-        for f in src.iterdir():
-            if f.suffix == ".safetensors" and cfg.export_adapter_dtype != "float32":
-                dtype = getattr(torch, cfg.export_adapter_dtype)
-                save_file({k: t.to(dtype) if t.is_floating_point() else t for k, t in load_file(f).items()}, dst / f.name)
-            elif f.is_file():
-                shutil.copy2(f, dst / f.name)
-    return missing
-
-
-EXPORT_RECORD = "study_trial.json"
-"""In ``adapters/<run>/``: the trial the adapter was exported from."""
-
-
-def exported_trial(folder: Path) -> str | None:
-    """The trial id ``adapters/<run>/`` was exported from (``None``: nothing exported there, or before it was recorded)."""
-    record = folder / EXPORT_RECORD
-    return json.loads(record.read_text())["trial"] if record.is_file() else None
 
 
 def write_plots(report: dict[str, Any], out: Path) -> None:
