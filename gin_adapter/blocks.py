@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .activations import ACTIVATIONS
 from .config import GinConfig
 from .out_norm import inverse_rms, project_and_norm
 
-ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU, "prelu": nn.PReLU}
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ class _AttentionWithGraph(torch.autograd.Function):
     def backward(ctx, grad_out, grad_weights5, _grad_index):
         if grad_out is None and grad_weights5 is None:
             return (None,) * 7
-        with float32_region(ctx.saved_tensors[0].device):  # a backward run inside autocast stays float32
+        with float32_region((grad_out if grad_out is not None else grad_weights5).device):  # a backward run inside autocast stays float32
             return _AttentionWithGraph._backward(ctx, None if grad_out is None else grad_out.float(), grad_weights5)
 
     @staticmethod

@@ -141,7 +141,7 @@ class _AttentionWithThresholdGraph(torch.autograd.Function):
     def backward(ctx, grad_out, grad_graph, _grad_index):
         if grad_out is None and grad_graph is None:
             return (None,) * 9
-        with float32_region(ctx.saved_tensors[0].device):  # a backward run inside autocast stays float32
+        with float32_region((grad_out if grad_out is not None else grad_graph).device):  # a backward run inside autocast stays float32
             return _backward(ctx, None if grad_out is None else grad_out.float(), grad_graph)
 
 
