@@ -239,3 +239,13 @@ def test_readme_study_rows_are_rendered_from_the_committed_trials() -> None:
             shown |= arms
     missing = {a for a in finished if baseline[a] is None or baseline[a] in finished} - shown
     assert not missing, f"finished arms without their rows in the README's study section: {sorted(missing)}"
+
+
+def test_committed_study_fits_in_60_mb() -> None:
+    """results/study as committed (trials, results, plots, the best-seed adapters; not the ignored checkpoints, logs
+    and per-trial adapters) stays within the 60 MB the study may take in the repository."""
+    folder = Path(__file__).resolve().parent.parent / "results" / "study"
+    ignored = ("checkpoints", "logs")
+    total = sum(f.stat().st_size for f in folder.rglob("*")
+                if f.is_file() and f.relative_to(folder).parts[0] not in ignored and "trials" not in f.relative_to(folder).parts[2:3])
+    assert total <= 60e6, f"results/study holds {total / 1e6:.1f} MB; export the adapters in bfloat16 or drop what is not needed"
