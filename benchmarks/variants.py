@@ -145,11 +145,12 @@ def gin_config(name: str) -> GinConfig:
 
 
 def build_gin(base: torch.nn.Module, name: str) -> torch.nn.Module:
-    """GIN variant ``name`` on a weight-sharing copy of ``base``; ``gin_generic`` is routed through the generic chain."""
+    """GIN variant ``name`` on a weight-sharing copy of ``base``; ``gin_generic`` is routed through the generic chain
+    (in training too: its rule is not marked per-head top-k, so neither the joint path nor the fused kernel takes it)."""
     model = get_gin_model(share_copy(base), gin_config(name))
     if name == "gin_generic":
         for layer in gin_layers(model):
-            layer.gin_rules = {adapter: replace(rule, fused_top_k=False) for adapter, rule in layer.gin_rules.items()}
+            layer.gin_rules = {adapter: replace(rule, per_head_top_k=False) for adapter, rule in layer.gin_rules.items()}
     return model
 
 

@@ -36,9 +36,13 @@ class AdjacencyRule:
     backend: str
     recompute: bool
     adjacency_grad: bool = True
-    fused_top_k: bool = False  # computed by gin_adapter.topk_sum (per-head top-k, not the pyg backend)
-    per_head_top_k: bool = False  # the per-head top-k graph, either graph mode: gin_adapter.joint can build it in training
+    per_head_top_k: bool = False  # the per-head top-k graph, either graph mode (not the pyg backend): gin_adapter.joint can build it
     fused_threshold: bool = False  # computed by gin_adapter.threshold_sum (the published rule, backend "auto")
+
+    @property
+    def fused_top_k(self) -> bool:
+        """Computed by :mod:`gin_adapter.topk_sum` when the attention did not build it: per-head top-k, ``graph="gin"``."""
+        return self.per_head_top_k and self.graph == "gin"
 
     @classmethod
     def from_config(cls, config: GinConfig) -> "AdjacencyRule":
@@ -53,7 +57,6 @@ class AdjacencyRule:
             backend=config.backend,
             recompute=config.recompute_adjacency,
             adjacency_grad=config.adjacency_grad,
-            fused_top_k=config.is_per_head_top_k and config.backend != "pyg",
             per_head_top_k=config.sparsify == "topk" and config.head_reduction == "none" and config.backend != "pyg",
             fused_threshold=config.head_reduction == "sum" and config.sparsify == "threshold" and config.backend == "auto",
         )

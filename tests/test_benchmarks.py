@@ -85,6 +85,8 @@ def test_generic_variant_takes_the_generic_chain(monkeypatch):
         assert calls == {"generic": 2, "fused": 0}
         build_gin(base, "gin")(_ids(1, 8))
         assert calls == {"generic": 2, "fused": 2}
+    build_gin(base, "gin_generic").train()(_ids(1, 8))  # training: layer 1's queries need a gradient, and still the chain
+    assert calls == {"generic": 4, "fused": 2}
 
 
 def test_eval_generate_and_summary(tmp_path):
