@@ -58,7 +58,7 @@ from gin_adapter.compare.memory import PeakMemory
 from gin_adapter.compare.outputs import prepare_output_dir, write_json
 from gin_adapter.compare.publish import push_best, reproduce_command
 from gin_adapter.compare.report import build_report, write_report
-from gin_adapter.compare.runs import Trial, gin_scales, load_base_model, next_trial, wrap_model
+from gin_adapter.compare.runs import Trial, gin_scales, load_base_model, next_trial, trial_from_id, wrap_model
 from gin_adapter.embedded import resolve_model_path
 
 
@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", help="overrides output_dir from the config")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in output_dir")
     parser.add_argument("--overwrite", action="store_true", help="delete earlier results in output_dir and start over")
+    parser.add_argument("--trial", dest="trials", action="append", default=[], metavar="ID",
+                        help="train exactly this trial of the config (e.g. gin_values__lr0.01__seed0) instead of the schedule; "
+                             "repeatable; with --resume a finished one is skipped (scripts/study_report.py --prepare-retrain)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="push the best GIN adapter with a model card to this repo")
     parser.add_argument("--push-run", metavar="RUN", help="which run to push (default: the best GIN run)")
     parser.add_argument("--hub-token", default=None, help="token for --push-to-hub (default: the cached login)")
@@ -281,8 +284,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = [json.loads(f.read_text()) for f in sorted((out / "trials").glob("*.json"))] if args.resume else []
     if results:
         accelerator.print(f"resuming: {len(results)} finished trial(s) read from {out / 'trials'}")
-    while (trial := next_trial(cfg, plans, results)) is not None:
-        results.append(train_one_run(trial, ctx))
+    if args.trials:  # exactly these trials (retraining one), whatever the schedule would pick next
+        done = {r["trial"] for r in results}
+        for trial in (trial_from_id(cfg, plans, trial_id) for trial_id in args.trials):
+            if trial.id not in done:
+                results.append(train_one_run(trial, ctx))
+    else:
+        while (trial := next_trial(cfg, plans, results)) is not None:
+            results.append(train_one_run(trial, ctx))
 
     # Summary, results.json, plots, adapters; then the optional Hub push.
     report = build_report(cfg, results, base, budget, model_path, accelerator, t_start)

@@ -11,7 +11,7 @@ A best-seed adapter whose trial ran in another checkout (its JSON committed, its
 without touching the study's trials:
 
     .venv/bin/python scripts/study_report.py results/study --prepare-retrain /tmp/retrain
-    OMP_NUM_THREADS=2 .venv/bin/python train.py --config configs/study.yaml --output-dir /tmp/retrain --resume
+    OMP_NUM_THREADS=2 .venv/bin/python train.py --config configs/study.yaml --output-dir /tmp/retrain --resume --trial ID ...
     .venv/bin/python scripts/study_report.py results/study --export --adapters-from /tmp/retrain --write
 
 Every number printed comes from the trial files, so the README's Results can be pasted from this output.
@@ -186,7 +186,7 @@ OOD_NOTE = (
 ADAPTER_NOTE = (
     "`adapters/<arm>/` holds each finished arm's best seed at its best learning rate (bf16 safetensors, "
     "`study_trial.json` naming the trial). A trial that ran in a checkout that was not kept was trained again from "
-    "the same config, seed, data order and validation set (`--prepare-retrain`, then `train.py --resume`): the "
+    "the same config, seed, data order and validation set (`--prepare-retrain`, then `train.py --resume --trial`): the "
     "study's numbers are its first run; re-scoring the committed adapter gives the retrained run's perplexity, which "
     "differs from the first by run-to-run noise (float rounding differs between CPUs and kernel versions)."
 )
@@ -326,8 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.prepare_retrain:
         wanted = prepare_missing(Path(args.folder), args.prepare_retrain)
+        trials = " ".join(f"--trial {trial}" for trial in wanted)
         sys.stderr.write(f"{args.prepare_retrain}: the study without {', '.join(wanted)}; train them again with\n"
-                         f"  train.py --config <the study's YAML> --output-dir {args.prepare_retrain} --resume\n"
+                         f"  train.py --config <the study's YAML> --output-dir {args.prepare_retrain} --resume {trials}\n"
                          f"then: scripts/study_report.py {args.folder} --export --adapters-from {args.prepare_retrain}\n"
                          if wanted else "every finished arm's best-seed adapter is here or exported: nothing to retrain\n")
         return

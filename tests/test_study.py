@@ -19,7 +19,7 @@ import study_report  # noqa: E402
 import train
 from gin_adapter.compare.config import TrainingConfig
 from gin_adapter.compare.report import control_differences, message_controls, summarize, verdict
-from gin_adapter.compare.runs import next_trial
+from gin_adapter.compare.runs import next_trial, trial_from_id
 
 
 def _result(run: str, lr: float, seed: int, ppl: float) -> dict:
@@ -37,6 +37,24 @@ def test_schedule_sweeps_then_extends_an_edge_then_adds_seeds_at_the_best_rate()
         order.append((trial.lr, trial.seed))
         results.append(_result("a", trial.lr, trial.seed, ppl[trial.lr] + 0.1 * trial.seed))
     assert order == [(1e-3, 0), (3e-3, 0), (9e-3, 0), (3e-3, 1), (3e-3, 2)]
+
+
+def test_a_trial_is_named_by_its_id_whatever_the_schedule_would_pick():
+    """``train.py --trial``: the schedule, missing a finished extension's result, would pick another trial; the id
+    names exactly one (any rate, any seed), and a malformed or unknown id says what is expected."""
+    cfg = TrainingConfig.from_dict({"runs": [{"name": "a", "method": "lora", "lora": {"r": 2}}], "learning_rates": [1e-3, 3e-3],
+                                    "seeds": [0], "extra_seeds": [1, 2], "extend_grid": 2})
+    plans = {"a": None}
+    # the study: 9e-3 extended the grid, 2.7e-2 bracketed it, the extra seeds ran at 9e-3; its seed 0 is missing
+    results = [_result("a", 1e-3, 0, 12.0), _result("a", 3e-3, 0, 10.5), _result("a", 2.7e-2, 0, 10.8),
+               _result("a", 9e-3, 1, 10.1), _result("a", 9e-3, 2, 10.2)]
+    assert next_trial(cfg, plans, results).id == "a__lr0.003__seed1"  # 3e-3 now looks best: not the missing trial
+    trial = trial_from_id(cfg, plans, "a__lr0.009__seed0")
+    assert (trial.run.name, trial.lr, trial.seed, trial.id) == ("a", 9e-3, 0, "a__lr0.009__seed0")
+    with pytest.raises(ValueError, match="not a trial of this config.*one of \\['a'\\]"):
+        trial_from_id(cfg, plans, "b__lr0.01__seed0")
+    with pytest.raises(ValueError, match="did you mean 'a__lr0.009__seed0'"):
+        trial_from_id(cfg, plans, "a__lr9e-3__seed0")
 
 
 def test_schedule_stops_extending_after_extend_grid_steps():
@@ -121,7 +139,7 @@ def test_study_end_to_end_on_a_tiny_model(tiny: dict, tmp_path: Path, single_thr
     with pytest.raises(FileExistsError, match="already holds a study"):
         study_report.prepare_missing(out, scratch)
     study_trials = {f.name: f.read_text() for f in (out / "trials").glob("*.json")}
-    train.main(["--config", str(config), "--output-dir", str(scratch), "--resume"])
+    train.main(["--config", str(config), "--output-dir", str(scratch), "--resume", "--trial", best["trial"]])
     again = json.loads((scratch / "trials" / f"{best['trial']}.json").read_text())
     exported, missing = study_report.export_finished(out, retrained=[scratch])
     assert "ia3" in exported and missing == []

@@ -3,7 +3,7 @@
 Each trial's adapter is kept under ``adapters/<run>/trials/<trial>/`` (not committed) by the checkout that trained
 it. A trial that finished in another checkout has its JSON committed but not its adapter; such a trial can be
 trained again in a scratch copy of the study that lacks only it (:func:`prepare_retrain`, then
-``train.py --resume`` on that copy: the same config, seed, data order and validation set), and its adapter
+``train.py --resume --trial <id>`` on that copy: the same config, seed, data order and validation set), and its adapter
 exported from there. The record then keeps the study's figures (``final_val_ppl``, ``machine``) and, under
 ``retrained``, the retrained trial's own: re-scoring the committed adapter reproduces the latter.
 """
@@ -83,8 +83,9 @@ def _copy_adapter(src: Path, dst: Path, dtype: str) -> None:
 
 def prepare_retrain(out: Path, trial_ids: Iterable[str], folder: Path) -> list[str]:
     """A scratch copy of the study ``out`` in ``folder`` lacking only ``trial_ids`` (config, base perplexity, every
-    other trial JSON), so ``train.py --config <the study's> --output-dir folder --resume`` trains exactly those
-    trials again. Returns them; refuses a ``folder`` that already holds a study."""
+    other trial JSON), so ``train.py --config <the study's> --output-dir folder --resume --trial <id> ...`` trains
+    exactly those trials again (``--trial``: the schedule alone might pick another trial first, since the missing
+    result changes which rate looks best). Returns them; refuses a ``folder`` that already holds a study."""
     trial_ids = sorted(set(trial_ids))
     if (folder / "config.json").exists():
         raise FileExistsError(f"{folder} already holds a study; choose an empty folder.")

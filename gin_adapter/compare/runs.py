@@ -86,6 +86,21 @@ def next_trial(cfg: TrainingConfig, plans: dict[str, RunPlan], results: list[dic
     return None
 
 
+def trial_from_id(cfg: TrainingConfig, plans: dict[str, RunPlan], trial_id: str) -> Trial:
+    """The trial ``<run>__lr<rate>__seed<seed>`` of the config (any rate and seed, not only the schedule's)."""
+    name, _, rest = trial_id.partition("__lr")
+    rate, _, seed = rest.partition("__seed")
+    runs = {run.name: run for run in cfg.runs}
+    try:
+        trial = Trial(runs[name], plans[name], float(rate), int(seed))
+    except (KeyError, ValueError):
+        raise ValueError(f"{trial_id!r} is not a trial of this config: expected <run>__lr<rate>__seed<seed> with run one of "
+                         f"{sorted(runs)}, e.g. {Trial(cfg.runs[0], plans[cfg.runs[0].name], cfg.learning_rates_for(cfg.runs[0])[0], cfg.seeds[0]).id}") from None
+    if trial.id != trial_id:
+        raise ValueError(f"{trial_id!r} is not written as train.py writes trial ids; did you mean {trial.id!r}?")
+    return trial
+
+
 def load_base_model(cfg: TrainingConfig, model_path: str) -> torch.nn.Module:
     """The pretrained causal LM, freshly loaded (every trial starts from identical weights)."""
     from transformers import AutoModelForCausalLM
