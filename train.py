@@ -7,6 +7,7 @@ The question this script answers: at the same number of trainable parameters, do
     accelerate launch train.py --config configs/compare.yaml          # any Accelerate setup
     accelerate launch --num_processes 2 --cpu train.py --config configs/smoke.yaml
     python train.py --config configs/compare.yaml --resume            # continue after a crash
+    python train.py --config configs/study.yaml --output-dir DIR --resume --trial gin_values__lr0.01__seed0   # one trial
 
 One config (see gin_adapter/compare/config.py) lists runs (``method: gin`` or ``method: lora``), learning rates
 and seeds. The script
