@@ -20,17 +20,19 @@ import torch
 
 from benchmarks.published import build_published_model
 from gin_adapter import GinConfig, count_trainable_parameters, get_gin_model, gin_layers
+from gin_adapter.activations import GELU
 
 logger = logging.getLogger("benchmarks")
 
 
 ALL_VARIANTS = ("base", "lora", "gin", "gin_separate", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_hidden_reference",
-               "gin_hidden_reference_separate", "gin_published", "gin_published_separate", "lora_b")
+               "gin_hidden_reference_separate", "gin_published", "gin_published_separate", "gin_onednn_gelu", "lora_b")
 LABELS = {
     "base": "frozen base (floor)",
     "lora": "LoRA (q_proj, v_proj), matched params",
     "gin": "GIN, package default (graph built with the attention when training)",
     "gin_separate": "GIN, package default, sdpa + the separate fused top-k kernel (joint.ENABLED off)",
+    "gin_onednn_gelu": "GIN, package default, joint.ENABLED off and nn.GELU (oneDNN on small inputs): decoding before 166ec5a/1ac76ad",
     "gin_generic": "GIN, same rule, generic chain (previous default)",
     "gin_pyg": "GIN, backend='pyg' (generic chain)",
     "gin_detached": "GIN, adjacency_grad=False",
@@ -46,6 +48,7 @@ LABELS = {
 GIN_CONFIGS: dict[str, dict] = {
     "gin": dict(),
     "gin_separate": dict(),
+    "gin_onednn_gelu": dict(),
     "gin_generic": dict(),
     "gin_pyg": dict(backend="pyg"),
     "gin_detached": dict(adjacency_grad=False),
@@ -56,7 +59,7 @@ GIN_CONFIGS: dict[str, dict] = {
     "gin_published": dict(preset="published", graph="gin"),
     "gin_published_separate": dict(preset="published", graph="gin"),
 }
-SEPARATE = ("gin_separate", "gin_hidden_reference_separate", "gin_published_separate")
+SEPARATE = ("gin_separate", "gin_hidden_reference_separate", "gin_published_separate", "gin_onednn_gelu")
 """Variants trained with ``gin_adapter.joint.ENABLED`` off: sdpa, then the separate kernel scores the keys again."""
 
 
@@ -148,6 +151,13 @@ def build_gin(base: torch.nn.Module, name: str) -> torch.nn.Module:
     """GIN variant ``name`` on a weight-sharing copy of ``base``; ``gin_generic`` is routed through the generic chain
     (in training too: its rule is not marked per-head top-k, so neither the joint path nor the fused kernel takes it)."""
     model = get_gin_model(share_copy(base), gin_config(name))
+    if name == "gin_onednn_gelu":  # the block's GELU as torch.nn.GELU: oneDNN's kernel on every input size
+        for layer in gin_layers(model):
+            for block in layer.gin_blocks.values():
+                for parent in block.modules():
+                    for child_name, child in parent.named_children():
+                        if isinstance(child, GELU):
+                            setattr(parent, child_name, torch.nn.GELU(child.approximate))
     if name == "gin_generic":
         for layer in gin_layers(model):
             layer.gin_rules = {adapter: replace(rule, per_head_top_k=False) for adapter, rule in layer.gin_rules.items()}

@@ -116,6 +116,21 @@ def test_decode_suite_counts_operators_and_times_the_parts():
     assert "One decoded token" in markdown_tables({"decode": result})
 
 
+def test_decode_variants_before_the_joint_decode_step_and_the_gelu_change():
+    """``gin_separate`` decodes through sdpa + the separate step (more operator calls than ``gin``);
+    ``gin_onednn_gelu`` also puts torch's own ``nn.GELU`` back in every block (same calls, other kernel)."""
+    from benchmarks.variants import build_gin
+    from gin_adapter.activations import GELU
+
+    base = tiny_model("llama")
+    base.requires_grad_(False)
+    result = run_decode(base, _ids(1, 9), ["gin", "gin_separate", "gin_onednn_gelu"], warmup=0, steps=1, device=CPU)
+    calls = {r["variant"]: r["aten_calls_per_layer"] for r in result["rows"]}
+    assert calls["gin"] < calls["gin_separate"] == calls["gin_onednn_gelu"]
+    kinds = {name: {type(m) for m in build_gin(base, name).modules() if isinstance(m, torch.nn.GELU)} for name in ("gin", "gin_onednn_gelu")}
+    assert kinds == {"gin": {GELU}, "gin_onednn_gelu": {torch.nn.GELU}}
+
+
 def test_crossover_and_plot(tmp_path):
     args = rb.parse_args(["--crossover-lens", "32,64", "--crossover-topk", "4,8", "--crossover-reps", "1", "--crossover-full-max-len", "64"])
     rows = run_crossover(args)
