@@ -188,7 +188,8 @@ ADAPTER_NOTE = (
     "`study_trial.json` naming the trial). A trial that ran in a checkout that was not kept was trained again from "
     "the same config, seed, data order and validation set (`--prepare-retrain`, then `train.py --resume --trial`): the "
     "study's numbers are its first run; re-scoring the committed adapter gives the retrained run's perplexity, which "
-    "differs from the first by run-to-run noise (float rounding differs between CPUs and kernel versions)."
+    "differs from the first by float rounding carried through 100 steps: other CPUs, other kernels (the commit, and "
+    "docs/benchmarks.md for what changed between commits; tested equal to 1e-5 per step, not per trial)."
 )
 
 COST_NOTE = (
@@ -243,7 +244,7 @@ def report(folder: Path, with_next: bool = True) -> str:
 def adapter_lines(folder: Path, cfg: TrainingConfig, summary: dict[str, dict[str, Any]], trials: list[dict[str, Any]]) -> list[str]:
     """One row per finished arm: the trial its committed adapter (``adapters/<run>/``) holds, the trial's validation
     perplexity in the study and, for an adapter trained again (``retrained`` in its record), the retrained one's."""
-    lines = ["| arm | trial | val ppl in the study | the committed adapter's val ppl | trained on |", "| --- | --- | ---: | ---: | --- |"]
+    lines = ["| arm | trial | val ppl in the study | the committed adapter's val ppl | trained on, code |", "| --- | --- | ---: | ---: | --- |"]
     for name, trial in representative(finished_arms(cfg, summary), trials, cfg).items():
         record_file = folder / "adapters" / name / EXPORT_RECORD
         record = json.loads(record_file.read_text()) if record_file.is_file() else None
@@ -252,7 +253,8 @@ def adapter_lines(folder: Path, cfg: TrainingConfig, summary: dict[str, dict[str
             continue
         again = record.get("retrained")
         own = again or record
-        where = _cpu(own.get("machine") or {}) + (", trained again" if again else "")
+        recorded = own.get("machine") or {}
+        where = _cpu(recorded) + f", commit {recorded.get('commit') or '?'}" + (", trained again" if again else "")
         lines.append(f"| `{name}` | `{trial['trial']}` | {trial['final_val_ppl']:.4f} | {own['final_val_ppl']:.4f} | {where} |")
     return lines
 
