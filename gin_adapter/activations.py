@@ -17,6 +17,9 @@ from torch.nn import functional as F
 SMALL_INPUT = 4096
 """Inputs of at most this many elements take ATen's GELU kernel on the CPU (decoding); larger ones oneDNN's."""
 
+_ONEDNN_ENABLED = getattr(torch._C, "_get_mkldnn_enabled", None)  # private PyTorch API: without it, plain F.gelu
+_SET_ONEDNN = getattr(torch._C, "_set_mkldnn_enabled", None)
+
 
 class GELU(nn.GELU):
     """``nn.GELU`` (same ``approximate`` argument, no state) that skips oneDNN's per-call setup on small CPU inputs.
@@ -27,13 +30,14 @@ class GELU(nn.GELU):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.numel() > SMALL_INPUT or torch.compiler.is_compiling() or not torch._C._get_mkldnn_enabled():
+        if (_SET_ONEDNN is None or x.device.type != "cpu" or x.numel() > SMALL_INPUT or torch.compiler.is_compiling()
+                or not _ONEDNN_ENABLED()):
             return F.gelu(x, approximate=self.approximate)
-        torch._C._set_mkldnn_enabled(False)
+        _SET_ONEDNN(False)
         try:
             return F.gelu(x, approximate=self.approximate)
         finally:
-            torch._C._set_mkldnn_enabled(True)
+            _SET_ONEDNN(True)
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": GELU, "silu": nn.SiLU, "relu": nn.ReLU, "prelu": nn.PReLU}

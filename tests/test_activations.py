@@ -46,3 +46,10 @@ def test_small_inputs_skip_onednn_and_the_flag_is_restored(monkeypatch):
         assert not torch._C._get_mkldnn_enabled()
     finally:
         torch._C._set_mkldnn_enabled(True)
+
+
+def test_gelu_compiles_without_graph_breaks():
+    """Under ``torch.compile(fullgraph=True)`` the oneDNN switch is skipped (it would break the graph)."""
+    compiled = torch.compile(GELU(), fullgraph=True, backend="eager")
+    x = torch.randn(8)
+    assert torch.allclose(compiled(x), F.gelu(x), atol=1e-6)
