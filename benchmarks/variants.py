@@ -151,13 +151,11 @@ def build_gin(base: torch.nn.Module, name: str) -> torch.nn.Module:
     """GIN variant ``name`` on a weight-sharing copy of ``base``; ``gin_generic`` is routed through the generic chain
     (in training too: its rule is not marked per-head top-k, so neither the joint path nor the fused kernel takes it)."""
     model = get_gin_model(share_copy(base), gin_config(name))
-    if name == "gin_onednn_gelu":  # the block's GELU as torch.nn.GELU: oneDNN's kernel on every input size
-        for layer in gin_layers(model):
-            for block in layer.gin_blocks.values():
-                for parent in block.modules():
-                    for child_name, child in parent.named_children():
-                        if isinstance(child, GELU):
-                            setattr(parent, child_name, torch.nn.GELU(child.approximate))
+    if name == "gin_onednn_gelu":  # the blocks' GELU as torch.nn.GELU: oneDNN's kernel on every input size
+        for parent in list(model.modules()):
+            for child_name, child in parent.named_children():
+                if isinstance(child, GELU):
+                    setattr(parent, child_name, torch.nn.GELU(child.approximate))
     if name == "gin_generic":
         for layer in gin_layers(model):
             layer.gin_rules = {adapter: replace(rule, per_head_top_k=False) for adapter, rule in layer.gin_rules.items()}

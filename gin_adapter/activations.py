@@ -2,7 +2,8 @@
 
 ``"gelu"`` is the exact (erf) GELU, ``GELU(x) = x / 2 * (1 + erf(x / sqrt(2)))``, as ``nn.GELU()``. On the CPU,
 PyTorch routes it to oneDNN for float32, which costs about 10 us per call whatever the size (the primitive's setup;
-measured on an AMD EPYC, 1 thread: 10.3 us for 32 or 576 elements, ATen's own vectorised kernel 1.5-2.2 us). A
+an ad-hoc ``timeit`` on an AMD EPYC, 1 thread: 10.3 us for 32 or 576 elements, ATen's own vectorised kernel
+1.5-2.2 us; docs/benchmarks.md has the model-level effect). A
 decoded token runs the block's GELU twice per layer on ``hidden_dim`` numbers, so :class:`GELU` calls ATen's kernel
 for inputs of at most :data:`SMALL_INPUT` elements (above it oneDNN is faster: 39 us against 50 us at 32,768).
 Both compute the same function; their results differ by float32 rounding (at most 2.4e-7 here).

@@ -109,7 +109,7 @@ def _attention_with_graph(module, query, key, value, mask, scale: float, rule: A
     reproduces sdpa's call (training, or one decoded token with the per-head top-k rule), else ``None``."""
     if not joint.ENABLED:
         return None
-    if rule.per_head_top_k and joint_decode.decode_applies(module, query, key, value, mask, kwargs):
+    if rule.per_head_top_k and joint_decode.decode_applies(query, key, value, mask, kwargs):
         return joint_decode.attention_with_graph(query, key, value, scaling=scale, top_k=rule.top_k)
     if not joint.joint_applies(module, query, key, mask, kwargs):
         return None

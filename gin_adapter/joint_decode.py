@@ -34,8 +34,7 @@ class DecodeGraph:
     top_k: int
 
 
-def decode_applies(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                   kwargs: dict) -> bool:
+def decode_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> bool:
     """Whether sdpa's computation for this call is plain softmax attention of one new token over every cached key,
     which :func:`attention_with_graph` reproduces: no gradient, one query, no mask, float32 q, k, v outside
     ``torch.autocast`` (sdpa would compute in the inputs' dtype), no dropout, soft-cap, sliding window, position bias

@@ -37,7 +37,7 @@ import torch
 
 from .adjacency import float32_region, visible_keys
 from .chunk_sums import chunk_sum, chunk_sum_grads
-from .joint_decode import decode_scores, top_k_adjacency
+from .joint_decode import DecodeGraph, decode_graph_sum, decode_scores, top_k_adjacency
 from .top_k import top_k_last
 
 SumMode = Literal["dense", "gather"]
@@ -355,8 +355,8 @@ def _decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sp
     a mask), ``softmax`` then ``topk`` of the probabilities (same picks and weights as :func:`_forward`), the k
     weights scattered into the score buffer, one ``bmm`` with the values (:mod:`gin_adapter.joint_decode` builds
     the same graph together with the attention output)."""
-    batch, heads, _, dim = query.shape
-    kv_heads, k_len, width = key.shape[1], key.shape[2], value.shape[-1]
+    batch, _, _, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
     rows = batch * kv_heads
     if spec.softcap is None:
         scores = decode_scores(query, key, spec.scaling)
@@ -364,5 +364,4 @@ def _decode_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sp
         grouped = query.reshape(batch, kv_heads, spec.groups, dim)
         scores = _scores(grouped, key, None, spec, Chunk(0, 1, 0, k_len))[0].view(rows, spec.groups, k_len)
     adjacency = top_k_adjacency(scores, torch.softmax(scores, dim=-1), top_k)
-    values = (value if value.dtype == torch.float32 else value.float()).reshape(rows, k_len, width)
-    return torch.bmm(adjacency, values).view(batch, heads, 1, width)  # (R, G, Dv) -> (B, H, 1, Dv)
+    return decode_graph_sum(DecodeGraph(adjacency.view(batch, kv_heads, spec.groups, k_len), top_k), value)  # (B, H, 1, Dv)

@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gin_adapter.compare.config import TrainingConfig  # noqa: E402
-from gin_adapter.compare.adapter_export import EXPORT_RECORD, export_adapters, exported_trial, prepare_retrain  # noqa: E402
+from gin_adapter.compare.adapter_export import EXPORT_RECORD, export_adapters, needs_adapter, prepare_retrain  # noqa: E402
 from gin_adapter.compare.report import control_differences, representative, summarize  # noqa: E402
 
 
@@ -286,8 +286,7 @@ def prepare_missing(folder: Path, scratch: Path) -> list[str]:
     are). Returns those trial ids."""
     cfg, trials, _ = load_study(folder)
     chosen = representative(finished_arms(cfg, summarize(cfg, trials)), trials, cfg)
-    wanted = [t["trial"] for name, t in chosen.items()
-              if not (folder / t["adapter_dir"]).is_dir() and exported_trial(folder / "adapters" / name) != t["trial"]]
+    wanted = [trial["trial"] for name, trial in chosen.items() if needs_adapter(name, trial, folder)]
     return prepare_retrain(folder, wanted, scratch) if wanted else []
 
 

@@ -56,17 +56,16 @@ def test_decode_reference_sum_equals_the_generic_chain_self_loops(shared_feature
 
 def test_decode_applies_only_where_it_reproduces_sdpa():
     query, key, value, _ = _decode_inputs()
-    module = torch.nn.Module()
-    assert decode_applies(module, query, key, value, None, {})
-    assert not decode_applies(module, query, key, value, torch.ones(2, 1, 1, 20, dtype=torch.bool), {})  # a mask (padding)
-    assert not decode_applies(module, torch.randn(2, 6, 2, 8), key, value, None, {})  # two new tokens
-    assert not decode_applies(module, query.bfloat16(), key.bfloat16(), value.bfloat16(), None, {})
-    assert not decode_applies(module, query.requires_grad_(True), key, value, None, {})
+    assert decode_applies(query, key, value, None, {})
+    assert not decode_applies(query, key, value, torch.ones(2, 1, 1, 20, dtype=torch.bool), {})  # a mask (padding)
+    assert not decode_applies(torch.randn(2, 6, 2, 8), key, value, None, {})  # two new tokens
+    assert not decode_applies(query.bfloat16(), key.bfloat16(), value.bfloat16(), None, {})
+    assert not decode_applies(query.requires_grad_(True), key, value, None, {})
     query = query.detach()
     for extra in (dict(dropout=0.1), dict(softcap=30.0), dict(sliding_window=8), dict(sinks=torch.zeros(6)), dict(position_bias=torch.zeros(1))):
-        assert not decode_applies(module, query, key, value, None, extra), extra
+        assert not decode_applies(query, key, value, None, extra), extra
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not decode_applies(module, query, key, value, None, {})
+        assert not decode_applies(query, key, value, None, {})
 
 
 @pytest.mark.parametrize("config", [dict(), dict(node_features="hidden", hidden_dim=8), dict(node_features="hidden", hidden_dim=8, graph="reference")],

@@ -31,16 +31,22 @@ def exported_trial(folder: Path) -> str | None:
     return json.loads(record.read_text())["trial"] if record.is_file() else None
 
 
+def needs_adapter(name: str, trial: dict[str, Any], out: Path) -> bool:
+    """Whether run ``name``'s chosen ``trial`` has its adapter neither in this checkout nor exported already."""
+    return not (out / trial["adapter_dir"]).is_dir() and exported_trial(out / "adapters" / name) != trial["trial"]
+
+
 def retrained_source(trial: dict[str, Any], out: Path, folders: Iterable[Path]) -> tuple[Path, dict[str, Any]] | None:
     """``(adapter folder, record of the retrained trial)`` from the first scratch study in ``folders`` that trained
     ``trial`` again and still holds its adapter; ``None`` if none did. A folder whose ``config.json`` differs from
     the study's (``out``) is refused: its trial would not be the same trial."""
-    study_config = json.loads((out / "config.json").read_text())
+    study_config = None
     for folder in folders:
         folder = Path(folder)
         result, adapter = folder / "trials" / f"{trial['trial']}.json", folder / trial["adapter_dir"]
         if not (result.is_file() and adapter.is_dir()):
             continue
+        study_config = study_config or json.loads((out / "config.json").read_text())
         if json.loads((folder / "config.json").read_text()) != study_config:
             raise ValueError(f"{folder} was not prepared from {out}: its config.json differs, so its trial "
                              f"{trial['trial']} is not the study's; prepare it with `scripts/study_report.py {out} --prepare-retrain {folder}`.")
@@ -61,7 +67,7 @@ def export_adapters(cfg: TrainingConfig, chosen: dict[str, dict[str, Any]], out:
         if not src.is_dir():
             again = retrained_source(trial, out, retrained) if retrained else None
             if again is None:
-                if exported_trial(dst) != trial["trial"]:
+                if needs_adapter(name, trial, out):
                     missing.append(name)
                 continue
             src, record["retrained"] = again
