@@ -68,6 +68,8 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         self.gin_blocks[adapter_name] = block
         self.gin_rules[adapter_name] = AdjacencyRule.from_config(config)
         self.gin_node_features[adapter_name] = config.node_features
+        if self._layer_input_watcher is not None:
+            self._layer_input_watcher.sync()
         self._joint_rule.clear()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -181,12 +183,28 @@ class LayerInputWatcher:
     def __init__(self, decoder_layer: nn.Module, wanted: Callable[[], bool]) -> None:
         self.layer_name = type(decoder_layer).__name__
         self.wanted = wanted
+        self.decoder_layer = decoder_layer
         self.first_child: nn.Module | None = None
         self.learning: torch.Tensor | None = None  # the layer input, while the first child is not known yet
         self.value: torch.Tensor | None = None
         self.unsupported = False
-        self.handles = [decoder_layer.register_forward_pre_hook(self._layer_called, with_kwargs=True)]
-        for child in decoder_layer.children():
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.sync()
+
+    def sync(self) -> None:
+        """Hook the decoder layer when an adapter wants ``h`` (``wanted()``) and nothing is hooked yet.
+
+        A hooked module takes ``nn.Module``'s slower call path (about 2 us per call, decoding runs every layer once
+        per token), so layers whose adapters all use other node features carry no hook, and once the first child is
+        known only its hook is kept (:meth:`_child_called`)."""
+        layer = self.decoder_layer
+        if self.handles or not self.wanted():
+            return
+        if self.first_child is not None:
+            self.handles.append(self.first_child.register_forward_pre_hook(functools.partial(self._child_called, self.first_child), with_kwargs=True))
+            return
+        self.handles.append(layer.register_forward_pre_hook(self._layer_called, with_kwargs=True))
+        for child in layer.children():
             self.handles.append(child.register_forward_pre_hook(functools.partial(self._child_called, child), with_kwargs=True))
 
     def _layer_called(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -197,6 +215,9 @@ class LayerInputWatcher:
         if self.learning is not None:
             self.unsupported = _first_tensor(args, kwargs) is not self.learning
             self.first_child, self.learning = (None if self.unsupported else child), None
+            if self.first_child is not None:  # learned: every other hook is overhead from now on
+                self.remove()
+                self.sync()
         if child is self.first_child:
             self.value = _first_tensor(args, kwargs)
 
@@ -214,6 +235,8 @@ class LayerInputWatcher:
         return value
 
     def remove(self) -> None:
+        """Remove every hook and drop what was captured (what was learned about the layer is kept)."""
         for handle in self.handles:
             handle.remove()
+        self.handles = []
         self.value = self.learning = None

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 def inverse_rms(y: torch.Tensor, eps_t: torch.Tensor, width_t: torch.Tensor) -> torch.Tensor:
     """``r = 1 / sqrt(mean_d y^2 + eps)`` as ``(B, L, 1)``, the same operations as ScaledRMSNorm's forward."""
-    return torch.rsqrt(torch.sum(y * y, dim=-1, keepdim=True).div_(width_t).add_(eps_t))
+    return torch.rsqrt(torch.addcdiv(eps_t, torch.sum(y * y, dim=-1, keepdim=True), width_t))  # eps + sum / d: one call
 
 
 class _ProjectAndNorm(torch.autograd.Function):

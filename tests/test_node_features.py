@@ -275,3 +275,33 @@ def test_feature_cache_returns_the_features_of_exactly_the_keys_seen_and_keeps_t
     assert layer.gin_extend("a", rows[:, 5:], k_len=4).squeeze().tolist() == [2.0, 3.0, 4.0, 5.0]
     with pytest.raises(RuntimeError, match="out of step with the KV cache: 5 feature rows for 7 keys"):
         layer.gin_extend("a", rows[:, 5:], k_len=7)
+
+
+def _hook_counts(model: PeftModel) -> list[int]:
+    """Forward pre-hooks on each decoder layer and its children."""
+    layers = model.get_base_model().model.layers
+    return [len(layer._forward_pre_hooks) + sum(len(child._forward_pre_hooks) for child in layer.children()) for layer in layers]
+
+
+def test_decoder_layers_carry_only_the_hooks_hidden_features_need():
+    """Value features hook nothing (a hooked module takes the slower call path on every decoded token). Adding a
+    hidden-state adapter hooks the layer and its children until the first call shows which child receives ``h``;
+    then only that child's hook is left, and the output is still the one a fresh hidden-feature model gives."""
+    model = wrapped("values")
+    assert set(_hook_counts(model)) == {0}
+    model.add_adapter("hidden", config("hidden"))
+    model.set_adapter("hidden")
+    randomise(model, seed=2)
+    layer = model.get_base_model().model.layers[0]
+    assert _hook_counts(model)[0] == 1 + len(list(layer.children()))
+    ids = _ids()
+    with torch.no_grad():
+        first = model(ids).logits
+    assert set(_hook_counts(model)) == {1}
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, first)
+    fresh = get_gin_model(tiny_model("llama"), config("hidden"))
+    loaded = fresh.load_state_dict({k.replace(".hidden.", ".default."): v for k, v in model.state_dict().items() if ".default." not in k})
+    assert not loaded.missing_keys and not loaded.unexpected_keys
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids).logits, first, atol=1e-6)
