@@ -3,7 +3,8 @@
 With node features ``x_j`` (per head or shared), neighbour sums ``n_i = sum_j A[i, j] x_j`` (computed elsewhere,
 :mod:`gin_adapter.aggregate`) and self weight ``c = 1 + eps`` (``self_weight="one_plus_eps"``) or ``c = eps``
 (``"eps"``, the published code), every block computes ``z_i = c x_i + n_i`` and returns
-``delta_i = scale * RMSNorm(f(z_i))`` of the model width, which the wrapper adds to the attention output:
+``delta_i = scale * RMSNorm(f(z_i))`` of the model width, added to the attention output (``add_to``, in the
+norm's last operation):
 
 * :class:`GinBlock` (``block="compact"``): ``f(z) = W_out act(W_2 act(W_1 z))``. With value features
   ``z`` is the heads' concatenation ``(B, L, H * D)`` and ``W_1`` is the paper's projection into the GIN width
@@ -52,6 +53,11 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
+def added(base: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+    """``base + delta`` in ``base``'s dtype (the attention output's), or ``delta`` alone when ``base`` is ``None``."""
+    return delta if base is None else base + _as(delta, base.dtype)
+
+
 class ScaledRMSNorm(nn.Module):
     """``scale * weight * y / sqrt(mean_j y_j^2 + eps)`` over the last dimension ``d`` (``weight (d,)``, ``scale``
     given per call: the block's learnable gate, folded into the weight so no normalised copy is kept for its grad).
@@ -75,12 +81,17 @@ class ScaledRMSNorm(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
-    def forward(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, scale: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """The scaled norm of ``y``; with ``add_to`` (same shape), ``add_to`` plus it, in ``add_to``'s dtype (for
+        float32, one ``addcmul`` instead of a multiplication and an addition)."""
         weight = self.gain(self.weight, scale)
         y = _as(y, weight.dtype)  # fp32 under autocast
         if y.dtype != torch.float32 or self.eps_t.dtype != torch.float32:
-            return F.rms_norm(y, (y.shape[-1],), weight, self.eps)
-        return y * inverse_rms(y, self.eps_t, self.width_t) * weight
+            return added(add_to, F.rms_norm(y, (y.shape[-1],), weight, self.eps))
+        normed = y * inverse_rms(y, self.eps_t, self.width_t)
+        if add_to is not None and add_to.dtype == normed.dtype:
+            return torch.addcmul(add_to, normed, weight)
+        return added(add_to, normed * weight)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -152,8 +163,9 @@ class GinBlock(_Block):
         self.out_proj = nn.Linear(config.hidden_dim, dims.model_dim, bias=False)
         self.reset_parameters()
 
-    def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-        return project_and_norm(self.mlp(self.gin_input(x_self, neighbours)), self.out_proj, self.norm, self.scale)
+    def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """``delta``, or ``add_to + delta`` in ``add_to``'s dtype when given (the attention output)."""
+        return project_and_norm(self.mlp(self.gin_input(x_self, neighbours)), self.out_proj, self.norm, self.scale, add_to)
 
 
 class PublishedGinBlock(_Block):
@@ -172,10 +184,11 @@ class PublishedGinBlock(_Block):
         self.out_proj = nn.Linear(width, dims.model_dim)
         self.reset_parameters()
 
-    def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """``delta``, or ``add_to + delta`` in ``add_to``'s dtype when given (the attention output)."""
         z = self.gin_input(x_self, neighbours)  # (B, L, F)
         y = self.dropout(self.act(self.lin2(self.act(self.lin1(z))) + z))
-        return project_and_norm(y, self.out_proj, self.norm, self.scale)
+        return project_and_norm(y, self.out_proj, self.norm, self.scale, add_to)
 
 
 BLOCKS = {"compact": GinBlock, "published": PublishedGinBlock}
