@@ -3,8 +3,7 @@
 With node features ``x_j`` (per head or shared), neighbour sums ``n_i = sum_j A[i, j] x_j`` (computed elsewhere,
 :mod:`gin_adapter.aggregate`) and self weight ``c = 1 + eps`` (``self_weight="one_plus_eps"``) or ``c = eps``
 (``"eps"``, the published code), every block computes ``z_i = c x_i + n_i`` and returns
-``delta_i = scale * RMSNorm(f(z_i))`` of the model width, added to the attention output (``add_to``, in the
-norm's last operation):
+``delta_i = scale * RMSNorm(f(z_i))`` of the model width, which the wrapper adds to the attention output:
 
 * :class:`GinBlock` (``block="compact"``): ``f(z) = W_out act(W_2 act(W_1 z))``. With value features
   ``z`` is the heads' concatenation ``(B, L, H * D)`` and ``W_1`` is the paper's projection into the GIN width
@@ -27,7 +26,6 @@ from torch.nn import functional as F
 
 from .activations import ACTIVATIONS
 from .config import GinConfig
-from .derived import Derived
 from .out_norm import inverse_rms, project_and_norm
 
 
@@ -53,11 +51,6 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def added(base: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
-    """``base + delta`` in ``base``'s dtype (the attention output's), or ``delta`` alone when ``base`` is ``None``."""
-    return delta if base is None else base + _as(delta, base.dtype)
-
-
 class ScaledRMSNorm(nn.Module):
     """``scale * weight * y / sqrt(mean_j y_j^2 + eps)`` over the last dimension ``d`` (``weight (d,)``, ``scale``
     given per call: the block's learnable gate, folded into the weight so no normalised copy is kept for its grad).
@@ -65,9 +58,8 @@ class ScaledRMSNorm(nn.Module):
     For float32 ``y`` the same float operations in the same order as ``F.rms_norm``'s CPU composite (so the same
     numbers), with ``eps`` and ``d`` held as 0-dim float32 buffers and ``eps + sum / d`` in one ``addcdiv``: 7 ATen
     calls instead of 24, since every Python scalar in an operation is first wrapped into a tensor (4 calls), and a
-    decoded token pays each call once per layer (6 without gradient recording: the gain ``weight * scale`` is
-    reused, :mod:`gin_adapter.derived`). Other dtypes use ``F.rms_norm`` (which computes in float32). The state dict
-    holds ``weight`` only, as ``nn.RMSNorm``'s.
+    decoded token pays each call once per layer. Other dtypes use ``F.rms_norm`` (which computes in float32). The state dict holds ``weight`` only, as
+    ``nn.RMSNorm``'s.
     """
 
     def __init__(self, width: int, eps: float) -> None:
@@ -76,22 +68,16 @@ class ScaledRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(width))
         self.register_buffer("eps_t", torch.tensor(eps), persistent=False)
         self.register_buffer("width_t", torch.tensor(float(width)), persistent=False)
-        self.gain = Derived(torch.mul)  # weight * scale, once per parameter change when decoding
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
-    def forward(self, y: torch.Tensor, scale: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
-        """The scaled norm of ``y``; with ``add_to`` (same shape), ``add_to`` plus it, in ``add_to``'s dtype (for
-        float32, one ``addcmul`` instead of a multiplication and an addition)."""
-        weight = self.gain(self.weight, scale)
+    def forward(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        weight = self.weight * scale
         y = _as(y, weight.dtype)  # fp32 under autocast
         if y.dtype != torch.float32 or self.eps_t.dtype != torch.float32:
-            return added(add_to, F.rms_norm(y, (y.shape[-1],), weight, self.eps))
-        normed = y * inverse_rms(y, self.eps_t, self.width_t)
-        if add_to is not None and add_to.dtype == normed.dtype:
-            return torch.addcmul(add_to, normed, weight)
-        return added(add_to, normed * weight)
+            return F.rms_norm(y, (y.shape[-1],), weight, self.eps)
+        return y * inverse_rms(y, self.eps_t, self.width_t) * weight
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -111,7 +97,6 @@ class _Block(nn.Module):
         # c - eps as a 0-dim tensor (not saved): no Python scalar is wrapped into a tensor on every call
         offset = 1.0 if config.self_weight == "one_plus_eps" else 0.0
         self.register_buffer("self_weight_offset", torch.tensor(offset), persistent=False)
-        self.self_weight = Derived(torch.add)  # c = offset + eps, once per parameter change when decoding
 
     def reset_parameters(self) -> None:
         """Default init of every linear map (and PReLU slope), ``eps = 0``, unit norm weight, ``scale = scale_init``."""
@@ -139,7 +124,7 @@ class _Block(nn.Module):
             neighbours, heads = neighbours.expand(batch, self.heads_in, length, dim), self.heads_in
         self_heads = x_self.shape[1]
         grouped = _as(neighbours, dtype).view(batch, self_heads, heads // self_heads, length, dim)
-        c = self.self_weight(self.self_weight_offset, self.eps)
+        c = self.self_weight_offset + self.eps
         z = torch.addcmul(grouped, c, _as(x_self, dtype).unsqueeze(2))  # grouped + c * x_self: (B, Hs, G, L, F)
         return z.permute(0, 3, 1, 2, 4).reshape(batch, length, heads * dim)  # heads h = s * G + g
 
@@ -163,9 +148,8 @@ class GinBlock(_Block):
         self.out_proj = nn.Linear(config.hidden_dim, dims.model_dim, bias=False)
         self.reset_parameters()
 
-    def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
-        """``delta``, or ``add_to + delta`` in ``add_to``'s dtype when given (the attention output)."""
-        return project_and_norm(self.mlp(self.gin_input(x_self, neighbours)), self.out_proj, self.norm, self.scale, add_to)
+    def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        return project_and_norm(self.mlp(self.gin_input(x_self, neighbours)), self.out_proj, self.norm, self.scale)
 
 
 class PublishedGinBlock(_Block):
@@ -184,11 +168,10 @@ class PublishedGinBlock(_Block):
         self.out_proj = nn.Linear(width, dims.model_dim)
         self.reset_parameters()
 
-    def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
-        """``delta``, or ``add_to + delta`` in ``add_to``'s dtype when given (the attention output)."""
+    def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         z = self.gin_input(x_self, neighbours)  # (B, L, F)
         y = self.dropout(self.act(self.lin2(self.act(self.lin1(z))) + z))
-        return project_and_norm(y, self.out_proj, self.norm, self.scale, add_to)
+        return project_and_norm(y, self.out_proj, self.norm, self.scale)
 
 
 BLOCKS = {"compact": GinBlock, "published": PublishedGinBlock}

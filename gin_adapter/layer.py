@@ -104,12 +104,14 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         if cache is not None:  # refuse caches the adapter cannot follow; keep projected features beside the KV cache
             needs_features = any(self.gin_node_features[name] != "values" for name in active)
             cache_layer = (feature_cache_layer if needs_features else check_supported)(cache, self.layer_index, type(self.base_layer).__name__)
-        out = attn_output  # each adapter adds its delta (in the block's last operation)
+        delta = None
         for name in active:
             x_self, features = self._node_features(name, graph, hidden_states, attn_output, cache_layer)
             neighbours = graph_neighbour_sum(graph, features, self.gin_rules[name])
-            out = self.gin_blocks[name](x_self, neighbours, add_to=out)
-        return (out, *output[1:]) if isinstance(output, tuple) else out
+            update = self.gin_blocks[name](x_self, neighbours)
+            delta = update if delta is None else delta + update
+        attn_output = attn_output + (delta if delta.dtype == attn_output.dtype else delta.to(attn_output.dtype))
+        return (attn_output, *output[1:]) if isinstance(output, tuple) else attn_output
 
     def attend(self, hidden_states: torch.Tensor, *args: Any, joint_rule: AdjacencyRule | None = None, **kwargs: Any) -> tuple[Any, GraphInputs]:
         """Run the wrapped attention module unchanged; return its output and the graph inputs it recorded (q, k, v,

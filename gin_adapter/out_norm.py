@@ -53,11 +53,10 @@ class _ProjectAndNorm(torch.autograd.Function):
         return grad_m, grad_weight, grad_bias, grad_norm_weight, grad_scale, None, None
 
 
-def project_and_norm(m: torch.Tensor, out_proj: nn.Linear, norm: nn.Module, scale: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
+def project_and_norm(m: torch.Tensor, out_proj: nn.Linear, norm: nn.Module, scale: torch.Tensor) -> torch.Tensor:
     """``norm(out_proj(m), scale)`` (``norm`` a :class:`gin_adapter.blocks.ScaledRMSNorm`): the same values; in
     float32 training outside autocast (something needs a gradient) without keeping ``out_proj(m)`` for backward
-    (see the module docstring).
-    With ``add_to`` (the attention output), ``add_to`` plus that, in ``add_to``'s dtype."""
+    (see the module docstring)."""
     fused = (
         torch.is_grad_enabled()
         and (m.requires_grad or scale.requires_grad or out_proj.weight.requires_grad or norm.weight.requires_grad)
@@ -65,6 +64,5 @@ def project_and_norm(m: torch.Tensor, out_proj: nn.Linear, norm: nn.Module, scal
         and not torch.is_autocast_enabled(m.device.type)
     )
     if not fused:
-        return norm(out_proj(m), scale, add_to)
-    delta = _ProjectAndNorm.apply(m, out_proj.weight, out_proj.bias, norm.weight, scale, norm.eps_t, norm.width_t)
-    return delta if add_to is None else add_to + (delta if delta.dtype == add_to.dtype else delta.to(add_to.dtype))
+        return norm(out_proj(m), scale)
+    return _ProjectAndNorm.apply(m, out_proj.weight, out_proj.bias, norm.weight, scale, norm.eps_t, norm.width_t)
