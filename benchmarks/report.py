@@ -21,15 +21,30 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def round_ratios(row: dict | None, ref: dict | None, key: str) -> list[float] | None:
+    """``row[key][r] / ref[key][r]`` for every interleaved round ``r`` (``None`` when either is missing)."""
+    if not row or not ref or not row.get(key) or not ref.get(key) or len(row[key]) != len(ref[key]):
+        return None
+    return [a / b for a, b in zip(row[key], ref[key])]
+
+
 def round_ratio(row: dict | None, ref: dict | None, key: str) -> float | None:
     """Median over rounds of ``row[key][r] / ref[key][r]`` (times of the same interleaved round).
 
     Both variants ran within the same round, so a slow spell of the shared machine that spans a round cancels
     out; the ratio of medians would mix rounds. ``key`` is a list-valued field such as ``step_s_all``.
     """
-    if not row or not ref or not row.get(key) or not ref.get(key) or len(row[key]) != len(ref[key]):
-        return None
-    return statistics.median(a / b for a, b in zip(row[key], ref[key]))
+    ratios = round_ratios(row, ref, key)
+    return None if ratios is None else statistics.median(ratios)
+
+
+def show_ratio(ratios: list[float] | None) -> str:
+    """``"median (lowest-highest)"`` of per-round ratios for the tables, e.g. ``"1.06 (0.97-1.19)"``: the spread
+    says how far one run's median can be trusted on a shared machine. One round: the ratio alone."""
+    if not ratios:
+        return ""
+    median = f"{statistics.median(ratios):.2f}"
+    return median if len(ratios) == 1 else f"{median} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
@@ -93,13 +108,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _throughput_table(title: str, rows: list[dict], time_key: str, unit: str, spec: str, qualifier: str = "") -> list[str]:
-    """Markdown lines of a tokens-per-second table; 'vs LoRA' is the median per-round throughput ratio."""
+    """Markdown lines of a tokens-per-second table; 'vs LoRA' is the median per-round throughput ratio (range)."""
     lora = _row(rows, "lora") or {}
     lines = [f"### {title} ({qualifier}'vs LoRA' uses {rows[0].get('timer', 'wall')} time)", "",
              f"| variant | {unit} per CPU s | {unit} per wall s | vs LoRA |", "|---|---:|---:|---:|"]
     for r in rows:
-        ratio = round_ratio(lora, r, time_key)
-        lines.append(f"| {r['label']} | {r.get('tokens_per_cpu_s', 0):{spec}} | {r.get('tokens_per_wall_s', 0):{spec}} | {'' if ratio is None else f'{ratio:.2f}'} |")
+        ratios = round_ratios(lora, r, time_key)
+        lines.append(f"| {r['label']} | {r.get('tokens_per_cpu_s', 0):{spec}} | {r.get('tokens_per_wall_s', 0):{spec}} | {show_ratio(ratios)} |")
     return lines
 
 
@@ -111,17 +126,18 @@ def markdown_tables(results: dict[str, Any]) -> str:
         lines += [f"### Training step, batch {rows[0]['batch']} x {rows[0]['seq_len']} tokens, {rows[0]['layers']} layers"
                   + (" (input embeddings require grad in every variant)" if block.get("input_grad") else ""),
                   "",
-                  f"Median of {len(rows[0]['step_s_all'])} interleaved steps; 'vs LoRA' is the median of per-round ratios of {rows[0].get('timer', 'wall')} time.",
+                  f"Median of {len(rows[0]['step_s_all'])} interleaved steps; 'vs LoRA' is the median of per-round ratios of {rows[0].get('timer', 'wall')} time "
+                  "(lowest-highest round in brackets).",
                   "",
                   "| variant | trainable params | step CPU s | step wall s | vs LoRA | peak step mem (MiB) | total peak (MiB) | step mem vs LoRA | total vs LoRA | saved for backward (MiB) | (B,H,L,L) saved |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             fmt = lambda key, spec=".1f": "" if r.get(key) is None else format(r[key], spec)  # noqa: E731
-            ratio = round_ratio(r, lora, "step_s_all")
+            ratios = round_ratios(r, lora, "step_s_all")
             mem_ratio = _ratio(r.get("total_peak_mib"), lora.get("total_peak_mib"))
             step_ratio = _ratio(r.get("step_peak_mib"), lora.get("step_peak_mib"))
             show = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
-            lines.append(f"| {r['label']} | {r['trainable_params']:,} | {fmt('step_cpu_s', '.2f')} | {fmt('step_wall_s', '.2f')} | {show(ratio)} | {fmt('step_peak_mib')} | "
+            lines.append(f"| {r['label']} | {r['trainable_params']:,} | {fmt('step_cpu_s', '.2f')} | {fmt('step_wall_s', '.2f')} | {show_ratio(ratios)} | {fmt('step_peak_mib')} | "
                          f"{fmt('total_peak_mib')} | {show(step_ratio)} | {show(mem_ratio)} | {fmt('saved_mib')} | {r.get('saved_attention_maps', '')} |")
         if "lora_rank" in block:
             lines.append(f"\nLoRA rank {block['lora_rank']}.")
@@ -145,9 +161,12 @@ def markdown_tables(results: dict[str, Any]) -> str:
     if decode.get("rows"):
         r0 = decode["rows"][0]
         lines += [f"### One decoded token, prompt {r0['prompt']}, {r0['layers']} layers (median of {len(r0['token_s_all'])} interleaved calls, {r0['timer']} time)", "",
-                  "| variant | ms per token | overhead per layer above base (us) | ATen calls per token | ATen calls per layer above base |", "|---|---:|---:|---:|---:|"]
+                  "| variant | ms per token | tokens/s vs LoRA (lowest-highest call) | overhead per layer above base (us) | ATen calls per token | ATen calls per layer above base |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lora = _row(decode["rows"], "lora")
         for r in decode["rows"]:
-            lines.append(f"| {r['label']} | {1000 * r['token_s']:.2f} | {r['overhead_us_per_layer']:.0f} | {r['aten_calls']} | {r['aten_calls_per_layer']:.0f} |")
+            lines.append(f"| {r['label']} | {1000 * r['token_s']:.2f} | {show_ratio(round_ratios(lora, r, 'token_s_all'))} | {r['overhead_us_per_layer']:.0f} | "
+                         f"{r['aten_calls']} | {r['aten_calls_per_layer']:.0f} |")
         parts = decode.get("gin_parts") or {}
         if parts:
             lines.append(f"\n`gin` on one layer's decode inputs, best of repeats: neighbour sum {parts['neighbour_sum_us']:.0f} us, block {parts['block_us']:.0f} us.")

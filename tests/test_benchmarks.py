@@ -17,7 +17,7 @@ from benchmarks.decode_suite import run_decode  # noqa: E402
 from benchmarks.eval_suite import run_eval  # noqa: E402
 from benchmarks.generate_suite import run_generate  # noqa: E402
 from benchmarks.kernel_suite import kernel_cases, kernel_inputs, run_kernel  # noqa: E402
-from benchmarks.report import markdown_tables, summarize  # noqa: E402
+from benchmarks.report import markdown_tables, round_ratios, show_ratio, summarize  # noqa: E402
 from benchmarks.train_suite import equivalence_checks, run_train  # noqa: E402
 from benchmarks.variants import ALL_VARIANTS, LABELS, build_gin  # noqa: E402
 
@@ -129,6 +129,18 @@ def test_decode_variants_before_the_joint_decode_step_and_the_gelu_change():
     assert calls["gin"] < calls["gin_separate"] == calls["gin_onednn_gelu"]
     kinds = {name: {type(m) for m in build_gin(base, name).modules() if isinstance(m, torch.nn.GELU)} for name in ("gin", "gin_onednn_gelu")}
     assert kinds == {"gin": {GELU}, "gin_onednn_gelu": {torch.nn.GELU}}
+
+
+def test_tables_show_the_spread_of_per_round_ratios():
+    """'vs LoRA' is the median of per-round ratios with the lowest and highest round beside it."""
+    lora = dict(variant="lora", label="LoRA", step_s_all=[2.0, 4.0, 2.0], token_s_all=[1.0, 1.0])
+    gin = dict(variant="gin", label="GIN", step_s_all=[2.2, 4.0, 2.6], token_s_all=[1.25, 1.0])
+    assert round_ratios(gin, lora, "step_s_all") == pytest.approx([1.1, 1.0, 1.3])
+    assert show_ratio(round_ratios(gin, lora, "step_s_all")) == "1.10 (1.00-1.30)"
+    assert show_ratio([0.9]) == "0.90" and show_ratio(None) == "" and round_ratios(gin, dict(step_s_all=[1.0]), "step_s_all") is None
+    rows = [dict(lora, aten_calls=10, aten_calls_per_layer=5, overhead_us_per_layer=1.0, token_s=1.0, prompt=8, layers=2, timer="cpu"),
+            dict(gin, aten_calls=12, aten_calls_per_layer=6, overhead_us_per_layer=2.0, token_s=1.1, prompt=8, layers=2, timer="cpu")]
+    assert "| 0.90 (0.80-1.00) |" in markdown_tables({"decode": {"rows": rows}})
 
 
 def test_crossover_and_plot(tmp_path):
