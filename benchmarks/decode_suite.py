@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from benchmarks.in_model_parts import in_model_parts_us
 from benchmarks.measure import interleaved_times, median, synchronizer
 from benchmarks.variants import LABELS, build_variants
 from gin_adapter import gin_layers, joint
@@ -99,9 +100,11 @@ def gin_parts_us(model: torch.nn.Module, prompt: torch.Tensor, token: torch.Tens
     return dict(neighbour_sum_us=_best_us(neighbour_sum), block_us=_best_us(run_block))
 
 
-def run_decode(base, prompt: torch.Tensor, names: list[str], *, warmup: int, steps: int, device: torch.device) -> dict[str, Any]:
-    """Per variant: seconds per decoded token (median of interleaved rounds), ATen calls per token, and the
-    overhead per layer above ``base`` (which the list must hold)."""
+def run_decode(base, prompt: torch.Tensor, names: list[str], *, warmup: int, steps: int, device: torch.device, in_model_calls: int = 30
+               ) -> dict[str, Any]:
+    """Per variant: seconds per decoded token (median of interleaved rounds), ATen calls per token, the
+    overhead per layer above ``base`` (which the list must hold), and the attention module's parts timed inside
+    the model over ``in_model_calls`` calls (:mod:`benchmarks.in_model_parts`)."""
     if "base" not in names:
         names = ["base", *names]
     variants = build_variants(base, names)
@@ -123,8 +126,9 @@ def run_decode(base, prompt: torch.Tensor, names: list[str], *, warmup: int, ste
         rows.append(dict(variant=name, label=LABELS[name], prompt=prompt.shape[1] - 1, layers=layers, token_s=seconds, token_s_all=t,
                          aten_calls=calls[name], overhead_us_per_layer=(seconds - base_s) / layers * 1e6,
                          aten_calls_per_layer=(calls[name] - calls["base"]) / layers, timer=times.primary))
+    in_model = {name: in_model_parts_us(variant.model, fns[name], calls=in_model_calls) for name, variant in variants.items()}
     joint.ENABLED = True
     parts = gin_parts_us(variants["gin"].model, prompt[:, :-1], token) if "gin" in variants else {}
     del variants, fns
     gc.collect()
-    return dict(rows=rows, gin_parts=parts)
+    return dict(rows=rows, gin_parts=parts, in_model=in_model)

@@ -118,6 +118,20 @@ def _throughput_table(title: str, rows: list[dict], time_key: str, unit: str, sp
     return lines
 
 
+IN_MODEL_PARTS = ("attention_module", "base_attention", "node_features", "neighbour_sum", "block", "rest")
+
+
+def _in_model_table(in_model: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown lines: each variant's attention-module parts timed inside whole-model decode calls (us per layer)."""
+    if not in_model:
+        return []
+    lines = ["", "Inside the model (us per layer and decoded token, wall time, benchmarks/in_model_parts.py):", "",
+             "| variant | " + " | ".join(IN_MODEL_PARTS) + " |", "|---|" + "---:|" * len(IN_MODEL_PARTS)]
+    for name, parts in in_model.items():
+        lines.append(f"| {name} | " + " | ".join("" if key not in parts else f"{parts[key]:.0f}" for key in IN_MODEL_PARTS) + " |")
+    return lines
+
+
 def markdown_tables(results: dict[str, Any]) -> str:
     lines: list[str] = []
     for block in results.get("train", []):
@@ -170,6 +184,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
         parts = decode.get("gin_parts") or {}
         if parts:
             lines.append(f"\n`gin` on one layer's decode inputs, best of repeats: neighbour sum {parts['neighbour_sum_us']:.0f} us, block {parts['block_us']:.0f} us.")
+        lines += _in_model_table(decode.get("in_model") or {})
         lines.append("")
     if results.get("crossover"):
         lines += ["### Crossover: neighbour sum from a given graph (forward, ms; H=9, D=64, batch 1)", "",

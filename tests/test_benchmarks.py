@@ -113,7 +113,29 @@ def test_decode_suite_counts_operators_and_times_the_parts():
     assert rows["gin"]["aten_calls_per_layer"] > rows["lora"]["aten_calls_per_layer"] > 0  # the GIN adds a sum and a block
     assert len(rows["gin"]["token_s_all"]) == 20 and all(r["token_s"] > 0 for r in rows.values())
     assert result["gin_parts"]["neighbour_sum_us"] > 0 and result["gin_parts"]["block_us"] > 0
-    assert "One decoded token" in markdown_tables({"decode": result})
+    inside = result["in_model"]
+    assert set(inside) == {"base", "lora", "gin"} and set(inside["base"]) == set(inside["lora"]) == {"attention_module"}
+    gin = inside["gin"]
+    assert set(gin) == {"attention_module", "base_attention", "node_features", "neighbour_sum", "block", "rest"}
+    assert all(gin[key] > 0 for key in ("base_attention", "neighbour_sum", "block", "rest"))
+    assert gin["base_attention"] + gin["neighbour_sum"] + gin["block"] < gin["attention_module"]
+    assert "Inside the model" in markdown_tables({"decode": result}) and "One decoded token" in markdown_tables({"decode": result})
+
+
+def test_in_model_timers_are_removed_afterwards():
+    """Timing the parts in place leaves the model's modules and the neighbour-sum function as they were."""
+    from benchmarks.decode_suite import _decode_call
+    from benchmarks.in_model_parts import in_model_parts_us
+    from gin_adapter import layer as gin_layer_module
+
+    base = tiny_model("llama")
+    base.requires_grad_(False)
+    model = build_gin(base, "gin_hidden").eval()
+    original_sum = gin_layer_module.graph_neighbour_sum
+    parts = in_model_parts_us(model, _decode_call(model, _ids(1, 8), _ids(1, 1)), calls=2, warmup=1)
+    assert parts["node_features"] > 0 and parts["rest"] > 0
+    assert gin_layer_module.graph_neighbour_sum is original_sum
+    assert not any({"forward", "_node_features"} & set(vars(m)) for m in model.modules())
 
 
 def test_decode_variants_before_the_joint_decode_step_and_the_gelu_change():
