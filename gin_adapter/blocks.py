@@ -58,8 +58,8 @@ class ScaledRMSNorm(nn.Module):
     For float32 ``y`` the same float operations in the same order as ``F.rms_norm``'s CPU composite (so the same
     numbers), with ``eps`` and ``d`` held as 0-dim float32 buffers and ``eps + sum / d`` in one ``addcdiv``: 7 ATen
     calls instead of 24, since every Python scalar in an operation is first wrapped into a tensor (4 calls), and a
-    decoded token pays each call once per layer. Other dtypes use ``F.rms_norm`` (which computes in float32). The state dict holds ``weight`` only, as
-    ``nn.RMSNorm``'s.
+    decoded token pays each call once per layer. Other dtypes use ``F.rms_norm`` (which computes in float32). The
+    state dict holds ``weight`` only, as ``nn.RMSNorm``'s.
     """
 
     def __init__(self, width: int, eps: float) -> None:
