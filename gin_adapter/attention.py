@@ -13,7 +13,8 @@ sdpa asks for the per-head top-k graph or the published rule's graph and the cal
 (:func:`gin_adapter.joint.joint_applies`), the function computes the attention output itself together with the
 graph (:mod:`gin_adapter.joint`, :mod:`gin_adapter.joint_threshold`; equal to sdpa's output up to float32
 rounding, or the autocast dtype's); so it does for one decoded float32 token with the per-head top-k rule
-(:mod:`gin_adapter.joint_decode`). The mask interface is registered too, or no mask is built.
+(:mod:`gin_adapter.joint_decode`) or the published rule
+(:func:`gin_adapter.joint_threshold.decode_attention_with_threshold_graph`). The mask interface is registered too, or no mask is built.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class AggregationRequest:
 
     ``joint_rule``: the rule all the wrapper's adapters build their graph with, when the attention may build it
     together with its output (the per-head top-k rule or the published rule, backend ``"auto"``): an sdpa call
-    that :func:`gin_adapter.joint.joint_applies` to (or, for the top-k rule, one decoded token that
+    that :func:`gin_adapter.joint.joint_applies` to (or one decoded token that
     :func:`gin_adapter.joint_decode.decode_applies` to) then does.
     """
 
@@ -106,11 +107,14 @@ def make_attention_function(base_implementation: str) -> Callable:
 
 def _attention_with_graph(module, query, key, value, mask, scale: float, rule: AdjacencyRule, kwargs: dict):
     """``(attention output in sdpa's layout (B, L, H, Dv) and dtype, graph)`` computed together where that
-    reproduces sdpa's call (training, or one decoded token with the per-head top-k rule), else ``None``."""
+    reproduces sdpa's call (training, or one decoded token with the per-head top-k rule or the published rule),
+    else ``None``."""
     if not joint.ENABLED:
         return None
-    if rule.per_head_top_k and joint_decode.decode_applies(query, key, value, mask, kwargs):
-        return joint_decode.attention_with_graph(query, key, value, scaling=scale, top_k=rule.top_k)
+    if (rule.per_head_top_k or rule.fused_threshold) and joint_decode.decode_applies(query, key, value, mask, kwargs):
+        if rule.per_head_top_k:
+            return joint_decode.attention_with_graph(query, key, value, scaling=scale, top_k=rule.top_k)
+        return joint_threshold.decode_attention_with_threshold_graph(query, key, value, scaling=scale, rule=rule)
     if not joint.joint_applies(module, query, key, mask, kwargs):
         return None
     if rule.per_head_top_k:

@@ -76,12 +76,22 @@ def attention_with_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     """``(attention output (B, 1, H, Dv) in sdpa's layout, the top-k graph)`` for ``query (B, H, 1, D)`` and the
     cached ``key``/``value (B, Hkv, Lk, .)``, all float32 (:func:`decode_applies`). See the module docstring."""
     batch, heads = query.shape[:2]
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    out, scores, probs = decode_attention(query, key, value, scaling)
+    adjacency = top_k_adjacency(scores, probs, top_k)
+    return out, DecodeGraph(adjacency.view(batch, kv_heads, heads // kv_heads, k_len), top_k)
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(O (B, 1, H, Dv) in sdpa's layout, s (R, G, Lk), P (R, G, Lk))`` for one decoded float32 token: the
+    module docstring's first three lines (``s``'s buffer is free for the graph)."""
+    batch, heads = query.shape[:2]
     kv_heads, k_len, width = key.shape[1], key.shape[2], value.shape[-1]
     scores = decode_scores(query, key, scaling)
     probs = torch.softmax(scores, dim=-1)
     out = torch.bmm(probs, value.reshape(batch * kv_heads, k_len, width))  # (R, G, Dv)
-    adjacency = top_k_adjacency(scores, probs, top_k)
-    return out.view(batch, 1, heads, width), DecodeGraph(adjacency.view(batch, kv_heads, heads // kv_heads, k_len), top_k)
+    return out.view(batch, 1, heads, width), scores, probs
 
 
 def decode_graph_sum(graph: DecodeGraph, features: torch.Tensor, *, reference: bool = False) -> torch.Tensor:

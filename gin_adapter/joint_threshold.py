@@ -38,6 +38,7 @@ import torch
 from . import topk_sum
 from .adjacency import AdjacencyRule, float32_region
 from .joint import TopKGraph, attention_output_grads, graph_sum
+from .joint_decode import decode_attention
 from .threshold_sum import _chunk_graph, _self_columns
 from .top_k import top_k_last
 from .topk_sum import Chunk, ScoreSpec, _Layout, add_score_grads, plan_chunks
@@ -191,6 +192,27 @@ def attention_with_threshold_graph(query: torch.Tensor, key: torch.Tensor, value
     with float32_region(query.device):
         out, graph, index = _AttentionWithThresholdGraph.apply(query.float(), key.float(), value.float(), mask, spec, rule, chunks, form, top_k)
     return out, ThresholdGraph(graph, rule, form, index, chunks)
+
+
+def decode_attention_with_threshold_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling: float,
+                                          rule: AdjacencyRule) -> tuple[torch.Tensor, ThresholdGraph]:
+    """One decoded float32 token's attention output (sdpa's layout) and the published rule's graph from one score
+    computation (:func:`gin_adapter.joint_decode.decode_applies` holds: no mask, no gradient). With the
+    probabilities ``P (B, H, Lk)`` of the new token over every cached key:
+
+        W = min(1, sum_h P_h),   S = sigmoid(alpha (W - tau)),   A = S * [S > threshold]          (B, Lk)
+
+    kept as ``"dense"`` ``(B, 1, Lk)`` for ``graph="gin"`` or ``"diagonal"`` ``(B, 1)`` (the new token's own entry,
+    the last key) for ``"reference"``, the forms :func:`threshold_graph_sum` takes. The same operations as the
+    separate kernel's (:func:`gin_adapter.threshold_sum.threshold_neighbour_sum`) for one row."""
+    batch, heads, k_len = query.shape[0], query.shape[1], key.shape[2]
+    out, _, probs = decode_attention(query, key, value, scaling)
+    summed = probs.view(batch, heads, k_len).sum(dim=1)  # heads h = kv * G + g
+    sharpened = torch.sigmoid(summed.clamp_(max=1.0).sub_(rule.sharpen_tau).mul_(rule.sharpen_alpha))
+    adjacency = sharpened * (sharpened > rule.threshold)
+    if rule.graph == "reference":
+        return out, ThresholdGraph(adjacency[:, -1:], rule, "diagonal")
+    return out, ThresholdGraph(adjacency.unsqueeze(1), rule, "dense")
 
 
 def threshold_graph_sum(graph: ThresholdGraph, features: torch.Tensor, groups: int) -> torch.Tensor:

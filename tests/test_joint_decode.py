@@ -94,3 +94,51 @@ def test_generation_takes_the_joint_decode_step_on_every_layer_and_token_and_mat
     assert torch.equal(runs[True].sequences, runs[False].sequences)
     for joint_step, separate_step in zip(runs[True].logits, runs[False].logits):
         assert torch.allclose(joint_step, separate_step, atol=1e-5)
+
+
+@pytest.mark.parametrize("graph", ["gin", "reference"])
+def test_published_rule_decode_graph_equals_sdpa_and_the_separate_kernel(graph):
+    """The published rule's graph for one decoded token, built with the attention: sdpa's output, and the
+    separate kernel's neighbour sums for shared features and for the values (repeated over the query groups)."""
+    from gin_adapter.joint_threshold import decode_attention_with_threshold_graph, threshold_graph_sum
+    from gin_adapter.threshold_sum import threshold_neighbour_sum
+
+    rule = AdjacencyRule.from_config(GinConfig.published(graph=graph))
+    query, key, value, shared = _decode_inputs(20)
+    query = query * 3  # peaked attention: some summed weights pass the threshold, some do not
+    out, built = decode_attention_with_threshold_graph(query, key, value, scaling=SCALING, rule=rule)
+    expected = F.scaled_dot_product_attention(query, key, value, enable_gqa=True).transpose(1, 2)
+    assert torch.allclose(out, expected, atol=1e-6)
+    dense = built.adjacency if graph == "gin" else None
+    if dense is not None:
+        assert dense.shape == (2, 1, 20) and 0 < (dense > 0).sum() < dense.numel()
+    for features in (value, shared):
+        separate = threshold_neighbour_sum(query, key, features, None, rule, scaling=SCALING)
+        got = threshold_graph_sum(built, features, groups=2)
+        assert got.shape == separate.shape and torch.allclose(got, separate, atol=1e-6)
+        assert got.abs().sum() > 0
+
+
+def test_published_preset_generation_takes_its_decode_graph_and_matches_the_separate_path(monkeypatch):
+    """Greedy generation with the published preset: every layer and decoded token builds its graph with the
+    attention, and the tokens and logits equal those of sdpa + the separate kernel (joint path off)."""
+    from gin_adapter import joint_threshold
+
+    model = get_gin_model(tiny_model(num_key_value_heads=2), GinConfig.published(graph="gin", hidden_dim=8, dropout=0.0))
+    perturb_adapter(model)
+    model.eval()
+    calls = []
+    real = joint_threshold.decode_attention_with_threshold_graph
+    monkeypatch.setattr(joint_threshold, "decode_attention_with_threshold_graph", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompt = torch.randint(3, 120, (1, 12), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(joint_module, "ENABLED", enabled)
+        calls.clear()
+        with torch.no_grad():
+            runs[enabled] = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                           pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        assert len(calls) == (2 * 5 if enabled else 0)
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for joint_step, separate_step in zip(runs[True].logits, runs[False].logits):
+        assert torch.allclose(joint_step, separate_step, atol=1e-5)
