@@ -68,20 +68,20 @@ def test_decode_applies_only_where_it_reproduces_sdpa():
         assert not decode_applies(query, key, value, None, {})
 
 
-@pytest.mark.parametrize("config", [dict(), dict(node_features="hidden", hidden_dim=8), dict(node_features="hidden", hidden_dim=8, graph="reference")],
-                         ids=["values", "hidden", "hidden-reference"])
-def test_generation_takes_the_joint_decode_step_on_every_layer_and_token_and_matches_the_separate_path(config, monkeypatch):
-    model = get_gin_model(tiny_model(num_key_value_heads=2), GinConfig(top_k=4, **config))
+def assert_generation_takes_the_decode_graph(config: GinConfig, module, function_name: str, monkeypatch) -> None:
+    """Greedy generation on a tiny model: ``module.function_name`` builds the graph on every layer and decoded token
+    with the joint path on and never with it off, and both give the same tokens and logits (up to 1e-5)."""
+    model = get_gin_model(tiny_model(num_key_value_heads=2), config)
     perturb_adapter(model)
     model.eval()
     calls = []
-    real = joint_decode.attention_with_graph
+    real = getattr(module, function_name)
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(joint_decode, "attention_with_graph", spy)
+    monkeypatch.setattr(module, function_name, spy)
     prompt = torch.randint(3, 120, (1, 12), generator=torch.Generator().manual_seed(0))
     runs = {}
     for enabled in (True, False):
@@ -94,6 +94,12 @@ def test_generation_takes_the_joint_decode_step_on_every_layer_and_token_and_mat
     assert torch.equal(runs[True].sequences, runs[False].sequences)
     for joint_step, separate_step in zip(runs[True].logits, runs[False].logits):
         assert torch.allclose(joint_step, separate_step, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [dict(), dict(node_features="hidden", hidden_dim=8), dict(node_features="hidden", hidden_dim=8, graph="reference")],
+                         ids=["values", "hidden", "hidden-reference"])
+def test_generation_takes_the_joint_decode_step_on_every_layer_and_token_and_matches_the_separate_path(config, monkeypatch):
+    assert_generation_takes_the_decode_graph(GinConfig(top_k=4, **config), joint_decode, "attention_with_graph", monkeypatch)
 
 
 @pytest.mark.parametrize("graph", ["gin", "reference"])
@@ -119,26 +125,10 @@ def test_published_rule_decode_graph_equals_sdpa_and_the_separate_kernel(graph):
         assert got.abs().sum() > 0
 
 
-def test_published_preset_generation_takes_its_decode_graph_and_matches_the_separate_path(monkeypatch):
-    """Greedy generation with the published preset: every layer and decoded token builds its graph with the
-    attention, and the tokens and logits equal those of sdpa + the separate kernel (joint path off)."""
+@pytest.mark.parametrize("graph", ["gin", "reference"])
+def test_published_preset_generation_takes_its_decode_graph_and_matches_the_separate_path(graph, monkeypatch):
+    """The same for the published preset (its head-summed threshold graph), both operators."""
     from gin_adapter import joint_threshold
 
-    model = get_gin_model(tiny_model(num_key_value_heads=2), GinConfig.published(graph="gin", hidden_dim=8, dropout=0.0))
-    perturb_adapter(model)
-    model.eval()
-    calls = []
-    real = joint_threshold.decode_attention_with_threshold_graph
-    monkeypatch.setattr(joint_threshold, "decode_attention_with_threshold_graph", lambda *a, **k: calls.append(1) or real(*a, **k))
-    prompt = torch.randint(3, 120, (1, 12), generator=torch.Generator().manual_seed(0))
-    runs = {}
-    for enabled in (True, False):
-        monkeypatch.setattr(joint_module, "ENABLED", enabled)
-        calls.clear()
-        with torch.no_grad():
-            runs[enabled] = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                                           pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-        assert len(calls) == (2 * 5 if enabled else 0)
-    assert torch.equal(runs[True].sequences, runs[False].sequences)
-    for joint_step, separate_step in zip(runs[True].logits, runs[False].logits):
-        assert torch.allclose(joint_step, separate_step, atol=1e-5)
+    config = GinConfig.published(graph=graph, hidden_dim=8, dropout=0.0)
+    assert_generation_takes_the_decode_graph(config, joint_threshold, "decode_attention_with_threshold_graph", monkeypatch)
