@@ -58,6 +58,19 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.update_layer(adapter_name, config, scale_init=scale_init)
 
+    def __getattr__(self, name: str) -> Any:
+        """Look up what this wrapper lacks on the wrapped attention module.
+
+        Decoder layers read their attention's attributes from outside (Ergo's reads ``self_attn.o_proj.weight.dtype``
+        to pick the branch dtype), so a wrapper without them breaks the model.
+        """
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":  # not set yet (during __init__): no fallback to recurse into
+                raise
+            return getattr(self.base_layer, name)
+
     def update_layer(self, adapter_name: str, config: GinConfig, *, scale_init: float) -> None:
         """Add (or replace) adapter ``adapter_name`` on this layer."""
         block = make_block(config, self.dims, scale_init)

