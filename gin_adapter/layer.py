@@ -62,14 +62,18 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         """Look up what this wrapper lacks on the wrapped attention module.
 
         Decoder layers read their attention's attributes from outside (Ergo's reads ``self_attn.o_proj.weight.dtype``
-        to pick the branch dtype), so a wrapper without them breaks the model.
+        to pick the branch dtype), so a wrapper without them breaks the model. The wrapper's own sub-modules
+        (``base_layer``, ``gin_blocks``: looked up in every forward) are answered first, as fast as ``nn.Module``'s.
         """
+        modules = self.__dict__.get("_modules", {})
+        if name in modules:
+            return modules[name]
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_layer":  # not set yet (during __init__): no fallback to recurse into
+            if "base_layer" not in modules:  # not set yet (during __init__): no fallback to recurse into
                 raise
-            return getattr(self.base_layer, name)
+            return getattr(modules["base_layer"], name)
 
     def update_layer(self, adapter_name: str, config: GinConfig, *, scale_init: float) -> None:
         """Add (or replace) adapter ``adapter_name`` on this layer."""
