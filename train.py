@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, get_constant_schedule_with_warmup
 
+from gin_adapter.compare.allocator import configure_cpu_allocator
 from gin_adapter.compare.budget import plan_runs
 from gin_adapter.compare.checkpoints import TrainerState, register_adapter_checkpointing, resume_latest, save_checkpoint
 from gin_adapter.compare.checks import NonFiniteLossError, identity_at_init_warning, inject_non_finite, non_finite_message
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     source_commit()  # read now: the commit of the code this process runs, recorded with every trial
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = TrainingConfig.from_yaml(args.config, overrides)
+    allocator = configure_cpu_allocator(cfg.cpu_allocator)  # before the large allocations; recorded in every trial's machine info
     t_start = time.perf_counter()
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     prepare_output_dir(cfg, out, args.resume, args.overwrite, accelerator)
     register_adapter_checkpointing(accelerator)
-    accelerator.print(f"{accelerator.state}".strip())
+    accelerator.print(f"{accelerator.state}".strip() + f"\nCPU allocator: {allocator}")
     if (warning := single_process_cpu_launch_warning(accelerator.num_processes)) is not None:
         accelerator.print(warning)
 

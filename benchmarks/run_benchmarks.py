@@ -80,6 +80,7 @@ from benchmarks.measure import AUTOCAST, TIMER, _loadavg, machine_info  # noqa: 
 from benchmarks.report import markdown_tables, summarize  # noqa: E402
 from benchmarks.train_suite import equivalence_checks, run_train  # noqa: E402
 from benchmarks.variants import ALL_VARIANTS, corpus_ids, load_base, truncate_layers  # noqa: E402
+from gin_adapter.compare.allocator import CPU_ALLOCATORS, configure_cpu_allocator  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
@@ -138,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
                    help="run the train and eval forwards under torch.autocast with this dtype (weights stay --dtype)")
     p.add_argument("--compile", action="store_true", help="torch.compile the train/eval forward of base, lora and the GIN variants except gin_pyg, and not published (host syncs)")
+    p.add_argument("--cpu-allocator", default="keep", choices=list(CPU_ALLOCATORS),
+                   help="keep: freed CPU tensors stay mapped between steps (as train.py does by default); system: glibc's defaults (gin_adapter/compare/allocator.py)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--timer", choices=["auto", "wall", "cpu"], default="auto",
                    help="time that medians and ratios use; auto: process CPU time when on CPU with one thread (robust on a shared machine), else wall")
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logger.info("CPU allocator: %s", configure_cpu_allocator(args.cpu_allocator))  # recorded in machine_info
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -101,6 +101,7 @@ def test_study_end_to_end_on_a_tiny_model(tiny: dict, tmp_path: Path, single_thr
     assert report["base"]["ood_perplexity"] > 1
     for trial in trials.values():  # what ran where: CPU, threads and the versions that decide the numbers
         assert trial["machine"]["versions"]["torch"] == torch.__version__ and trial["machine"]["cpu_model"]
+        assert trial["machine"]["cpu_allocator"] != "system"  # the default, cpu_allocator: keep, was applied (or says why not)
     paired = summary["gin_small"]["paired_difference_to_baseline"]
     assert paired["n"] == 2 and paired["ci95_low"] <= paired["mean"] <= paired["ci95_high"]
     assert summary["ia3"]["method"] == "peft" and summary["ia3"]["paired_difference_to_baseline"]["n"] >= 1

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from .allocator import CPU_ALLOCATORS
 from .yaml_config import apply_override, load_yaml
 
 METHODS = ("gin", "lora", "peft")
@@ -164,6 +165,7 @@ class TrainingConfig:
     log_with: list[str] = _help("Accelerate trackers, e.g. [tensorboard, trackio] (default: none)", default_factory=list)
     mixed_precision: str | None = _help("no/fp16/bf16; null = whatever the Accelerate config or launch flags say", default=None)
     budget: BudgetConfig = _help("parameter-budget matching between GIN and LoRA", default_factory=BudgetConfig)
+    cpu_allocator: str = _help("'keep': freed CPU tensors stay mapped for the next step (glibc mallopt; about 1 s less system time per 4 x 256 step on SmolLM2-135M, the resident set stays at its peak); 'system': the C library's defaults. Numbers are the same either way", default="keep")
     ddp_find_unused_parameters: bool = _help("pass find_unused_parameters to DDP (only needed if an adapter leaves parameters unused)", default=False)
     export_adapter_dtype: str = _help("dtype of the adapters/<run>/ copies of each run's best trial: float32 or bfloat16 (half the size, for committing results)", default="float32")
     debug_crash_at_step: int | None = _help("testing only: os._exit(17) right after this step (checkpoint included) of the first run reaching it; ignored with --resume", default=None)
@@ -283,6 +285,7 @@ class TrainingConfig:
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be positive or null (no clipping).")
         _check_choice("export_adapter_dtype", self.export_adapter_dtype, ("float32", "bfloat16"))
+        _check_choice("cpu_allocator", self.cpu_allocator, CPU_ALLOCATORS, hint="'keep' reuses freed CPU memory across steps, 'system' leaves the C library's defaults.")
         if self.mixed_precision is not None:
             _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         for tracker in self.log_with:
@@ -303,7 +306,7 @@ class TrainingConfig:
     def comparable_dict(self) -> dict[str, Any]:
         """The fields that must not change when a run is resumed."""
         d = self.to_dict()
-        for key in ("log_with", "export_adapter_dtype", "debug_crash_at_step", "debug_non_finite_at_step", "debug_non_finite", "output_dir",
+        for key in ("log_with", "export_adapter_dtype", "cpu_allocator", "debug_crash_at_step", "debug_non_finite_at_step", "debug_non_finite", "output_dir",
                     "checkpoint_every", "keep_checkpoints"):
             d.pop(key, None)
         return d

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .allocator import cpu_allocator
+
 
 def cpu_model() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
@@ -62,10 +64,10 @@ def source_commit() -> str | None:
 
 
 def machine(device: torch.device | None = None) -> dict[str, Any]:
-    """CPU model and features, torch threads, logical CPUs, the device and (on CUDA) its name, the library
-    versions and the source commit."""
+    """CPU model and features, torch threads, logical CPUs, the CPU allocator setting
+    (:mod:`gin_adapter.compare.allocator`), the device and (on CUDA) its name, the library versions and the source commit."""
     info: dict[str, Any] = {"cpu_model": cpu_model(), **cpu_features(), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                            "versions": versions(), "commit": source_commit()}
+                            "cpu_allocator": cpu_allocator(), "versions": versions(), "commit": source_commit()}
     if device is not None:
         info["device"] = str(device)
         if device.type == "cuda":
