@@ -39,11 +39,30 @@ faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 print(json.dumps({"setting": setting, "given_back": given_back, "faults": faults}))
 """
 
+# a trial measured after a larger one: with "keep" the larger one's freed memory is still resident
+TRIALS = """
+import json, sys, torch
+from gin_adapter.compare.allocator import configure_cpu_allocator
+from gin_adapter.compare.memory import PeakMemory
+configure_cpu_allocator(sys.argv[1])
+def trial(mib):
+    with PeakMemory(torch.device("cpu"), interval_s=0.01) as peak:
+        blocks = [torch.ones(2**18) for _ in range(mib)]  # 1 MiB each: below glibc's default mmap threshold too
+        blocks[-1].sum()
+        del blocks
+    return peak.result()["increase_mb"]
+print(json.dumps({"large": trial(512), "small": trial(64)}))
+"""
 
-def reuse(choice: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", REUSE, choice], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+def run_script(script: str, choice: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", script, choice], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def reuse(choice: str) -> dict:
+    return run_script(REUSE, choice)
 
 
 @pytest.mark.skipif(_glibc() is None or not Path("/proc/self/statm").exists(), reason="mallopt is glibc's; resident set from /proc")
@@ -56,6 +75,15 @@ def test_keep_reuses_freed_memory_without_page_faults() -> None:
     # keep: the block stays in the heap and is reused (well under 1 % of its pages fault again)
     assert kept["given_back"] < 8 * MIB
     assert kept["faults"] < 5 * PAGES_64_MIB // 100
+
+
+@pytest.mark.skipif(_glibc() is None or not Path("/proc/self/statm").exists(), reason="malloc_trim is glibc's; resident set from /proc")
+@pytest.mark.parametrize("choice", ["keep", "system"])
+def test_each_trial_peak_is_its_own(choice: str) -> None:
+    """PeakMemory gives kept free pages back first, so a 64 MiB trial after a 512 MiB one reports about 64 MiB."""
+    peaks = run_script(TRIALS, choice)
+    assert peaks["large"] >= 480
+    assert 48 <= peaks["small"] < 160, peaks
 
 
 def test_unknown_choice_says_what_to_use() -> None:

@@ -14,7 +14,8 @@ higher (freed blocks are reused less tightly). ``"system"`` leaves the C library
 unchanged either way: only where the bytes live changes.
 
 This is a process-wide setting for scripts (``train.py``, ``benchmarks/run_benchmarks.py``); the library never
-calls it. Where glibc is absent (macOS, Windows, musl) ``"keep"`` does nothing and :func:`cpu_allocator` says so.
+calls it. With "keep", :func:`release_free_cpu_memory` hands the kept pages back between trials (the peak-memory
+measurement does so). Where glibc is absent (macOS, Windows, musl) ``"keep"`` does nothing and :func:`cpu_allocator` says so.
 """
 
 from __future__ import annotations
@@ -77,6 +78,16 @@ def configure_cpu_allocator(choice: str) -> str:
     _in_effect["cpu_allocator"] = "keep" if mmap_threshold == _LARGEST else "keep (mmap threshold 32 MiB)"
     logger.debug("glibc malloc: mmap threshold %d, trim threshold %d bytes", mmap_threshold, _LARGEST)
     return cpu_allocator()
+
+
+def release_free_cpu_memory() -> bool:
+    """Give the heap's free pages back to the operating system now (glibc ``malloc_trim(0)``); ``True`` if any were.
+
+    With ``"keep"`` a process's resident set stays at its highest point, so a trial measured after a larger one
+    would report the larger one's peak: :class:`gin_adapter.compare.memory.PeakMemory` calls this when it starts,
+    so that every trial's peak is its own. The next step faults its memory in once, then reuses it again."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(ctypes.c_size_t(0))) if libc is not None else False
 
 
 def cpu_allocator() -> str:

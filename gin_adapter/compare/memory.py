@@ -1,19 +1,24 @@
 """Peak memory of one trial: the accelerator's allocator peak on CUDA, the process's resident set on CPU.
 
 On CPU PyTorch keeps no allocator statistics, and the process's ``ru_maxrss`` only ever grows (the first trial's
-peak would hide every later one), so :class:`PeakMemory` samples the resident set size every ``interval_s`` from
-a background thread and reports the peak over the trial and its increase over the start. The numbers are the
+peak would hide every later one), so :class:`PeakMemory` first gives the heap's free pages back to the operating
+system (they stay mapped under ``cpu_allocator: keep``, :mod:`gin_adapter.compare.allocator`), then samples the
+resident set size every ``interval_s`` from a background thread and reports the peak over the trial and its
+increase over the start. The numbers are the
 same kind for every method of a run, which is what a comparison needs; they are not an allocator-exact figure.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from pathlib import Path
 from types import TracebackType
 
 import torch
+
+from .allocator import release_free_cpu_memory
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _STATM = Path("/proc/self/statm")
@@ -40,7 +45,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
-        else:
+        else:  # freed memory a kept allocator still holds would count as this trial's (allocator.py)
+            gc.collect()
+            release_free_cpu_memory()
             self.start = self.peak = resident_bytes()
             self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
             self._thread.start()
