@@ -79,11 +79,14 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 @dataclass
 class Timings:
-    """Per variant: wall-clock seconds and process CPU seconds of each timed call (same calls)."""
+    """Per variant: wall-clock seconds, process CPU seconds, the system part of those and minor page faults of
+    each timed call (same calls; the last two from ``getrusage``, empty where it is not available)."""
 
     wall: dict[str, list[float]]
     cpu: dict[str, list[float]]
     primary: str = "wall"
+    system: dict[str, list[float]] = field(default_factory=dict)
+    minor_faults: dict[str, list[int]] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> list[float]:
         return (self.cpu if self.primary == "cpu" else self.wall)[name]
@@ -95,29 +98,44 @@ class Timings:
 TIMER = {"primary": "wall"}  # set by main() from --timer
 
 
+def _rusage():
+    """This process's resource usage (``None`` where the ``resource`` module is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF)
+
+
 def interleaved_times(fns: dict[str, Callable[[], Any]], warmup: int, steps: int, sync: Callable[[], None], what: str = "", collect: bool = True) -> Timings:
     """Run ``warmup + steps`` rounds; each round calls every fn once, in an order rotated by one each round.
 
-    Records wall-clock time and process CPU time (``time.process_time``) of every call. With one thread on a CPU
+    Records wall-clock time and process CPU time (``time.process_time``) of every call, and from ``getrusage``
+    its system time and minor page faults (memory faulted in again after the allocator gave it back: see
+    ``gin_adapter/compare/allocator.py``). With one thread on a CPU
     shared with other jobs, CPU time does not count the time this process waited for a core, so it is the less
     noisy measure of the work done (``--timer``). ``collect``: ``gc.collect()`` before each (untimed) call, so no
     collector pause lands inside a timed one.
     """
     names = list(fns)
-    timings = Timings({n: [] for n in names}, {n: [] for n in names}, TIMER["primary"])
+    timings = Timings({n: [] for n in names}, {n: [] for n in names}, TIMER["primary"], {n: [] for n in names}, {n: [] for n in names})
     for round_index in range(warmup + steps):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             if collect:
                 gc.collect()
             sync()
-            start, start_cpu = time.perf_counter(), time.process_time()
+            usage, start, start_cpu = _rusage(), time.perf_counter(), time.process_time()
             fns[name]()
             sync()
             elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            usage_end = _rusage()
             if round_index >= warmup:
                 timings.wall[name].append(elapsed)
                 timings.cpu[name].append(elapsed_cpu)
+                if usage is not None and usage_end is not None:
+                    timings.system[name].append(usage_end.ru_stime - usage.ru_stime)
+                    timings.minor_faults[name].append(usage_end.ru_minflt - usage.ru_minflt)
             logger.info("%s round %d/%d %-12s %8.3f s wall %8.3f s cpu%s", what, round_index + 1, warmup + steps, name, elapsed, elapsed_cpu,
                         "" if round_index >= warmup else " (warm-up)")
     return timings

@@ -50,10 +50,33 @@ def test_train_suite_rows_and_saved_tensor_accounting():
     assert rows["gin_published"]["trainable_params"] > rows["gin"]["trainable_params"]  # the published preset's budget
     for row in rows.values():
         assert row["step_s"] > 0 and row["step_peak_mib"] > 0
+        if sys.platform != "win32":
+            assert row["step_system_s"] >= 0 and row["step_minor_faults"] >= 0
     # the sdpa path keeps nothing of size (B, H, L, L) for backward; the published-style eager path does
     for name in ("gin", "gin_generic", "gin_pyg", "gin_detached", "gin_thr"):
         assert rows[name]["saved_attention_maps"] == 0, rows[name]["saved_square_shapes"]
     assert rows["published"]["saved_attention_maps"] > 0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="getrusage")
+def test_interleaved_times_count_the_page_faults_of_each_call():
+    """Every call's minor faults are its own: fresh anonymous memory written page by page faults once per page."""
+    import mmap
+
+    from benchmarks.measure import interleaved_times
+
+    def touch_16_mib() -> None:
+        buffer = mmap.mmap(-1, 16 * 2**20)  # not from malloc, so the allocator setting cannot change it
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):  # where transparent huge pages are "always", 2 MiB would be one fault
+            buffer.madvise(mmap.MADV_NOHUGEPAGE)
+        for offset in range(0, len(buffer), mmap.PAGESIZE):
+            buffer[offset] = 1
+        buffer.close()
+
+    times = interleaved_times({"touch": touch_16_mib, "idle": lambda: None}, warmup=1, steps=3, sync=lambda: None)
+    assert len(times.minor_faults["touch"]) == 3 and len(times.system["touch"]) == 3
+    assert min(times.minor_faults["touch"]) >= 16 * 2**20 // mmap.PAGESIZE // 2  # about one per page
+    assert max(times.minor_faults["idle"]) < 64
 
 
 def test_equivalence_checks_pass():
