@@ -46,10 +46,9 @@ from gin_adapter.compare.allocator import configure_cpu_allocator
 from gin_adapter.compare.memory import PeakMemory
 configure_cpu_allocator(sys.argv[1])
 def trial(mib):
-    with PeakMemory(torch.device("cpu"), interval_s=0.01) as peak:
-        blocks = [torch.ones(2**18) for _ in range(mib)]  # 1 MiB each: below glibc's default mmap threshold too
-        blocks[-1].sum()
-        del blocks
+    with PeakMemory(torch.device("cpu"), interval_s=60.0) as peak:  # read on exit, with the blocks still alive
+        blocks = [torch.ones(2**18) for _ in range(mib)]  # 1 MiB each, every page written
+    del blocks
     return peak.result()["increase_mb"]
 print(json.dumps({"large": trial(512), "small": trial(64)}))
 """
