@@ -67,6 +67,8 @@ def reuse(choice: str) -> dict:
 @pytest.mark.skipif(_glibc() is None or not Path("/proc/self/statm").exists(), reason="mallopt is glibc's; resident set from /proc")
 def test_keep_reuses_freed_memory_without_page_faults() -> None:
     kept, system = reuse("keep"), reuse("system")
+    if kept["setting"] == "keep (mmap threshold 32 MiB)":
+        pytest.skip("this glibc (< 2.35) caps the mmap threshold at 32 MiB: a 64 MiB tensor is its own mmap either way")
     assert kept["setting"] == "keep" and system["setting"] == "system"
     # glibc's defaults: a 64 MiB block is its own mmap, unmapped on free, faulted in again every time
     assert system["given_back"] >= 56 * MIB
