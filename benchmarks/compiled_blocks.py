@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.decode_suite import _decode_call, _set_scales  # noqa: E402
-from benchmarks.measure import interleaved_times, machine_info, median, synchronizer  # noqa: E402
+from benchmarks.decode_suite import _decode_call, _set_scales, time_decode_calls  # noqa: E402
+from benchmarks.measure import machine_info  # noqa: E402
 from benchmarks.variants import build_gin, build_variants, corpus_ids, load_base  # noqa: E402
 from gin_adapter import gin_layers  # noqa: E402
 
@@ -68,11 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
         fn()
         fn()
     logger.info("first calls (with compilation): %.1f s", time.perf_counter() - start)
-    times = interleaved_times(fns, args.warmup, args.rounds, synchronizer(device), what="decode", collect=False)
-    layers = base.config.num_hidden_layers
-    base_s, lora_s = median(times["base"]), median(times["lora"])
-    rows = [dict(variant=name, token_s=median(t), tokens_per_s_vs_lora=lora_s / median(t),
-                 overhead_us_per_layer=(median(t) - base_s) / layers * 1e6, token_s_all=t) for name, t in times.items()]
+    times, per_token = time_decode_calls(fns, warmup=args.warmup, rounds=args.rounds, device=device, layers=base.config.num_hidden_layers)
+    lora_s = per_token["lora"][0]
+    rows = [dict(variant=name, token_s=per_token[name][0], tokens_per_s_vs_lora=lora_s / per_token[name][0],
+                 overhead_us_per_layer=per_token[name][1], token_s_all=t) for name, t in times.items()]
     for row in rows:
         logger.info("%-20s %7.2f ms  vs lora %.3f  overhead per layer %5.0f us", row["variant"], row["token_s"] * 1e3,
                     row["tokens_per_s_vs_lora"], row["overhead_us_per_layer"])

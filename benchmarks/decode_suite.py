@@ -17,13 +17,14 @@ from __future__ import annotations
 import gc
 import logging
 import timeit
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from benchmarks.in_model_parts import in_model_parts_us
-from benchmarks.measure import interleaved_times, median, synchronizer
+from benchmarks.measure import Timings, interleaved_times, median, synchronizer
 from benchmarks.variants import LABELS, build_variants
 from gin_adapter import gin_layers, joint
 from gin_adapter.aggregate import graph_neighbour_sum
@@ -100,6 +101,15 @@ def gin_parts_us(model: torch.nn.Module, prompt: torch.Tensor, token: torch.Tens
     return dict(neighbour_sum_us=_best_us(neighbour_sum), block_us=_best_us(run_block))
 
 
+def time_decode_calls(fns: dict[str, Callable[[], None]], *, warmup: int, rounds: int, device: torch.device, layers: int
+                      ) -> tuple[Timings, dict[str, tuple[float, float]]]:
+    """Interleaved rounds of the decode calls (``fns`` must hold ``"base"``); returns the timings and, per variant,
+    ``(median seconds per token, overhead per layer above base in us)``."""
+    times = interleaved_times(fns, warmup, rounds, synchronizer(device), what="decode", collect=False)
+    base_s = median(times["base"])
+    return times, {name: (median(t), (median(t) - base_s) / layers * 1e6) for name, t in times.items()}
+
+
 def run_decode(base, prompt: torch.Tensor, names: list[str], *, warmup: int, steps: int, device: torch.device, in_model_calls: int = 30
                ) -> dict[str, Any]:
     """Per variant: seconds per decoded token (median of interleaved rounds), ATen calls per token, the
@@ -117,14 +127,12 @@ def run_decode(base, prompt: torch.Tensor, names: list[str], *, warmup: int, ste
         fns[name]()  # first call outside the timing
         calls[name] = _aten_calls(fns[name])
     rounds = 20 * steps  # one call is a few ms: many rounds for a stable median
-    times = interleaved_times(fns, warmup, rounds, synchronizer(device), what="decode", collect=False)
     layers = base.config.num_hidden_layers
-    base_s = median(times["base"])
+    times, per_token = time_decode_calls(fns, warmup=warmup, rounds=rounds, device=device, layers=layers)
     rows = []
     for name, t in times.items():
-        seconds = median(t)
-        rows.append(dict(variant=name, label=LABELS[name], prompt=prompt.shape[1] - 1, layers=layers, token_s=seconds, token_s_all=t,
-                         aten_calls=calls[name], overhead_us_per_layer=(seconds - base_s) / layers * 1e6,
+        rows.append(dict(variant=name, label=LABELS[name], prompt=prompt.shape[1] - 1, layers=layers, token_s=per_token[name][0], token_s_all=t,
+                         aten_calls=calls[name], overhead_us_per_layer=per_token[name][1],
                          aten_calls_per_layer=(calls[name] - calls["base"]) / layers, timer=times.primary))
     in_model = {name: in_model_parts_us(variant.model, fns[name], calls=in_model_calls) for name, variant in variants.items()}
     joint.ENABLED = True
