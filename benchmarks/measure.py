@@ -24,6 +24,11 @@ from typing import Any
 
 import torch
 
+try:
+    import resource  # POSIX only: each timed call's system time and page faults
+except ImportError:  # Windows
+    resource = None
+
 logger = logging.getLogger("benchmarks")
 
 MiB = 1024**2
@@ -84,9 +89,9 @@ class Timings:
 
     wall: dict[str, list[float]]
     cpu: dict[str, list[float]]
+    system: dict[str, list[float]]
+    minor_faults: dict[str, list[int]]
     primary: str = "wall"
-    system: dict[str, list[float]] = field(default_factory=dict)
-    minor_faults: dict[str, list[int]] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> list[float]:
         return (self.cpu if self.primary == "cpu" else self.wall)[name]
@@ -100,11 +105,7 @@ TIMER = {"primary": "wall"}  # set by main() from --timer
 
 def _rusage():
     """This process's resource usage (``None`` where the ``resource`` module is missing: Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF)
+    return resource.getrusage(resource.RUSAGE_SELF) if resource is not None else None
 
 
 def interleaved_times(fns: dict[str, Callable[[], Any]], warmup: int, steps: int, sync: Callable[[], None], what: str = "", collect: bool = True) -> Timings:
@@ -118,7 +119,7 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], warmup: int, steps: int
     collector pause lands inside a timed one.
     """
     names = list(fns)
-    timings = Timings({n: [] for n in names}, {n: [] for n in names}, TIMER["primary"], {n: [] for n in names}, {n: [] for n in names})
+    timings = Timings(*({n: [] for n in names} for _ in range(4)), primary=TIMER["primary"])
     for round_index in range(warmup + steps):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:

@@ -81,8 +81,8 @@ def run_train(base, ids: torch.Tensor, names: list[str], *, warmup: int, steps: 
         row: dict[str, Any] = dict(variant=name, label=LABELS[name], batch=batch, seq_len=length, layers=base.config.num_hidden_layers,
                                    trainable_params=variant.trainable, step_s=median(times[name]), step_s_all=times[name],
                                    step_wall_s=median(times.wall[name]), step_cpu_s=median(times.cpu[name]), step_wall_s_all=times.wall[name],
-                                   step_cpu_s_all=times.cpu[name], step_system_s=median(times.system.get(name, [])),
-                                   step_minor_faults=median(times.minor_faults.get(name, [])), timer=times.primary)
+                                   step_cpu_s_all=times.cpu[name], step_system_s=median(times.system[name]),
+                                   step_minor_faults=median(times.minor_faults[name]), timer=times.primary)
         row.update(memory_rows.get(name, {}))
         rows.append(row)
     lora = next((v for v in variants.values() if v.name == "lora"), None)

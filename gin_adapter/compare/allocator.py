@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
-from typing import Literal
 
 logger = logging.getLogger(__name__)
 
-CpuAllocator = Literal["keep", "system"]
 CPU_ALLOCATORS: tuple[str, ...] = ("keep", "system")
+CPU_ALLOCATOR_HINT = "'keep' reuses freed CPU memory across steps, 'system' leaves the C library's defaults."
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
@@ -38,6 +38,7 @@ _OLD_GLIBC_MMAP_MAX = 32 * 2**20
 _in_effect: dict[str, str] = {"cpu_allocator": "system"}
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """The running glibc, or ``None`` where the C library is another one."""
     try:
@@ -61,8 +62,7 @@ def configure_cpu_allocator(choice: str) -> str:
     that already chose ``"keep"`` keeps it: glibc's thresholds are not restored). Call it once, at start-up,
     before the large allocations."""
     if choice not in CPU_ALLOCATORS:
-        raise ValueError(f"cpu_allocator={choice!r} is not supported; use one of {list(CPU_ALLOCATORS)} ('keep' reuses freed "
-                         "CPU memory across steps, 'system' leaves the C library's defaults).")
+        raise ValueError(f"cpu_allocator={choice!r} is not supported; use one of {list(CPU_ALLOCATORS)}. {CPU_ALLOCATOR_HINT}")
     if choice == "system":
         return cpu_allocator()
     libc = _glibc()
@@ -70,8 +70,8 @@ def configure_cpu_allocator(choice: str) -> str:
         logger.debug("cpu_allocator='keep' needs glibc's mallopt; this C library has none, so its defaults stay")
         _in_effect["cpu_allocator"] = "system (keep unsupported: not glibc)"
         return cpu_allocator()
-    mmap_threshold = _LARGEST if _mallopt(libc, _M_MMAP_THRESHOLD, _LARGEST) else _OLD_GLIBC_MMAP_MAX
-    if mmap_threshold == _OLD_GLIBC_MMAP_MAX and not _mallopt(libc, _M_MMAP_THRESHOLD, _OLD_GLIBC_MMAP_MAX):
+    mmap_threshold = next((value for value in (_LARGEST, _OLD_GLIBC_MMAP_MAX) if _mallopt(libc, _M_MMAP_THRESHOLD, value)), None)
+    if mmap_threshold is None:
         _in_effect["cpu_allocator"] = "system (keep unsupported: mallopt refused)"
         return cpu_allocator()
     _mallopt(libc, _M_TRIM_THRESHOLD, _LARGEST)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from .allocator import CPU_ALLOCATORS
+from .allocator import CPU_ALLOCATOR_HINT, CPU_ALLOCATORS
 from .yaml_config import apply_override, load_yaml
 
 METHODS = ("gin", "lora", "peft")
@@ -285,7 +285,7 @@ class TrainingConfig:
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be positive or null (no clipping).")
         _check_choice("export_adapter_dtype", self.export_adapter_dtype, ("float32", "bfloat16"))
-        _check_choice("cpu_allocator", self.cpu_allocator, CPU_ALLOCATORS, hint="'keep' reuses freed CPU memory across steps, 'system' leaves the C library's defaults.")
+        _check_choice("cpu_allocator", self.cpu_allocator, CPU_ALLOCATORS, hint=CPU_ALLOCATOR_HINT)
         if self.mixed_precision is not None:
             _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         for tracker in self.log_with:

@@ -4,8 +4,8 @@ On CPU PyTorch keeps no allocator statistics, and the process's ``ru_maxrss`` on
 peak would hide every later one), so :class:`PeakMemory` first gives the heap's free pages back to the operating
 system (they stay mapped under ``cpu_allocator: keep``, :mod:`gin_adapter.compare.allocator`), then samples the
 resident set size every ``interval_s`` from a background thread and reports the peak over the trial and its
-increase over the start. The numbers are the
-same kind for every method of a run, which is what a comparison needs; they are not an allocator-exact figure.
+increase over the start. The numbers are the same kind for every method of a run, which is what a comparison
+needs; they are not an allocator-exact figure.
 """
 
 from __future__ import annotations
