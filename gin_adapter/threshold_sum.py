@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .adjacency import AdjacencyRule, float32_region, visible_keys
-from .topk_sum import (QUERY_CHUNK_ROWS, Chunk, ScoreSpec, _causal_visible, _Layout, _mask_rows, _row_probabilities, _scores,
+from .topk_sum import (QUERY_CHUNK_ROWS, Chunk, ScoreSpec, _causal_visible, _Layout, hide_future_keys, _mask_rows, _row_probabilities, _scores,
                        add_score_grads, plan_chunks)
 
 
@@ -42,15 +42,14 @@ def _chunk_graph(chunk_query, key, mask, spec: ScoreSpec, rule: AdjacencyRule, c
     summed = probs.view(batch, -1, rows, keys).sum(dim=1)  # (B, R, K): heads h = kv * G + g
     under_one = summed <= 1.0
     sharpened = torch.sigmoid(summed.clamp_(max=1.0).sub_(rule.sharpen_tau).mul_(rule.sharpen_alpha))
-    if mask is not None:
-        visible = visible_keys(mask_rows, rows, keys, chunk_query.device, spec.sliding_window).any(dim=1)
-    elif spec.q_len > 1:
-        visible = _causal_visible(chunk, spec.sliding_window, chunk_query.device)
-    else:
-        visible = None  # one decoded token without a mask sees every key
     kept = sharpened > rule.threshold
-    if visible is not None:
-        kept &= visible
+    if mask is not None:
+        kept &= visible_keys(mask_rows, rows, keys, chunk_query.device, spec.sliding_window).any(dim=1)
+    elif spec.q_len > 1 and spec.sliding_window is None:
+        hide_future_keys(kept, chunk, False)
+    elif spec.q_len > 1:
+        kept &= _causal_visible(chunk, spec.sliding_window, chunk_query.device)
+    # (one decoded token without a mask sees every key)
     return sharpened * kept, probs, kept, under_one, sharpened, slope
 
 

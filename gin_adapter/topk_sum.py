@@ -30,6 +30,7 @@ weights ``(B, H, Lq, k)``. Nothing of size ``(B, H, Lq, Lk)``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -122,13 +123,32 @@ def _causal_visible(chunk: Chunk, sliding_window: int | None, device: torch.devi
     return visible
 
 
+@functools.lru_cache(maxsize=64)
+def _future_columns(rows: int, keys: int, diagonal: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``(rows, keys)``, True where ``j - i >= diagonal`` (shared, never written to)."""
+    return torch.ones(rows, keys, dtype=torch.bool, device=device).triu_(diagonal)
+
+
+def hide_future_keys(x: torch.Tensor, chunk: Chunk, value: float | bool) -> None:
+    """Set ``x[..., i, j]`` to ``value`` in place where key ``k0 + j`` comes after query ``q0 + i`` (plain causal
+    attention without a window, queries at the last positions): ``x (..., rows, keys)``. Keys before ``q0`` are
+    visible to every row of the chunk, so only the block from column ``max(k0, q0)`` on is touched: ``rows x rows``
+    entries for a full chunk instead of a ``rows x keys`` bias built per chunk, layer and pass."""
+    start = max(chunk.k0, chunk.q0)
+    if chunk.k1 > start + 1:
+        future = _future_columns(chunk.rows, chunk.k1 - start, chunk.q0 - start + 1, x.device)
+        x[..., start - chunk.k0 :].masked_fill_(future, value)
+
+
 def _scores(grouped_query, key, mask, spec: ScoreSpec, chunk: Chunk, cap_slope: bool = False):
     """Masked float32 scores ``(B, Hkv, G * rows, keys)`` of one chunk, ``-inf`` where invisible (no autograd).
 
     ``grouped_query``: the chunk's queries ``(B, Hkv, G * rows, D)``; ``key``: its keys ``(B, Hkv, keys, D)``;
     ``mask``: the attention mask argument sliced to the chunk, or ``None``. Without a mask (plain causal attention,
-    e.g. packed training blocks) the causal mask is added inside the matmul (``baddbmm``), saving a pass over the
-    scores. With ``cap_slope`` also returns ``1 - (s / c)^2``, the soft-cap's derivative (``None`` without it).
+    e.g. packed training blocks) the scaling is applied inside the matmul (``baddbmm``), saving a pass over the
+    scores, and only the chunk's last ``rows`` keys are masked (:func:`hide_future_keys`); with a sliding window
+    the causal bias is added inside the matmul. With ``cap_slope`` also returns ``1 - (s / c)^2``, the soft-cap's
+    derivative (``None`` without it).
     """
     batch, kv_heads, rows, dim = grouped_query.shape
     k_len = key.shape[-2]
@@ -136,6 +156,11 @@ def _scores(grouped_query, key, mask, spec: ScoreSpec, chunk: Chunk, cap_slope: 
     visible = None
     if mask is not None:
         visible = visible_keys(mask, chunk.rows, k_len, grouped_query.device, spec.sliding_window)
+    elif spec.q_len > 1 and spec.sliding_window is None and spec.softcap is None:
+        zero = torch.zeros((), device=grouped_query.device).expand(batch * kv_heads, rows, k_len)  # ignored (beta=0)
+        scores = torch.baddbmm(zero, grouped_query.float().reshape(-1, rows, dim), keys_t.reshape(-1, dim, k_len), beta=0.0, alpha=spec.scaling)
+        hide_future_keys(scores.view(batch, kv_heads, spec.groups, chunk.rows, k_len), chunk, float("-inf"))
+        return scores.view(batch, kv_heads, rows, k_len), None
     elif spec.q_len > 1:  # a single decoded token with no mask sees every cached key
         visible = _causal_visible(chunk, spec.sliding_window, grouped_query.device)[None, None]
         if spec.softcap is None:
