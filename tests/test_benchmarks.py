@@ -230,3 +230,22 @@ def test_report_rerenders_saved_results(tmp_path):
     assert targets["published-style adapter overhead >= 3x GIN's"]["value"] == pytest.approx(4.0)  # 0.4 s over LoRA vs 0.1 s
     assert targets["eval tokens/s GIN/LoRA >= 0.85"]["met"] is None  # not measured
     assert "Training step" in json.loads(path.read_text())["markdown"]
+
+
+def test_profile_step_shows_the_operators_a_variant_replaces():
+    from benchmarks.profile_step import markdown, profile_variants
+
+    base = tiny_model("llama")
+    base.requires_grad_(False)
+    result = profile_variants(base, _ids(2, 24), ["lora", "gin"], warmup=1, rounds=2, top=500)
+    lora, gin = (result["per_variant"][name] for name in ("lora", "gin"))
+    assert len(lora["step_s_all"]) == len(gin["step_s_all"]) == len(gin["minor_faults_all"]) == 2 and lora["step_s"] > 0
+    rows = {row["op"]: row for row in result["top_differences"]}
+    # training, the default GIN builds its graph with the attention (gin_adapter/joint.py) instead of sdpa's kernel
+    assert rows["aten::topk"]["first_s"] == 0 and rows["aten::topk"]["second_s"] > 0
+    flash = [op for op in rows if op.startswith("aten::_scaled_dot_product_flash_attention")]  # (sdpa still runs in layer 0,
+    assert flash and all(rows[op]["second_s"] < rows[op]["first_s"] for op in flash)  # whose queries need no gradient)
+    assert all(row["diff_s"] == pytest.approx(row["second_s"] - row["first_s"]) for row in rows.values())
+    assert "| `aten::topk` |" in markdown(result)
+    with pytest.raises(ValueError, match="two variants"):
+        profile_variants(base, _ids(2, 24), ["lora", "gin", "base"], warmup=0, rounds=1)
