@@ -249,3 +249,18 @@ def test_profile_step_shows_the_operators_a_variant_replaces():
     assert "| `aten::topk` |" in markdown(result)
     with pytest.raises(ValueError, match="two variants"):
         profile_variants(base, _ids(2, 24), ["lora", "gin", "base"], warmup=0, rounds=1)
+
+
+def test_summary_holds_the_long_shape_to_its_own_target():
+    """At 1 x 2048 every variant is held to <= 1.15 (not the 4 x 256 shape's 1.10), each against its own LoRA."""
+    def row(variant: str, times: list[float]) -> dict:
+        return dict(variant=variant, batch=1, seq_len=2048, layers=30, step_s_all=times)
+
+    lora, lora_b = row("lora", [10.0, 10.0, 10.0]), row("lora_b", [10.0, 10.0, 10.0])
+    rows = [lora, row("gin", [11.0, 11.0, 12.0]), row("gin_hidden", [11.6, 11.6, 11.6]), lora_b, row("gin_published", [11.2, 11.4, 11.6])]
+    targets = summarize({"train": [{"rows": rows}]})["targets"]
+    long = {name.split(" <=")[0]: verdict for name, verdict in targets.items() if "<= 1.15" in name}
+    assert long["train GIN/LoRA"] == dict(value=pytest.approx(1.1), met=True)
+    assert long["train GIN hidden/LoRA"] == dict(value=pytest.approx(1.16), met=False)
+    assert long["train GIN published preset/its LoRA"] == dict(value=pytest.approx(1.14), met=True)
+    assert all(verdict["value"] is None for name, verdict in targets.items() if "<= 1.10 (1x2048" in name)
