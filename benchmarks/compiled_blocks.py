@@ -13,7 +13,6 @@ Needs a C++ compiler (inductor's CPU backend). Not run by the test suite.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -27,6 +26,7 @@ from benchmarks.decode_suite import _decode_call, _set_scales, time_decode_calls
 from benchmarks.measure import machine_info  # noqa: E402
 from benchmarks.variants import build_gin, build_variants, corpus_ids, load_base  # noqa: E402
 from gin_adapter import gin_layers  # noqa: E402
+from gin_adapter.compare.outputs import write_json  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
                     row["tokens_per_s_vs_lora"], row["overhead_us_per_layer"])
     results = dict(command="python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
                    machine=machine_info(device), compiled_blocks=compiled, timer=times.primary, rows=rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(args.out)
+    write_json(args.out, results)  # atomically
     return results
 
 

@@ -20,7 +20,6 @@ tiny model).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import resource
 import statistics
@@ -38,6 +37,7 @@ from benchmarks import measure  # noqa: E402
 from benchmarks.train_suite import train_step_fn  # noqa: E402
 from benchmarks.variants import build_variants, corpus_ids, load_base  # noqa: E402
 from gin_adapter.compare.allocator import CPU_ALLOCATORS, configure_cpu_allocator  # noqa: E402
+from gin_adapter.compare.outputs import write_json  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
@@ -126,10 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   autocast=args.autocast, **result)
     result["markdown"] = markdown(result)
     logger.info("%s", result["markdown"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out)
+    write_json(args.out, result)  # atomically
     return result
 
 
