@@ -131,9 +131,10 @@ def _future_columns(rows: int, keys: int, diagonal: int, device: torch.device) -
 
 def hide_future_keys(x: torch.Tensor, chunk: Chunk, value: float | bool) -> None:
     """Set ``x[..., i, j]`` to ``value`` in place where key ``k0 + j`` comes after query ``q0 + i`` (plain causal
-    attention without a window, queries at the last positions): ``x (..., rows, keys)``. Keys before ``q0`` are
-    visible to every row of the chunk, so only the block from column ``max(k0, q0)`` on is touched: ``rows x rows``
-    entries for a full chunk instead of a ``rows x keys`` bias built per chunk, layer and pass."""
+    attention without a window, row ``i`` at position ``q0 + i`` as in :func:`_causal_visible`): ``x (..., rows,
+    keys)``. Keys before ``q0`` are visible to every row of the chunk, so only the block from column ``max(k0, q0)``
+    on is touched: ``rows x rows`` entries for a full chunk instead of a ``rows x keys`` bias built per chunk, layer
+    and pass."""
     start = max(chunk.k0, chunk.q0)
     if chunk.k1 > start + 1:
         future = _future_columns(chunk.rows, chunk.k1 - start, chunk.q0 - start + 1, x.device)

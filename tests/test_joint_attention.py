@@ -192,3 +192,17 @@ def test_the_joint_k_follows_the_active_adapters_and_replaced_configs(monkeypatc
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
     model(ids, labels=ids).loss.backward()
     assert seen and set(seen) == {2}
+
+
+@pytest.mark.parametrize("q_len, k_len, chunk_rows", [(200, 200, 64), (40, 40, 64), (5, 5, 2), (3, 12, 64)])
+def test_hiding_future_keys_follows_the_causal_rule(q_len, k_len, chunk_rows):
+    """In-place masking of a chunk's future keys marks exactly the keys the causal rule hides, for every chunk of the
+    plan: full chunks, a short last one, chunks widened to k keys past their rows, one chunk with more keys than rows."""
+    from gin_adapter.topk_sum import _causal_visible, hide_future_keys, plan_chunks
+
+    chunks = plan_chunks(q_len, k_len, 8, False, None, chunk_rows)
+    assert any(chunk.k1 > chunk.q1 for chunk in chunks) == ((q_len, k_len) in {(5, 5), (3, 12)})
+    for chunk in chunks:
+        hidden = torch.zeros(2, 3, chunk.rows, chunk.k1 - chunk.k0, dtype=torch.bool)
+        hide_future_keys(hidden, chunk, True)
+        assert torch.equal(hidden, ~_causal_visible(chunk, None, hidden.device).expand_as(hidden)), chunk
