@@ -103,7 +103,7 @@ class Timings:
 TIMER = {"primary": "wall"}  # set by main() from --timer
 
 
-def _rusage():
+def process_usage():
     """This process's resource usage (``None`` where the ``resource`` module is missing: Windows)."""
     return resource.getrusage(resource.RUSAGE_SELF) if resource is not None else None
 
@@ -126,11 +126,11 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], warmup: int, steps: int
             if collect:
                 gc.collect()
             sync()
-            usage, start, start_cpu = _rusage(), time.perf_counter(), time.process_time()
+            usage, start, start_cpu = process_usage(), time.perf_counter(), time.process_time()
             fns[name]()
             sync()
             elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-            usage_end = _rusage()
+            usage_end = process_usage()
             if round_index >= warmup:
                 timings.wall[name].append(elapsed)
                 timings.cpu[name].append(elapsed_cpu)

@@ -6,9 +6,9 @@
 Both variants are built from one frozen base (as in ``run_benchmarks.py``), trained for ``--warmup`` steps each,
 interleaved, so the allocator has reached its steady state (with ``cpu_allocator: keep`` the heap still grows
 during the first steps, and those page faults land in whichever operator touches the new memory first), then
-once more under the profiler (discarded: the profiler's own buffers move the heap again; in a test run the
-first profiled steps faulted 0.4-0.6 s into the loss's ``log_softmax`` backward), and then each is profiled for
-``--rounds`` steps, whose minor page faults the JSON records. For every operator the JSON holds the median over the rounds of its
+once more under the profiler (discarded: the profiler's own buffers move the heap again, and the faults of the
+first profiled steps landed in the loss's ``log_softmax`` backward), and then each is profiled for ``--rounds``
+steps, whose minor page faults the JSON records. For every operator the JSON holds the median over the rounds of its
 self CPU seconds per step in each variant, and the difference (second minus first); the table sorts by the size
 of the difference. Self times do not overlap (an operator's time excludes the operators it calls), so the rows
 say which operators a variant adds or removes; what no operator covers (Python between the calls) is the rest
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import statistics
 import sys
 import time
@@ -42,15 +41,14 @@ from gin_adapter.compare.outputs import write_json  # noqa: E402
 logger = logging.getLogger("benchmarks")
 
 
-def self_seconds_per_operator(fn) -> tuple[float, int, Counter]:
-    """Run ``fn`` once under ``torch.profiler``: ``(process CPU seconds, minor page faults, Counter operator -> self
-    CPU seconds)``."""
+def self_seconds_per_operator(fn) -> tuple[float, int | None, Counter]:
+    """Run ``fn`` once under ``torch.profiler``: ``(process CPU seconds, minor page faults (``None`` without
+    ``getrusage``), Counter operator -> self CPU seconds)``."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        start = time.process_time()
+        usage, start = measure.process_usage(), time.process_time()
         fn()
-        seconds = time.process_time() - start
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        seconds, usage_end = time.process_time() - start, measure.process_usage()
+    faults = usage_end.ru_minflt - usage.ru_minflt if usage is not None and usage_end is not None else None
     ops: Counter = Counter()
     for event in prof.key_averages():
         ops[event.key] += event.self_cpu_time_total / 1e6
@@ -70,7 +68,7 @@ def profile_variants(base: torch.nn.Module, ids: torch.Tensor, names: list[str],
             step()
     for step in steps.values():  # the profiler's own first buffers, outside the record
         self_seconds_per_operator(step)
-    runs: dict[str, list[tuple[float, int, Counter]]] = {name: [] for name in names}
+    runs: dict[str, list[tuple[float, int | None, Counter]]] = {name: [] for name in names}
     for round_ in range(rounds):
         for name in names if round_ % 2 == 0 else names[::-1]:
             runs[name].append(self_seconds_per_operator(steps[name]))
@@ -91,7 +89,7 @@ def markdown(result: dict[str, Any]) -> str:
     """The difference table: one row per operator, self CPU seconds per step in each variant."""
     a, b = result["variants"]
     steps = {name: result["per_variant"][name]["step_s"] for name in (a, b)}
-    faults = {name: max(result["per_variant"][name]["minor_faults_all"]) for name in (a, b)}
+    faults = {name: max((f for f in result["per_variant"][name]["minor_faults_all"] if f is not None), default="?") for name in (a, b)}
     lines = [f"Profiled step ({'x'.join(map(str, result['shape']))}, median of {result['rounds']} rounds): "
              f"{a} {steps[a]:.2f} s, {b} {steps[b]:.2f} s, ratio {steps[b] / steps[a]:.2f}; "
              f"at most {faults[a]} and {faults[b]} minor page faults in a profiled step", "",

@@ -146,37 +146,41 @@ def _scores(grouped_query, key, mask, spec: ScoreSpec, chunk: Chunk, cap_slope: 
 
     ``grouped_query``: the chunk's queries ``(B, Hkv, G * rows, D)``; ``key``: its keys ``(B, Hkv, keys, D)``;
     ``mask``: the attention mask argument sliced to the chunk, or ``None``. Without a mask (plain causal attention,
-    e.g. packed training blocks) the scaling is applied inside the matmul (``baddbmm``), saving a pass over the
-    scores, and only the chunk's last ``rows`` keys are masked (:func:`hide_future_keys`); with a sliding window
-    the causal bias is added inside the matmul. With ``cap_slope`` also returns ``1 - (s / c)^2``, the soft-cap's
-    derivative (``None`` without it).
+    e.g. packed training blocks) only the chunk's last ``rows`` keys are masked (:func:`hide_future_keys`), and
+    without a soft-cap the scaling is applied inside the matmul (``baddbmm``), saving a pass over the scores; with
+    a sliding window the causal bias is added inside the matmul. With ``cap_slope`` also returns ``1 - (s / c)^2``,
+    the soft-cap's derivative (``None`` without it).
     """
     batch, kv_heads, rows, dim = grouped_query.shape
     k_len = key.shape[-2]
     keys_t = key.float().transpose(-1, -2)
-    visible = None
+    visible, causal = None, False
     if mask is not None:
         visible = visible_keys(mask, chunk.rows, k_len, grouped_query.device, spec.sliding_window)
-    elif spec.q_len > 1 and spec.sliding_window is None and spec.softcap is None:
-        zero = torch.zeros((), device=grouped_query.device).expand(batch * kv_heads, rows, k_len)  # ignored (beta=0)
-        scores = torch.baddbmm(zero, grouped_query.float().reshape(-1, rows, dim), keys_t.reshape(-1, dim, k_len), beta=0.0, alpha=spec.scaling)
-        hide_future_keys(scores.view(batch, kv_heads, spec.groups, chunk.rows, k_len), chunk, float("-inf"))
-        return scores.view(batch, kv_heads, rows, k_len), None
-    elif spec.q_len > 1:  # a single decoded token with no mask sees every cached key
+    elif spec.q_len > 1 and spec.sliding_window is None:
+        causal = True
+    elif spec.q_len > 1:  # (a single decoded token with no mask sees every cached key)
         visible = _causal_visible(chunk, spec.sliding_window, grouped_query.device)[None, None]
         if spec.softcap is None:
             bias = torch.zeros(visible.shape[-2:], device=grouped_query.device).masked_fill_(~visible[0, 0], float("-inf"))
             bias = bias.expand(spec.groups, chunk.rows, k_len).reshape(1, rows, k_len).expand(batch * kv_heads, rows, k_len)
             scores = torch.baddbmm(bias, grouped_query.float().reshape(-1, rows, dim), keys_t.reshape(-1, dim, k_len), alpha=spec.scaling)
             return scores.view(batch, kv_heads, rows, k_len), None
-    scores = torch.matmul(grouped_query.float() * spec.scaling, keys_t)
     slope = None
+    if causal and spec.softcap is None:
+        zero = torch.zeros((), device=grouped_query.device).expand(batch * kv_heads, rows, k_len)  # ignored (beta=0)
+        scores = torch.baddbmm(zero, grouped_query.float().reshape(-1, rows, dim), keys_t.reshape(-1, dim, k_len), beta=0.0, alpha=spec.scaling)
+        scores = scores.view(batch, kv_heads, rows, k_len)
+    else:
+        scores = torch.matmul(grouped_query.float() * spec.scaling, keys_t)
     if spec.softcap is not None:
         scores.div_(spec.softcap).tanh_()
         if cap_slope:
             slope = 1.0 - scores.square()
         scores.mul_(spec.softcap)
-    if visible is not None:
+    if causal:
+        hide_future_keys(scores.view(batch, kv_heads, spec.groups, chunk.rows, k_len), chunk, float("-inf"))
+    elif visible is not None:
         vb, vh = visible.shape[:2]
         view = scores.view(batch, kv_heads, spec.groups, chunk.rows, k_len)
         if vh == 1:

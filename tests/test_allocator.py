@@ -60,13 +60,9 @@ def run_script(script: str, choice: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def reuse(choice: str) -> dict:
-    return run_script(REUSE, choice)
-
-
 @pytest.mark.skipif(_glibc() is None or not Path("/proc/self/statm").exists(), reason="mallopt is glibc's; resident set from /proc")
 def test_keep_reuses_freed_memory_without_page_faults() -> None:
-    kept, system = reuse("keep"), reuse("system")
+    kept, system = run_script(REUSE, "keep"), run_script(REUSE, "system")
     if kept["setting"] == "keep (mmap threshold 32 MiB)":
         pytest.skip("this glibc (< 2.35) caps the mmap threshold at 32 MiB: a 64 MiB tensor is its own mmap either way")
     assert kept["setting"] == "keep" and system["setting"] == "system"
