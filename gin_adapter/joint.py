@@ -17,7 +17,9 @@ shares the softmax backward between the two uses of ``P``:
 so one layer runs ten ``(rows x keys x D)`` matmuls instead of the seven of sdpa's forward and backward plus the
 seven of the separate kernel (:mod:`gin_adapter.topk_sum`), and one softmax each way instead of two.
 The values, picks and gradients equal sdpa followed by the separate kernel up to float32 rounding (tests).
-Saved for backward: q, k, v, the mask argument, ``O`` (which sdpa keeps too), the top-k indices and weights.
+Saved for backward: q, k, v, the mask argument, ``O`` (which sdpa keeps too), the top-k indices and weights, and
+on short inputs the chunks' probabilities ``P`` themselves (:data:`KEEP_PROBABILITIES`): then backward skips the
+score matmul, the mask and the softmax it would otherwise recompute.
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ from .chunk_sums import chunk_sum, chunk_sum_grads
 from .top_k import top_k_last
 from .topk_sum import Chunk, ScoreSpec, SumMode, _Layout, add_score_grads, _mask_rows, _row_probabilities, _scores, choose_sum_mode, plan_chunks
 
+
+KEEP_PROBABILITIES = 1.0
+"""Keep the chunks' probabilities for backward (instead of recomputing them there) while they hold at most this
+many times the elements of the q, k, v and ``O`` the attention keeps anyway (0: always recompute). Under causal
+attention ``P`` holds about ``H L^2 / 2`` elements per sample against ``2 L D (H + Hkv)``, so with the default 1.0
+it is kept up to about ``L = 4 D (1 + Hkv / H)`` tokens, a little less with 64-row query chunks (for SmolLM2's
+64-wide heads, 9 query and 3 key/value heads: kept for 256-token blocks, not from 288 tokens on). That is where
+recomputing costs the most relative to the step; it at most doubles what the layer's attention keeps, and long
+inputs keep the flash-style recomputation and its ``O(L D)`` memory."""
 
 ENABLED = True
 """Build the graph together with the attention where :func:`joint_applies` (or, decoding,
@@ -80,6 +91,8 @@ class _AttentionWithGraph(torch.autograd.Function):
         out5 = value.new_empty(*shape5, value.shape[-1])
         index5 = torch.empty(*shape5, k, dtype=torch.long, device=query.device)
         weights5 = query.new_empty(*shape5, k)
+        keep = keeps_probabilities(query, key, value, chunks)
+        kept_probs = []
         for chunk in chunks:
             values = value[..., chunk.k0 : chunk.k1, :]
             scores, _ = _scores(layout.rows(query5, chunk), key[..., chunk.k0 : chunk.k1, :], _mask_rows(mask, chunk), spec, chunk)
@@ -89,7 +102,9 @@ class _AttentionWithGraph(torch.autograd.Function):
             weights, local = top_k_last(probs, k)
             layout.put(weights5, chunk, weights)
             layout.put(index5, chunk, local + chunk.k0)
-        ctx.save_for_backward(query, key, value, mask, out5, index5, weights5)
+            if keep:
+                kept_probs.append(probs)
+        ctx.save_for_backward(query, key, value, mask, out5, index5, weights5, *kept_probs)
         ctx.spec, ctx.chunks = spec, chunks
         ctx.set_materialize_grads(False)  # no zero-filled gradient for unused weights (adjacency_grad=False)
         ctx.mark_non_differentiable(index5)
@@ -104,18 +119,21 @@ class _AttentionWithGraph(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out, grad_weights5):
-        query, key, value, mask, out5, index5, weights5 = ctx.saved_tensors
+        query, key, value, mask, out5, index5, weights5, *kept_probs = ctx.saved_tensors
         spec: ScoreSpec = ctx.spec
         layout = _Layout(query, key.shape[1])
         grad5 = torch.zeros_like(out5) if grad_out is None else layout.split(grad_out)  # (an unused attention output)
         query5 = layout.split(query)
         grad_query5 = layout.split(torch.zeros_like(query))
         grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
-        for chunk in ctx.chunks:
+        for number, chunk in enumerate(ctx.chunks):
             chunk_query, chunk_keys = layout.rows(query5, chunk), key[..., chunk.k0 : chunk.k1, :]
-            scores, _ = _scores(chunk_query, chunk_keys, _mask_rows(mask, chunk), spec, chunk)
-            probs = _row_probabilities(scores, may_be_empty=mask is not None)
-            del scores
+            if kept_probs:
+                probs = kept_probs[number]
+            else:
+                scores, _ = _scores(chunk_query, chunk_keys, _mask_rows(mask, chunk), spec, chunk)
+                probs = _row_probabilities(scores, may_be_empty=mask is not None)
+                del scores
             d_probs, row = attention_output_grads(probs, layout.rows(grad5, chunk), value, layout.rows(out5, chunk), grad_value, chunk)
             if grad_weights5 is not None:
                 kept = layout.rows(grad_weights5, chunk)
@@ -124,6 +142,15 @@ class _AttentionWithGraph(torch.autograd.Function):
             d_scores = d_probs.sub_(row).mul_(probs)
             add_score_grads(d_scores, None, chunk_query, chunk_keys, chunk, layout, spec, grad_query5, grad_key)
         return grad_query5.view(query.shape), grad_key, grad_value, None, None, None, None
+
+
+def keeps_probabilities(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunks: list[Chunk]) -> bool:
+    """Whether :class:`_AttentionWithGraph` keeps the chunks' probabilities for backward (:data:`KEEP_PROBABILITIES`):
+    their ``B * H * sum(rows * keys)`` elements against those of ``query``, ``key``, ``value`` and the output."""
+    batch, heads = query.shape[:2]
+    prob_elements = batch * heads * sum(chunk.rows * (chunk.k1 - chunk.k0) for chunk in chunks)
+    kept_anyway = 2 * query.numel() + key.numel() + value.numel()  # the output is the size of the queries
+    return prob_elements <= KEEP_PROBABILITIES * kept_anyway
 
 
 def attention_output_grads(probs: torch.Tensor, grad: torch.Tensor, value: torch.Tensor, out_rows: torch.Tensor, grad_value: torch.Tensor,

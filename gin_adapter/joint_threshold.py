@@ -15,7 +15,8 @@ from ``K`` rows). That form is exact: a kept key has ``W_j > w_min = tau + logit
 ``K = floor(H / w_min)`` (64 for 9 heads and the published constants) whatever the length.
 :func:`threshold_graph_sum` forms the neighbour sum for any node features later (one matmul, a product with the
 diagonal, or the gathered sum of :mod:`gin_adapter.joint`). Backward recomputes ``P`` once per chunk and adds the
-graph's gradient ``dA`` to the attention's before one softmax backward:
+graph's gradient ``dA`` to the attention's before one softmax backward (or, on short inputs, takes the ``P`` kept
+from forward, :data:`gin_adapter.joint.KEEP_PROBABILITIES`, and forms only the graph's parts from it again):
 
     dW = dA * [S > threshold] * visible * alpha S (1 - S) * [sum_h P <= 1]                 (the same for every head)
     dP_h = dO_h v^T + dW,   dS_h = P_h * (dP_h - sum_j dP_h,j P_h,j),   sum_j dP_h,j P_h,j = dO_h . O_h + sum_j dW_j P_h,j
@@ -24,7 +25,7 @@ graph's gradient ``dA`` to the attention's before one softmax backward:
 So a layer scores the keys twice (forward, backward) instead of four times (sdpa and the separate kernel, each
 forward and backward), and runs one ``dq``/``dk`` pair instead of two. The values and gradients equal sdpa followed
 by :func:`gin_adapter.threshold_sum.threshold_neighbour_sum` up to float32 rounding (tests). Kept for backward:
-q, k, v, the mask argument, ``O`` (which sdpa keeps too) and the graph in its form.
+q, k, v, the mask argument, ``O`` (which sdpa keeps too), the graph in its form and, on short inputs, ``P``.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ import torch
 
 from . import topk_sum
 from .adjacency import AdjacencyRule, float32_region
-from .joint import TopKGraph, attention_output_grads, graph_sum
+from .joint import TopKGraph, attention_output_grads, graph_sum, keeps_probabilities
 from .joint_decode import decode_attention
-from .threshold_sum import _chunk_graph, _self_columns
+from .threshold_sum import _chunk_graph, _graph_of_probabilities, _self_columns
 from .top_k import top_k_last
 from .topk_sum import Chunk, ScoreSpec, _Layout, add_score_grads, plan_chunks
 
@@ -127,11 +128,15 @@ class _AttentionWithThresholdGraph(torch.autograd.Function):
         shape = {"dense": (batch, layout.q_len, k_len), "top_k": (batch, layout.q_len, top_k), "diagonal": (batch, layout.q_len)}[form]
         graph = query.new_zeros(shape) if form == "dense" else query.new_empty(shape)
         index = torch.empty(shape, dtype=torch.long, device=query.device) if form == "top_k" else None
+        keep = keeps_probabilities(query, key, value, chunks)
+        kept_probs = []
         for chunk in chunks:
             adjacency, probs = _chunk_graph(layout.rows(query5, chunk), key, mask, spec, rule, chunk, batch)[:2]
             layout.put(out5, chunk, torch.matmul(probs, value[..., chunk.k0 : chunk.k1, :]))
             _store(graph, index, adjacency, chunk, form, spec, k_len)
-        ctx.save_for_backward(query, key, value, mask, out5, index)
+            if keep:
+                kept_probs.append(probs)
+        ctx.save_for_backward(query, key, value, mask, out5, index, *kept_probs)
         ctx.spec, ctx.rule, ctx.chunks, ctx.form = spec, rule, chunks, form
         ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused graph (adjacency_grad=False)
         if index is not None:
@@ -147,7 +152,7 @@ class _AttentionWithThresholdGraph(torch.autograd.Function):
 
 
 def _backward(ctx, grad_out, grad_graph):
-    query, key, value, mask, out5, index = ctx.saved_tensors
+    query, key, value, mask, out5, index, *kept_probs = ctx.saved_tensors
     spec, rule = ctx.spec, ctx.rule
     layout = _Layout(query, key.shape[1])
     batch, k_len = layout.batch, key.shape[-2]
@@ -155,9 +160,12 @@ def _backward(ctx, grad_out, grad_graph):
     query5 = layout.split(query)
     grad_query5 = layout.split(torch.zeros_like(query))
     grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
-    for chunk in ctx.chunks:
+    for number, chunk in enumerate(ctx.chunks):
         chunk_query, chunk_keys = layout.rows(query5, chunk), key[..., chunk.k0 : chunk.k1, :]
-        adjacency, probs, kept, under_one, sharpened, _ = _chunk_graph(chunk_query, key, mask, spec, rule, chunk, batch)
+        if kept_probs:  # the graph's parts again from the kept probabilities (no scores, no softmax)
+            adjacency, probs, kept, under_one, sharpened = _graph_of_probabilities(kept_probs[number], mask, spec, rule, chunk, batch)
+        else:
+            adjacency, probs, kept, under_one, sharpened, _ = _chunk_graph(chunk_query, key, mask, spec, rule, chunk, batch)
         d_probs, row = attention_output_grads(probs, layout.rows(grad5, chunk), value, layout.rows(out5, chunk), grad_value, chunk)
         if grad_graph is not None:
             d_summed = _chunk_graph_grad(grad_graph, index, chunk, ctx.form, spec, adjacency.shape, k_len) * kept

@@ -34,23 +34,28 @@ from .topk_sum import (QUERY_CHUNK_ROWS, Chunk, ScoreSpec, _causal_visible, _Lay
 
 def _chunk_graph(chunk_query, key, mask, spec: ScoreSpec, rule: AdjacencyRule, chunk: Chunk, batch: int, cap_slope: bool = False):
     """One chunk's ``(A (B, R, K), P (B, Hkv, G * R, K), kept (B, R, K) bool, under_one (B, R, K) bool, S, slope)``."""
-    rows, keys = chunk.rows, chunk.k1 - chunk.k0
-    mask_rows = _mask_rows(mask, chunk)
-    scores, slope = _scores(chunk_query, key[..., chunk.k0 : chunk.k1, :], mask_rows, spec, chunk, cap_slope=cap_slope)
+    scores, slope = _scores(chunk_query, key[..., chunk.k0 : chunk.k1, :], _mask_rows(mask, chunk), spec, chunk, cap_slope=cap_slope)
     probs = _row_probabilities(scores, may_be_empty=mask is not None)
     del scores
+    return (*_graph_of_probabilities(probs, mask, spec, rule, chunk, batch), slope)
+
+
+def _graph_of_probabilities(probs, mask, spec: ScoreSpec, rule: AdjacencyRule, chunk: Chunk, batch: int):
+    """``(A, P, kept, under_one, S)`` of :func:`_chunk_graph` from the chunk's probabilities ``P (B, Hkv, G * R, K)``."""
+    rows, keys = chunk.rows, chunk.k1 - chunk.k0
+    mask_rows = _mask_rows(mask, chunk)
     summed = probs.view(batch, -1, rows, keys).sum(dim=1)  # (B, R, K): heads h = kv * G + g
     under_one = summed <= 1.0
     sharpened = torch.sigmoid(summed.clamp_(max=1.0).sub_(rule.sharpen_tau).mul_(rule.sharpen_alpha))
     kept = sharpened > rule.threshold
     if mask is not None:
-        kept &= visible_keys(mask_rows, rows, keys, chunk_query.device, spec.sliding_window).any(dim=1)
+        kept &= visible_keys(mask_rows, rows, keys, probs.device, spec.sliding_window).any(dim=1)
     elif spec.q_len > 1 and spec.sliding_window is None:
         hide_future_keys(kept, chunk, False)
     elif spec.q_len > 1:
-        kept &= _causal_visible(chunk, spec.sliding_window, chunk_query.device)
+        kept &= _causal_visible(chunk, spec.sliding_window, probs.device)
     # (one decoded token without a mask sees every key)
-    return sharpened * kept, probs, kept, under_one, sharpened, slope
+    return sharpened * kept, probs, kept, under_one, sharpened
 
 
 def _self_columns(chunk: Chunk, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:

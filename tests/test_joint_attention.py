@@ -14,16 +14,18 @@ from gin_adapter.joint import attention_with_graph, graph_sum, joint_applies
 from gin_adapter.topk_sum import topk_neighbour_sum
 
 
+@pytest.mark.parametrize("keep", [0.0, float("inf")], ids=["recompute", "keep"])
 @pytest.mark.parametrize("sum_mode", ["dense", "gather"])
 @pytest.mark.parametrize("chunk_rows", [None, 5])
 @pytest.mark.parametrize("padding", [False, True])
 @pytest.mark.parametrize("length", [12, 40])
-def test_joint_equals_sdpa_and_the_separate_kernel(length, padding, chunk_rows, sum_mode, monkeypatch):
+def test_joint_equals_sdpa_and_the_separate_kernel(length, padding, chunk_rows, sum_mode, keep, monkeypatch):
     """Attention output, neighbour sums of two kinds of node features (the values; features shared by the heads),
     and the gradients to q, k, v and the features all equal sdpa + ``topk_neighbour_sum``, with the joint graph's
-    sums formed densely or by gathering the picked rows."""
+    sums formed densely or by gathering the picked rows, and the probabilities recomputed in backward or kept."""
     from gin_adapter import topk_sum
 
+    monkeypatch.setattr(joint_module, "KEEP_PROBABILITIES", keep)
     if chunk_rows:
         monkeypatch.setattr(topk_sum, "QUERY_CHUNK_ROWS", chunk_rows)
     generator = torch.Generator().manual_seed(length)
@@ -53,6 +55,42 @@ def test_joint_equals_sdpa_and_the_separate_kernel(length, padding, chunk_rows, 
         results.append([o.detach() for o in outputs] + list(torch.autograd.grad(loss, (q, k, v, shared))))
     for name, a, b in zip(["out", "sum of values", "sum of shared", "dq", "dk", "dv", "d shared"], *results):
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+@pytest.mark.parametrize("keep", [0.0, float("inf")], ids=["recompute", "keep"])
+def test_backward_recomputes_the_scores_only_when_the_probabilities_are_not_kept(keep, monkeypatch):
+    """With the probabilities kept, backward scores no chunk again (one ``_scores`` call per chunk, in forward);
+    without, every chunk is scored again in backward. Both give the same gradients (the test above)."""
+    from gin_adapter import topk_sum
+
+    monkeypatch.setattr(joint_module, "KEEP_PROBABILITIES", keep)
+    monkeypatch.setattr(topk_sum, "QUERY_CHUNK_ROWS", 8)
+    calls = []
+    scores = joint_module._scores
+    monkeypatch.setattr(joint_module, "_scores", lambda *args, **kwargs: calls.append(1) or scores(*args, **kwargs))
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 32, 8, generator=generator, requires_grad=True)
+    k, v = (torch.randn(1, 2, 32, 8, generator=generator, requires_grad=True) for _ in range(2))
+    out, graph = attention_with_graph(q, k, v, None, scaling=8**-0.5, top_k=3)
+    assert len(calls) == 4  # four chunks of 8 rows
+    (out.sum() + graph_sum(graph, v).sum()).backward()
+    assert len(calls) == (4 if keep else 8)
+
+
+def test_probabilities_are_kept_up_to_the_size_of_what_the_attention_keeps_anyway():
+    """The default rule (``KEEP_PROBABILITIES = 1``): the chunks' probabilities are kept while they hold no more
+    elements than q, k, v and the output; for SmolLM2's attention (9 heads, 3 KV heads, 64 wide) that holds for
+    blocks of 256 tokens, not from 288 on (64-row query chunks) nor for 1 x 2048 (where they would be 7x larger)."""
+    from gin_adapter.topk_sum import QUERY_CHUNK_ROWS, plan_chunks
+
+    def kept(batch: int, length: int) -> bool:
+        q = torch.empty(batch, 9, length, 64)
+        k = v = torch.empty(batch, 3, length, 64)
+        return joint_module.keeps_probabilities(q, k, v, plan_chunks(length, length, 8, False, None, QUERY_CHUNK_ROWS))
+
+    assert joint_module.KEEP_PROBABILITIES == 1.0
+    assert kept(4, 256) and kept(1, 256) and kept(2, 200)
+    assert not kept(1, 288) and not kept(1, 2048)
 
 
 @pytest.mark.parametrize("used", ["output", "graph"])

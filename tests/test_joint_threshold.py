@@ -19,17 +19,20 @@ def _rule(graph: str, threshold: float = 0.6) -> AdjacencyRule:
     return AdjacencyRule.from_config(GinConfig.published(hidden_dim=6, graph=graph, threshold=threshold))
 
 
+@pytest.mark.parametrize("keep", [0.0, float("inf")], ids=["recompute", "keep"])
 @pytest.mark.parametrize("graph,form", [("gin", "dense"), ("gin", "top_k"), ("reference", "diagonal")])
 @pytest.mark.parametrize("padding", [False, True])
 @pytest.mark.parametrize("chunk_rows", [None, 7])
 @pytest.mark.parametrize("threshold", [0.6, 0.05], ids=["published", "keeps_every_visible_key"])
-def test_joint_threshold_equals_sdpa_and_the_separate_kernel(graph, form, padding, chunk_rows, threshold, monkeypatch):
+def test_joint_threshold_equals_sdpa_and_the_separate_kernel(graph, form, padding, chunk_rows, threshold, keep, monkeypatch):
     """Attention output, the neighbour sums of the values and of features shared by the heads, and the gradients
     to q, k, v and the shared features all equal sdpa + ``threshold_neighbour_sum``, with the graph kept whole,
     as each row's ``K = floor(H / w_min)`` largest entries (28 for 4 heads at the published threshold; a threshold
-    below ``sigmoid(-alpha tau)`` has no such bound and is refused) or as its diagonal."""
-    from gin_adapter import topk_sum
+    below ``sigmoid(-alpha tau)`` has no such bound and is refused) or as its diagonal, and the probabilities
+    recomputed in backward or kept from forward (``joint.KEEP_PROBABILITIES``)."""
+    from gin_adapter import joint, topk_sum
 
+    monkeypatch.setattr(joint, "KEEP_PROBABILITIES", keep)
     if chunk_rows:
         monkeypatch.setattr(topk_sum, "QUERY_CHUNK_ROWS", chunk_rows)
     rule = _rule(graph, threshold)
