@@ -34,7 +34,7 @@ def train_step_fn(variant: Variant, ids: torch.Tensor, input_grad: bool = False)
     optimizer = variant.optimizer
 
     def step() -> float:
-        joint.ENABLED, joint.KEEP_PROBABILITIES = variant.joint, variant.keep_probabilities
+        joint.ENABLED = variant.joint
         with autocast(ids.device):  # --autocast: the forward in bf16 where it is safe, backward as autograd recorded it
             if variant.name == "base" or input_grad:
                 loss = forward(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids).loss

@@ -20,19 +20,18 @@ import torch
 
 from benchmarks.published import build_published_model
 from gin_adapter import GinConfig, count_trainable_parameters, get_gin_model, gin_layers
-from gin_adapter import joint as joint_module
 from gin_adapter.activations import GELU
 
 logger = logging.getLogger("benchmarks")
 
 
-ALL_VARIANTS = ("base", "lora", "gin", "gin_recompute", "gin_separate", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_hidden_reference",
-               "gin_hidden_reference_separate", "gin_published", "gin_published_recompute", "gin_published_separate", "gin_onednn_gelu", "lora_b")
+ALL_VARIANTS = ("base", "lora", "gin", "gin_keep", "gin_separate", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_hidden_reference",
+               "gin_hidden_reference_separate", "gin_published", "gin_published_keep", "gin_published_separate", "gin_onednn_gelu", "lora_b")
 LABELS = {
     "base": "frozen base (floor)",
     "lora": "LoRA (q_proj, v_proj), matched params",
     "gin": "GIN, package default (graph built with the attention when training)",
-    "gin_recompute": "GIN, package default, probabilities recomputed in backward (joint.KEEP_PROBABILITIES 0: before 2026-12-07)",
+    "gin_keep": "GIN, recompute_adjacency=False: probabilities kept for backward",
     "gin_separate": "GIN, package default, sdpa + the separate fused top-k kernel (joint.ENABLED off)",
     "gin_onednn_gelu": "GIN, package default, joint.ENABLED off and nn.GELU (oneDNN on small inputs): decoding before 166ec5a/1ac76ad",
     "gin_generic": "GIN, same rule, generic chain (previous default)",
@@ -44,13 +43,13 @@ LABELS = {
     "gin_hidden_reference": "GIN, node_features='hidden', graph='reference' (self-loops only; its graph built with the attention)",
     "gin_hidden_reference_separate": "GIN, node_features='hidden', graph='reference', sdpa + the generic chain (joint.ENABLED off)",
     "gin_published": "GIN, GinConfig.published(graph='gin') (6.85M params on SmolLM2)",
-    "gin_published_recompute": "GIN, GinConfig.published(graph='gin'), probabilities recomputed in backward (joint.KEEP_PROBABILITIES 0)",
+    "gin_published_keep": "GIN, GinConfig.published(graph='gin', recompute_adjacency=False): probabilities kept for backward",
     "gin_published_separate": "GIN, GinConfig.published(graph='gin'), sdpa + the separate threshold kernel (joint.ENABLED off)",
     "lora_b": "LoRA (q_proj, v_proj), matched to gin_published",
 }
 GIN_CONFIGS: dict[str, dict] = {
     "gin": dict(),
-    "gin_recompute": dict(),
+    "gin_keep": dict(recompute_adjacency=False),
     "gin_separate": dict(),
     "gin_onednn_gelu": dict(),
     "gin_generic": dict(),
@@ -61,13 +60,11 @@ GIN_CONFIGS: dict[str, dict] = {
     "gin_hidden_reference": dict(node_features="hidden", hidden_dim=27, graph="reference"),
     "gin_hidden_reference_separate": dict(node_features="hidden", hidden_dim=27, graph="reference"),
     "gin_published": dict(preset="published", graph="gin"),
-    "gin_published_recompute": dict(preset="published", graph="gin"),
+    "gin_published_keep": dict(preset="published", graph="gin", recompute_adjacency=False),
     "gin_published_separate": dict(preset="published", graph="gin"),
 }
 SEPARATE = ("gin_separate", "gin_hidden_reference_separate", "gin_published_separate", "gin_onednn_gelu")
 """Variants trained with ``gin_adapter.joint.ENABLED`` off: sdpa, then the separate kernel scores the keys again."""
-RECOMPUTE = ("gin_recompute", "gin_published_recompute")
-"""Variants trained with ``gin_adapter.joint.KEEP_PROBABILITIES = 0``: the joint path's backward scores every chunk again."""
 
 
 def load_base(name: str, dtype: torch.dtype, device: torch.device):
@@ -143,7 +140,6 @@ class Variant:
     optimizer: torch.optim.Optimizer | None = None
     notes: list[str] = field(default_factory=list)
     joint: bool = True  # gin_adapter.joint.ENABLED while this variant trains
-    keep_probabilities: float = joint_module.KEEP_PROBABILITIES  # gin_adapter.joint.KEEP_PROBABILITIES while this variant trains
 
     @property
     def forward(self) -> Callable:
@@ -200,8 +196,7 @@ def build_variants(base: torch.nn.Module, names: list[str], *, compile_: bool = 
         else:
             raise ValueError(f"unknown variant {name!r}; choose from {ALL_VARIANTS}")
         params = [p for p in model.parameters() if p.requires_grad]
-        variant = Variant(name, model, sum(p.numel() for p in params), joint=name not in SEPARATE,
-                          keep_probabilities=0.0 if name in RECOMPUTE else joint_module.KEEP_PROBABILITIES)
+        variant = Variant(name, model, sum(p.numel() for p in params), joint=name not in SEPARATE)
         if params:
             variant.optimizer = torch.optim.AdamW(params, lr=1e-4)
         if compile_ and name not in ("gin_pyg", "published"):

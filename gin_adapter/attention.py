@@ -8,7 +8,8 @@ flash, ...): it runs the original function unchanged and, when the calling modul
 (:class:`~gin_adapter.aggregate.GraphInputs`). The wrapper builds the graph from them after the module returns
 (:mod:`gin_adapter.aggregate`), when every kind of node feature (values, the hidden state after attention) is
 known. Only eager attention returns probabilities, so the adjacency is recomputed from q and k; nothing of size
-``(B, H, Lq, Lk)`` is kept for backward. One exception saves that recomputation: when a wrapper training under
+``(B, H, Lq, Lk)`` is kept for backward (unless ``GinConfig(recompute_adjacency=False)`` asks for it, for the joint
+paths below too). One exception saves that recomputation: when a wrapper training under
 sdpa asks for the per-head top-k graph or the published rule's graph and the call is plain softmax attention
 (:func:`gin_adapter.joint.joint_applies`), the function computes the attention output itself together with the
 graph (:mod:`gin_adapter.joint`, :mod:`gin_adapter.joint_threshold`; equal to sdpa's output up to float32
@@ -118,11 +119,12 @@ def _attention_with_graph(module, query, key, value, mask, scale: float, rule: A
     if not joint.joint_applies(module, query, key, mask, kwargs):
         return None
     if rule.per_head_top_k:
-        output, graph = joint.attention_with_graph(query, key, value, mask, scaling=scale, top_k=rule.top_k)
+        output, graph = joint.attention_with_graph(query, key, value, mask, scaling=scale, top_k=rule.top_k, keep_probabilities=not rule.recompute)
         return joint.sdpa_layout(output), graph
     form = joint_threshold.storage(rule, query, key) if rule.fused_threshold else None
     if form is not None:
-        output, graph = joint_threshold.attention_with_threshold_graph(query, key, value, mask, scaling=scale, rule=rule, form=form)
+        output, graph = joint_threshold.attention_with_threshold_graph(query, key, value, mask, scaling=scale, rule=rule, form=form,
+                                                                       keep_probabilities=not rule.recompute)
         return joint.sdpa_layout(output), graph
     return None
 

@@ -17,9 +17,11 @@ shares the softmax backward between the two uses of ``P``:
 so one layer runs ten ``(rows x keys x D)`` matmuls instead of the seven of sdpa's forward and backward plus the
 seven of the separate kernel (:mod:`gin_adapter.topk_sum`), and one softmax each way instead of two.
 The values, picks and gradients equal sdpa followed by the separate kernel up to float32 rounding (tests).
-Saved for backward: q, k, v, the mask argument, ``O`` (which sdpa keeps too), the top-k indices and weights, and
-on short inputs the chunks' probabilities ``P`` themselves (:data:`KEEP_PROBABILITIES`): then backward skips the
-score matmul, the mask and the softmax it would otherwise recompute.
+Saved for backward: q, k, v, the mask argument, ``O`` (which sdpa keeps too), the top-k indices and weights; with
+``keep_probabilities`` (``GinConfig(recompute_adjacency=False)``) also every chunk's probabilities ``P``, about
+``B H L^2 / 2`` floats per layer under causal attention, so that backward skips the score matmul, the mask and the
+softmax it would otherwise recompute (docs/benchmarks.md: a few percent of a training step, for 8-16 % more peak
+memory at 4 x 256 tokens on SmolLM2).
 """
 
 from __future__ import annotations
@@ -34,15 +36,6 @@ from .chunk_sums import chunk_sum, chunk_sum_grads
 from .top_k import top_k_last
 from .topk_sum import Chunk, ScoreSpec, SumMode, _Layout, add_score_grads, _mask_rows, _row_probabilities, _scores, choose_sum_mode, plan_chunks
 
-
-KEEP_PROBABILITIES = 1.0
-"""Keep the chunks' probabilities for backward (instead of recomputing them there) while they hold at most this
-many times the elements of the q, k, v and ``O`` the attention keeps anyway (0: always recompute). Under causal
-attention ``P`` holds about ``H L^2 / 2`` elements per sample against ``2 L D (H + Hkv)``, so with the default 1.0
-it is kept up to about ``L = 4 D (1 + Hkv / H)`` tokens, a little less with 64-row query chunks (for SmolLM2's
-64-wide heads, 9 query and 3 key/value heads: kept for 256-token blocks, not from 288 tokens on). That is where
-recomputing costs the most relative to the step; it at most doubles what the layer's attention keeps, and long
-inputs keep the flash-style recomputation and its ``O(L D)`` memory."""
 
 ENABLED = True
 """Build the graph together with the attention where :func:`joint_applies` (or, decoding,
@@ -83,7 +76,7 @@ def joint_applies(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
 
 class _AttentionWithGraph(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, mask, spec: ScoreSpec, top_k: int, chunks: list[Chunk]):
+    def forward(ctx, query, key, value, mask, spec: ScoreSpec, top_k: int, chunks: list[Chunk], keep: bool):
         layout = _Layout(query, key.shape[1])
         k = min(top_k, key.shape[-2])
         shape5 = (layout.batch, layout.kv_heads, layout.groups, layout.q_len)
@@ -91,7 +84,6 @@ class _AttentionWithGraph(torch.autograd.Function):
         out5 = value.new_empty(*shape5, value.shape[-1])
         index5 = torch.empty(*shape5, k, dtype=torch.long, device=query.device)
         weights5 = query.new_empty(*shape5, k)
-        keep = keeps_probabilities(query, key, value, chunks)
         kept_probs = []
         for chunk in chunks:
             values = value[..., chunk.k0 : chunk.k1, :]
@@ -113,7 +105,7 @@ class _AttentionWithGraph(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_weights5, _grad_index):
         if grad_out is None and grad_weights5 is None:
-            return (None,) * 7
+            return (None,) * 8
         with float32_region((grad_out if grad_out is not None else grad_weights5).device):  # a backward run inside autocast stays float32
             return _AttentionWithGraph._backward(ctx, None if grad_out is None else grad_out.float(), grad_weights5)
 
@@ -141,16 +133,7 @@ class _AttentionWithGraph(torch.autograd.Function):
                 row += (kept * layout.rows(weights5, chunk)).sum(dim=-1, keepdim=True)
             d_scores = d_probs.sub_(row).mul_(probs)
             add_score_grads(d_scores, None, chunk_query, chunk_keys, chunk, layout, spec, grad_query5, grad_key)
-        return grad_query5.view(query.shape), grad_key, grad_value, None, None, None, None
-
-
-def keeps_probabilities(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunks: list[Chunk]) -> bool:
-    """Whether :class:`_AttentionWithGraph` keeps the chunks' probabilities for backward (:data:`KEEP_PROBABILITIES`):
-    their ``B * H * sum(rows * keys)`` elements against those of ``query``, ``key``, ``value`` and the output."""
-    batch, heads = query.shape[:2]
-    prob_elements = batch * heads * sum(chunk.rows * (chunk.k1 - chunk.k0) for chunk in chunks)
-    kept_anyway = 2 * query.numel() + key.numel() + value.numel()  # the output is the size of the queries
-    return prob_elements <= KEEP_PROBABILITIES * kept_anyway
+        return grad_query5.view(query.shape), grad_key, grad_value, None, None, None, None, None
 
 
 def attention_output_grads(probs: torch.Tensor, grad: torch.Tensor, value: torch.Tensor, out_rows: torch.Tensor, grad_value: torch.Tensor,
@@ -164,9 +147,10 @@ def attention_output_grads(probs: torch.Tensor, grad: torch.Tensor, value: torch
 
 
 def attention_with_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, *, scaling: float,
-                         top_k: int) -> tuple[torch.Tensor, TopKGraph]:
+                         top_k: int, keep_probabilities: bool = False) -> tuple[torch.Tensor, TopKGraph]:
     """``(attention output (B, H, Lq, Dv), the top-k graph)`` from ``query (B, H, L, D)``, ``key``/``value``
-    ``(B, Hkv, L, .)`` and a bool mask or ``None`` (plain causal). See the module docstring.
+    ``(B, Hkv, L, .)`` and a bool mask or ``None`` (plain causal); ``keep_probabilities``: keep every chunk's
+    probabilities for backward instead of recomputing them there. See the module docstring.
 
     Computed in float32 whatever the inputs' dtype and under ``torch.autocast`` too, so the graph is the one the
     separate kernel builds from the same q and k. The output is float32; :func:`sdpa_layout` rounds it to the
@@ -176,7 +160,7 @@ def attention_with_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     spec = ScoreSpec(scaling=float(scaling), softcap=None, sliding_window=None, groups=heads // key.shape[1], q_len=q_len)
     chunks = plan_chunks(q_len, key.shape[2], top_k, mask is not None, None, topk_sum.QUERY_CHUNK_ROWS)
     with float32_region(query.device):
-        out, weights, index = _AttentionWithGraph.apply(query.float(), key.float(), value.float(), mask, spec, top_k, chunks)
+        out, weights, index = _AttentionWithGraph.apply(query.float(), key.float(), value.float(), mask, spec, top_k, chunks, keep_probabilities)
     return out, TopKGraph(weights, index, chunks, top_k)
 
 

@@ -15,8 +15,8 @@ from ``K`` rows). That form is exact: a kept key has ``W_j > w_min = tau + logit
 ``K = floor(H / w_min)`` (64 for 9 heads and the published constants) whatever the length.
 :func:`threshold_graph_sum` forms the neighbour sum for any node features later (one matmul, a product with the
 diagonal, or the gathered sum of :mod:`gin_adapter.joint`). Backward recomputes ``P`` once per chunk and adds the
-graph's gradient ``dA`` to the attention's before one softmax backward (or, on short inputs, takes the ``P`` kept
-from forward, :data:`gin_adapter.joint.KEEP_PROBABILITIES`, and forms only the graph's parts from it again):
+graph's gradient ``dA`` to the attention's before one softmax backward (or, with ``keep_probabilities``, takes the
+``P`` kept from forward and forms only the graph's parts from it again):
 
     dW = dA * [S > threshold] * visible * alpha S (1 - S) * [sum_h P <= 1]                 (the same for every head)
     dP_h = dO_h v^T + dW,   dS_h = P_h * (dP_h - sum_j dP_h,j P_h,j),   sum_j dP_h,j P_h,j = dO_h . O_h + sum_j dW_j P_h,j
@@ -25,7 +25,8 @@ from forward, :data:`gin_adapter.joint.KEEP_PROBABILITIES`, and forms only the g
 So a layer scores the keys twice (forward, backward) instead of four times (sdpa and the separate kernel, each
 forward and backward), and runs one ``dq``/``dk`` pair instead of two. The values and gradients equal sdpa followed
 by :func:`gin_adapter.threshold_sum.threshold_neighbour_sum` up to float32 rounding (tests). Kept for backward:
-q, k, v, the mask argument, ``O`` (which sdpa keeps too), the graph in its form and, on short inputs, ``P``.
+q, k, v, the mask argument, ``O`` (which sdpa keeps too), the graph in its form and, with ``keep_probabilities``
+(``GinConfig(recompute_adjacency=False)``), every chunk's ``P``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 
 from . import topk_sum
 from .adjacency import AdjacencyRule, float32_region
-from .joint import TopKGraph, attention_output_grads, graph_sum, keeps_probabilities
+from .joint import TopKGraph, attention_output_grads, graph_sum
 from .joint_decode import decode_attention
 from .threshold_sum import _chunk_graph, _graph_of_probabilities, _self_columns
 from .top_k import top_k_last
@@ -120,7 +121,7 @@ def _chunk_graph_grad(grad_graph: torch.Tensor, index: torch.Tensor | None, chun
 
 class _AttentionWithThresholdGraph(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, mask, spec: ScoreSpec, rule: AdjacencyRule, chunks: list[Chunk], form: Storage, top_k: int):
+    def forward(ctx, query, key, value, mask, spec: ScoreSpec, rule: AdjacencyRule, chunks: list[Chunk], form: Storage, top_k: int, keep: bool):
         layout = _Layout(query, key.shape[1])
         batch, k_len = layout.batch, key.shape[-2]
         query5 = layout.split(query)
@@ -128,7 +129,6 @@ class _AttentionWithThresholdGraph(torch.autograd.Function):
         shape = {"dense": (batch, layout.q_len, k_len), "top_k": (batch, layout.q_len, top_k), "diagonal": (batch, layout.q_len)}[form]
         graph = query.new_zeros(shape) if form == "dense" else query.new_empty(shape)
         index = torch.empty(shape, dtype=torch.long, device=query.device) if form == "top_k" else None
-        keep = keeps_probabilities(query, key, value, chunks)
         kept_probs = []
         for chunk in chunks:
             adjacency, probs = _chunk_graph(layout.rows(query5, chunk), key, mask, spec, rule, chunk, batch)[:2]
@@ -146,7 +146,7 @@ class _AttentionWithThresholdGraph(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_graph, _grad_index):
         if grad_out is None and grad_graph is None:
-            return (None,) * 9
+            return (None,) * 10
         with float32_region((grad_out if grad_out is not None else grad_graph).device):  # a backward run inside autocast stays float32
             return _backward(ctx, None if grad_out is None else grad_out.float(), grad_graph)
 
@@ -176,16 +176,17 @@ def _backward(ctx, grad_out, grad_graph):
             row += (probs.view(batch, -1, rows, keys) * d_summed.unsqueeze(1)).sum(dim=-1, keepdim=True).view_as(row)
         d_scores = d_probs.sub_(row).mul_(probs)
         add_score_grads(d_scores, None, chunk_query, chunk_keys, chunk, layout, spec, grad_query5, grad_key)
-    return grad_query5.view(query.shape), grad_key, grad_value, None, None, None, None, None, None
+    return grad_query5.view(query.shape), grad_key, grad_value, None, None, None, None, None, None, None
 
 
 def attention_with_threshold_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, *,
-                                   scaling: float, rule: AdjacencyRule, form: Storage | None = None) -> tuple[torch.Tensor, ThresholdGraph]:
+                                   scaling: float, rule: AdjacencyRule, form: Storage | None = None,
+                                   keep_probabilities: bool = False) -> tuple[torch.Tensor, ThresholdGraph]:
     """``(attention output (B, H, Lq, Dv) float32, the published rule's graph)`` from ``query (B, H, L, D)``,
     ``key``/``value`` ``(B, Hkv, L, .)`` and a bool mask or ``None`` (plain causal). Computed in float32, under
     ``torch.autocast`` too (:func:`gin_adapter.joint.sdpa_layout` rounds the output as sdpa's). ``form``: how the
-    graph is kept (default :func:`storage`'s choice, or the whole graph where it has none). See the module
-    docstring."""
+    graph is kept (default :func:`storage`'s choice, or the whole graph where it has none); ``keep_probabilities``:
+    keep every chunk's probabilities for backward instead of recomputing them there. See the module docstring."""
     heads, q_len = query.shape[1], query.shape[2]
     form = form or storage(rule, query, key) or "dense"
     if (form == "diagonal") != (rule.graph == "reference"):
@@ -198,7 +199,8 @@ def attention_with_threshold_graph(query: torch.Tensor, key: torch.Tensor, value
     spec = ScoreSpec(scaling=float(scaling), softcap=None, sliding_window=None, groups=heads // key.shape[1], q_len=q_len)
     chunks = plan_chunks(q_len, key.shape[2], top_k, mask is not None, None, topk_sum.QUERY_CHUNK_ROWS)  # >= K keys per chunk
     with float32_region(query.device):
-        out, graph, index = _AttentionWithThresholdGraph.apply(query.float(), key.float(), value.float(), mask, spec, rule, chunks, form, top_k)
+        out, graph, index = _AttentionWithThresholdGraph.apply(query.float(), key.float(), value.float(), mask, spec, rule, chunks, form, top_k,
+                                                                 keep_probabilities)
     return out, ThresholdGraph(graph, rule, form, index, chunks)
 
 

@@ -14,7 +14,7 @@ from gin_adapter.joint import attention_with_graph, graph_sum, joint_applies
 from gin_adapter.topk_sum import topk_neighbour_sum
 
 
-@pytest.mark.parametrize("keep", [0.0, float("inf")], ids=["recompute", "keep"])
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize("sum_mode", ["dense", "gather"])
 @pytest.mark.parametrize("chunk_rows", [None, 5])
 @pytest.mark.parametrize("padding", [False, True])
@@ -25,7 +25,6 @@ def test_joint_equals_sdpa_and_the_separate_kernel(length, padding, chunk_rows, 
     sums formed densely or by gathering the picked rows, and the probabilities recomputed in backward or kept."""
     from gin_adapter import topk_sum
 
-    monkeypatch.setattr(joint_module, "KEEP_PROBABILITIES", keep)
     if chunk_rows:
         monkeypatch.setattr(topk_sum, "QUERY_CHUNK_ROWS", chunk_rows)
     generator = torch.Generator().manual_seed(length)
@@ -45,7 +44,7 @@ def test_joint_equals_sdpa_and_the_separate_kernel(length, padding, chunk_rows, 
         return out, topk_neighbour_sum(q, k, v, mask, top_k=3, scaling=8**-0.5), topk_neighbour_sum(q, k, features, mask, top_k=3, scaling=8**-0.5)
 
     def joint():
-        out, graph = attention_with_graph(q, k, v, mask, scaling=8**-0.5, top_k=3)
+        out, graph = attention_with_graph(q, k, v, mask, scaling=8**-0.5, top_k=3, keep_probabilities=keep)
         return out, graph_sum(graph, v, sum_mode), graph_sum(graph, features, sum_mode)
 
     results = []
@@ -57,40 +56,33 @@ def test_joint_equals_sdpa_and_the_separate_kernel(length, padding, chunk_rows, 
         assert torch.allclose(a, b, atol=1e-5), name
 
 
-@pytest.mark.parametrize("keep", [0.0, float("inf")], ids=["recompute", "keep"])
-def test_backward_recomputes_the_scores_only_when_the_probabilities_are_not_kept(keep, monkeypatch):
-    """With the probabilities kept, backward scores no chunk again (one ``_scores`` call per chunk, in forward);
-    without, every chunk is scored again in backward. Both give the same gradients (the test above)."""
-    from gin_adapter import topk_sum
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("fields", [dict(), dict(preset="published", graph="gin")], ids=["top-k", "published"])
+def test_recompute_adjacency_false_keeps_the_probabilities_and_backward_scores_no_chunk_again(fields, recompute, monkeypatch):
+    """``GinConfig(recompute_adjacency=False)``: the graph built with the attention keeps every chunk's probabilities,
+    so backward scores no chunk again (one ``_scores`` call per chunk and layer, in forward); by default every chunk
+    is scored again in backward. Gradients are the same either way (the equality tests above, both ways)."""
+    from gin_adapter import joint_threshold, threshold_sum, topk_sum
 
-    monkeypatch.setattr(joint_module, "KEEP_PROBABILITIES", keep)
     monkeypatch.setattr(topk_sum, "QUERY_CHUNK_ROWS", 8)
     calls = []
-    scores = joint_module._scores
-    monkeypatch.setattr(joint_module, "_scores", lambda *args, **kwargs: calls.append(1) or scores(*args, **kwargs))
-    generator = torch.Generator().manual_seed(1)
-    q = torch.randn(1, 4, 32, 8, generator=generator, requires_grad=True)
-    k, v = (torch.randn(1, 2, 32, 8, generator=generator, requires_grad=True) for _ in range(2))
-    out, graph = attention_with_graph(q, k, v, None, scaling=8**-0.5, top_k=3)
-    assert len(calls) == 4  # four chunks of 8 rows
-    (out.sum() + graph_sum(graph, v).sum()).backward()
-    assert len(calls) == (4 if keep else 8)
-
-
-def test_probabilities_are_kept_up_to_the_size_of_what_the_attention_keeps_anyway():
-    """The default rule (``KEEP_PROBABILITIES = 1``): the chunks' probabilities are kept while they hold no more
-    elements than q, k, v and the output; for SmolLM2's attention (9 heads, 3 KV heads, 64 wide) that holds for
-    blocks of 256 tokens, not from 288 on (64-row query chunks) nor for 1 x 2048 (where they would be 7x larger)."""
-    from gin_adapter.topk_sum import QUERY_CHUNK_ROWS, plan_chunks
-
-    def kept(batch: int, length: int) -> bool:
-        q = torch.empty(batch, 9, length, 64)
-        k = v = torch.empty(batch, 3, length, 64)
-        return joint_module.keeps_probabilities(q, k, v, plan_chunks(length, length, 8, False, None, QUERY_CHUNK_ROWS))
-
-    assert joint_module.KEEP_PROBABILITIES == 1.0
-    assert kept(4, 256) and kept(1, 256) and kept(2, 200)
-    assert not kept(1, 288) and not kept(1, 2048)
+    for module in (joint_module, threshold_sum):
+        monkeypatch.setattr(module, "_scores", lambda *a, _scores=module._scores, **kw: calls.append(1) or _scores(*a, **kw))
+    preset = fields.pop("preset", None)
+    config = (GinConfig.published if preset else GinConfig)(hidden_dim=8, recompute_adjacency=recompute, **fields)
+    model = get_gin_model(tiny_model(num_hidden_layers=2), config)
+    model.train()
+    spied = (joint_module, "attention_with_graph") if not preset else (joint_threshold, "attention_with_threshold_graph")
+    used = []
+    original = getattr(*spied)
+    monkeypatch.setattr(*spied, lambda *a, **kw: used.append(kw["keep_probabilities"]) or original(*a, **kw))
+    ids = torch.randint(3, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()  # so the first layer's attention needs backward too
+    loss = model(inputs_embeds=embeds, labels=ids).loss
+    forward_calls = len(calls)
+    loss.backward()
+    assert used == [not recompute] * 2 and forward_calls == 2 * 4  # two layers, four chunks of 8 rows
+    assert len(calls) == forward_calls * (2 if recompute else 1)
 
 
 @pytest.mark.parametrize("used", ["output", "graph"])

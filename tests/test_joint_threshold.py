@@ -19,7 +19,7 @@ def _rule(graph: str, threshold: float = 0.6) -> AdjacencyRule:
     return AdjacencyRule.from_config(GinConfig.published(hidden_dim=6, graph=graph, threshold=threshold))
 
 
-@pytest.mark.parametrize("keep", [0.0, float("inf")], ids=["recompute", "keep"])
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize("graph,form", [("gin", "dense"), ("gin", "top_k"), ("reference", "diagonal")])
 @pytest.mark.parametrize("padding", [False, True])
 @pytest.mark.parametrize("chunk_rows", [None, 7])
@@ -29,10 +29,9 @@ def test_joint_threshold_equals_sdpa_and_the_separate_kernel(graph, form, paddin
     to q, k, v and the shared features all equal sdpa + ``threshold_neighbour_sum``, with the graph kept whole,
     as each row's ``K = floor(H / w_min)`` largest entries (28 for 4 heads at the published threshold; a threshold
     below ``sigmoid(-alpha tau)`` has no such bound and is refused) or as its diagonal, and the probabilities
-    recomputed in backward or kept from forward (``joint.KEEP_PROBABILITIES``)."""
-    from gin_adapter import joint, topk_sum
+    recomputed in backward or kept from forward (``keep_probabilities``)."""
+    from gin_adapter import topk_sum
 
-    monkeypatch.setattr(joint, "KEEP_PROBABILITIES", keep)
     if chunk_rows:
         monkeypatch.setattr(topk_sum, "QUERY_CHUNK_ROWS", chunk_rows)
     rule = _rule(graph, threshold)
@@ -56,7 +55,7 @@ def test_joint_threshold_equals_sdpa_and_the_separate_kernel(graph, form, paddin
         return (out, threshold_neighbour_sum(q, k, v, mask, rule, scaling=8**-0.5), threshold_neighbour_sum(q, k, shared, mask, rule, scaling=8**-0.5))
 
     def joint():
-        out, built = attention_with_threshold_graph(q, k, v, mask, scaling=8**-0.5, rule=rule, form=form)
+        out, built = attention_with_threshold_graph(q, k, v, mask, scaling=8**-0.5, rule=rule, form=form, keep_probabilities=keep)
         assert built.form == form
         return out, threshold_graph_sum(built, v, groups=2), threshold_graph_sum(built, shared, groups=2)
 
