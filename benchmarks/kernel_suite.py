@@ -1,5 +1,6 @@
 """The ``kernel`` suite: one attention layer's per-head top-k neighbour sum, forward + backward, every way the
-package can run it (the generic chain, the fused kernel's sum modes and query chunk sizes), against sdpa itself.
+package can run it (the generic chain, the fused kernel's sum modes and query chunk sizes, the graph built with the
+attention), against sdpa itself.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from benchmarks.measure import interleaved_times, median
 from gin_adapter import GinConfig
 from gin_adapter.adjacency import AdjacencyRule
+from gin_adapter.joint import attention_with_graph, graph_sum
 from gin_adapter.topk_sum import topk_neighbour_sum
 
 logger = logging.getLogger("benchmarks")
@@ -35,7 +37,11 @@ def kernel_cases(inputs: tuple[torch.Tensor, ...], top_k: int = 8, chunks: Itera
     ``sdpa``: the attention itself (``scaled_dot_product_attention``, causal, KV repeated), for scale;
     ``generic``: the generic chain as the core runs it for other rules (checkpointed probabilities, top-k, dense
     sum); ``fused_<mode>_c<rows>``: :func:`gin_adapter.topk_sum.topk_neighbour_sum` with that sum mode and query
-    chunk (``c0``: one chunk). Gradients accumulate into ``inputs``' q, k, v as in training.
+    chunk (``c0``: one chunk); ``joint``: what training under sdpa runs in place of sdpa *and* the sum, the
+    attention output and the graph from one score computation (:func:`gin_adapter.joint.attention_with_graph`,
+    ``sum_mode="auto"``, 64-row chunks) with both outputs in the loss, and ``joint_keep`` the same keeping the
+    probabilities for backward (``recompute_adjacency=False``); compare them with ``sdpa``. Gradients accumulate
+    into ``inputs``' q, k, v as in training.
     """
     import torch.nn.functional as F
     import torch.utils.checkpoint
@@ -52,6 +58,10 @@ def kernel_cases(inputs: tuple[torch.Tensor, ...], top_k: int = 8, chunks: Itera
     def fused(mode: str, rows: int) -> None:
         backward(topk_neighbour_sum(q, k, v, None, top_k=top_k, scaling=dim**-0.5, sum_mode=mode, chunk_rows=rows or length))
 
+    def joint_attention(keep: bool) -> None:
+        out, graph = attention_with_graph(q, k, v, None, scaling=dim**-0.5, top_k=top_k, keep_probabilities=keep)
+        backward(out + graph_sum(graph, v))
+
     cases: dict[str, Callable[[], Any]] = {
         "sdpa": lambda: backward(F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), is_causal=True)),
         "generic": lambda: backward(torch.utils.checkpoint.checkpoint(neighbour_sums, q, k, v, None, rule, dim**-0.5, use_reentrant=False, groups=groups)),
@@ -60,6 +70,8 @@ def kernel_cases(inputs: tuple[torch.Tensor, ...], top_k: int = 8, chunks: Itera
         for rows in chunks:
             if not rows or rows < length:
                 cases[f"fused_{mode}_c{rows}"] = functools.partial(fused, mode, rows)
+    cases["joint"] = functools.partial(joint_attention, False)
+    cases["joint_keep"] = functools.partial(joint_attention, True)
     return cases
 
 

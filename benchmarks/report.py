@@ -211,7 +211,9 @@ def markdown_tables(results: dict[str, Any]) -> str:
             cells = [f"{r['ms'][n]:.1f} ({r['over_sdpa'][n]:.2f})" if n in r["ms"] else "" for n in names]
             lines.append(f"| {r['batch']} x {r['seq_len']} | " + " | ".join(cells) + " |")
         lines.append(f"\n`c<rows>`: query rows per chunk, `c0`: one chunk; the package default is `fused_dense_c{QUERY_CHUNK_ROWS}` below "
-                     f"{GATHER_MIN_KEYS_PER_NEIGHBOUR * 8} keys and `fused_gather_c{QUERY_CHUNK_ROWS}` from there.\n")
+                     f"{GATHER_MIN_KEYS_PER_NEIGHBOUR * 8} keys and `fused_gather_c{QUERY_CHUNK_ROWS}` from there (beside sdpa: evaluation, eager). "
+                     "`joint` (`joint_keep`: probabilities kept for backward) is what training under sdpa runs instead of sdpa and the sum "
+                     "together: compare it with `sdpa`.\n")
     summary = results.get("summary", {})
     if summary.get("targets"):
         lines += ["### Targets", "", "| target | value | met |", "|---|---:|---|"]
