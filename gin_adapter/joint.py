@@ -20,7 +20,7 @@ The values, picks and gradients equal sdpa followed by the separate kernel up to
 Saved for backward: q, k, v, the mask argument, ``O`` (which sdpa keeps too), the top-k indices and weights; with
 ``keep_probabilities`` (``GinConfig(recompute_adjacency=False)``) also every chunk's probabilities ``P``, about
 ``B H L^2 / 2`` floats per layer under causal attention, so that backward skips the score matmul, the mask and the
-softmax it would otherwise recompute (docs/benchmarks.md: 3-4 % of a training step, for 163 MiB more peak memory,
+softmax it would otherwise recompute (docs/benchmarks.md: 3-6 % of a training step, for 163 MiB more peak memory,
 +8 % of LoRA's total, at 4 x 256 tokens on SmolLM2).
 """
 

@@ -188,6 +188,27 @@ def test_tables_show_the_spread_of_per_round_ratios():
     assert "| 0.90 (0.80-1.00) |" in markdown_tables({"decode": {"rows": rows}})
 
 
+def test_published_rows_are_compared_with_the_lora_of_their_budget():
+    """Training, evaluation and generation tables put each ``gin_published*`` row against ``lora_b`` (its budget),
+    the others against ``lora``; without ``lora_b`` in the run, against ``lora``."""
+    from benchmarks.report import its_lora
+
+    def row(name, t):
+        return dict(variant=name, label=name, batch=1, seq_len=8, layers=2, trainable_params=1, step_s_all=t, forward_s_all=t,
+                    tokens_per_cpu_s=1.0, tokens_per_wall_s=1.0, timer="wall")
+
+    rows = [row("lora", [1.0, 1.0]), row("gin", [1.2, 1.2]), row("lora_b", [2.0, 2.0]), row("gin_published", [2.2, 2.2]),
+            row("gin_published_keep", [2.1, 2.1])]
+    assert [its_lora(rows, r)["variant"] for r in rows] == ["lora", "lora", "lora", "lora_b", "lora_b"]
+    assert its_lora(rows[:2] + rows[3:4], rows[3])["variant"] == "lora"
+    train = markdown_tables({"train": [{"rows": rows}]})
+    for line in ("| gin_published | 1 |  |  | 1.10 (1.10-1.10) |", "| gin_published_keep | 1 |  |  | 1.05 (1.05-1.05) |", "| gin | 1 |  |  | 1.20 (1.20-1.20) |"):
+        assert line in train, line
+    evaluation = markdown_tables({"eval": rows})
+    for line in ("| gin_published | 1 | 1 | 0.91 (0.91-0.91) |", "| gin | 1 | 1 | 0.83 (0.83-0.83) |"):
+        assert line in evaluation, line
+
+
 def test_crossover_and_plot(tmp_path):
     args = rb.parse_args(["--crossover-lens", "32,64", "--crossover-topk", "4,8", "--crossover-reps", "1", "--crossover-full-max-len", "64"])
     rows = run_crossover(args)

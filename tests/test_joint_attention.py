@@ -68,6 +68,7 @@ def test_recompute_adjacency_false_keeps_the_probabilities_and_backward_scores_n
     calls = []
     for module in (joint_module, threshold_sum):
         monkeypatch.setattr(module, "_scores", lambda *a, _scores=module._scores, **kw: calls.append(1) or _scores(*a, **kw))
+    fields = dict(fields)  # the parametrized dict is shared between the cases
     preset = fields.pop("preset", None)
     config = (GinConfig.published if preset else GinConfig)(hidden_dim=8, recompute_adjacency=recompute, **fields)
     model = get_gin_model(tiny_model(num_hidden_layers=2), config)
