@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from benchmarks.measure import autocast, interleaved_times, median, synchronizer
-from benchmarks.variants import LABELS, build_variants
+from benchmarks.variants import LABELS, build_variants, reset_switches
 
 logger = logging.getLogger("benchmarks")
 
@@ -23,6 +23,7 @@ def run_eval(base, ids: torch.Tensor, names: list[str], *, warmup: int, steps: i
         variant.model.eval()
 
         def forward(variant=variant) -> None:
+            variant.use_switches()
             with torch.inference_mode(), autocast(ids.device):
                 variant.forward(input_ids=ids, labels=ids)
 
@@ -31,6 +32,7 @@ def run_eval(base, ids: torch.Tensor, names: list[str], *, warmup: int, steps: i
     tokens = ids.numel()
     rows = [dict(variant=n, label=LABELS[n], batch=ids.shape[0], seq_len=ids.shape[1], forward_s=median(t), tokens_per_s=tokens / median(t), forward_s_all=t,
                  tokens_per_wall_s=tokens / median(times.wall[n]), tokens_per_cpu_s=tokens / median(times.cpu[n]), timer=times.primary) for n, t in times.items()]
+    reset_switches()
     del variants, fns
     gc.collect()
     return rows

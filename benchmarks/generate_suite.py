@@ -10,8 +10,7 @@ from typing import Any
 import torch
 
 from benchmarks.measure import interleaved_times, median, synchronizer
-from benchmarks.variants import LABELS, build_variants
-from gin_adapter import joint
+from benchmarks.variants import LABELS, build_variants, reset_switches
 
 logger = logging.getLogger("benchmarks")
 
@@ -25,8 +24,8 @@ def run_generate(base, tokenizer, prompt: torch.Tensor, names: list[str], *, new
     for name, variant in variants.items():
         variant.model.eval()
 
-        def generate(name=name, model=variant.model, joint_on=variant.joint) -> None:
-            joint.ENABLED = joint_on  # the *_separate variants: sdpa, then the separate decode step
+        def generate(name=name, model=variant.model, variant=variant) -> None:
+            variant.use_switches()  # the *_separate variants: sdpa, then the separate decode step
             with torch.inference_mode():
                 outputs[name] = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                do_sample=False, use_cache=True, pad_token_id=pad)
@@ -38,7 +37,7 @@ def run_generate(base, tokenizer, prompt: torch.Tensor, names: list[str], *, new
                  tokens_per_s=produced / median(t), generate_s_all=t, tokens_per_wall_s=produced / median(times.wall[n]),
                  tokens_per_cpu_s=produced / median(times.cpu[n]), timer=times.primary) for n, t in times.items()]
     same = {n: bool(torch.equal(outputs[n], outputs["gin"])) for n in outputs if "gin" in outputs and n.startswith("gin")}
-    joint.ENABLED = True
+    reset_switches()
     del variants, fns
     gc.collect()
     return dict(rows=rows, same_tokens_as_gin=same)

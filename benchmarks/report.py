@@ -222,6 +222,13 @@ def markdown_tables(results: dict[str, Any]) -> str:
                      f"{GATHER_MIN_KEYS_PER_NEIGHBOUR * 8} keys and `fused_gather_c{QUERY_CHUNK_ROWS}` from there (beside sdpa: evaluation, eager). "
                      "`joint` (`joint_keep`: probabilities kept for backward) is what training under sdpa runs instead of sdpa and the sum "
                      "together: compare it with `sdpa`.\n")
+    if results.get("top_k"):
+        names = list(results["top_k"][0]["ms"])
+        lines += ["### Per-row top-8 of one query chunk's probabilities (ms per call, 2,304 rows; in brackets: / torch.topk)", "",
+                  "| keys | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+        for r in results["top_k"]:
+            lines.append(f"| {r['keys']} | " + " | ".join(f"{r['ms'][n]:.2f} ({r['over_torch_topk'][n]:.2f})" if n in r["ms"] else "" for n in names) + " |")
+        lines.append("\n`compiled`: gin_adapter/native/row_topk.c, what the kernels use on the CPU; `two_stage`: the ATen fallback.\n")
     summary = results.get("summary", {})
     if summary.get("targets"):
         lines += ["### Targets", "", "| target | value | met |", "|---|---:|---|"]

@@ -26,6 +26,8 @@ Suites (``--suite``):
   top-k, sum) of the generic chain vs the fused kernel's two sum modes; writes ``crossover.png``.
 * ``kernel``: one layer's per-head top-k neighbour sum, forward + backward, every way the package can run it
   (generic chain, the fused kernel's sum modes and query chunk sizes) against sdpa itself.
+* ``top_k`` (not in the default list): the per-row top-k of one query chunk's probabilities, ``torch.topk`` vs
+  the ATen two-stage one vs the compiled one (``top_k_suite.py``).
 
 Variants: ``base`` (frozen floor: no trainable parameter; the input embeddings require grad so backward runs
 through every layer, which any adapter in every layer must pay), ``lora`` (peft LoRA on q_proj, v_proj, rank
@@ -76,6 +78,7 @@ from benchmarks.decode_suite import run_decode  # noqa: E402
 from benchmarks.eval_suite import run_eval  # noqa: E402
 from benchmarks.generate_suite import run_generate  # noqa: E402
 from benchmarks.kernel_suite import run_kernel  # noqa: E402
+from benchmarks.top_k_suite import run_top_k  # noqa: E402
 from benchmarks.measure import AUTOCAST, TIMER, _loadavg, machine_info  # noqa: E402
 from benchmarks.report import markdown_tables, summarize  # noqa: E402
 from benchmarks.train_suite import equivalence_checks, run_train  # noqa: E402
@@ -100,7 +103,7 @@ def length_map(text: str) -> dict[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", type=csv(), default=["train", "eval", "generate", "crossover", "kernel"], help="comma list of train,eval,generate,decode,crossover,kernel")
+    p.add_argument("--suite", type=csv(), default=["train", "eval", "generate", "crossover", "kernel"], help="comma list of train,eval,generate,decode,crossover,kernel,top_k")
     p.add_argument("--model", default="embedded", help="model id or path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--seq-lens", type=csv(int), default=[256, 1024, 4096], help="training sequence lengths")
     p.add_argument("--batch", type=int, default=4, help="batch size for sequence lengths <= --long-from")
@@ -132,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernel-shapes", type=csv(), default=["4x256", "1x1024", "1x4096"], help="kernel suite: BxL shapes (H=9, Hkv=3, D=64, top-8)")
     p.add_argument("--kernel-chunks", type=csv(int), default=[32, 64, 128, 0], help="kernel suite: query rows per chunk (0: one chunk)")
     p.add_argument("--kernel-reps", type=int, default=5, help="kernel suite: timed rounds (2 at L >= 4096)")
+    p.add_argument("--top-k-keys", type=csv(int), default=[64, 128, 256, 1024, 2048], help="top_k suite: keys per row")
+    p.add_argument("--top-k-reps", type=int, default=20, help="top_k suite: timed rounds")
     p.add_argument("--mem-budget-gb", type=float, default=8.0, help="skip crossover cells whose estimated memory exceeds this")
     p.add_argument("--time-budget-s", type=float, default=1.5, help="a crossover backend slower than this per call at some (L, k) is skipped at longer L with the same k")
     p.add_argument("--device", default="cpu")
@@ -242,6 +247,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         suite_start = time.time()
         results["kernel"] = run_kernel(args)
         results["suite_wall_s"]["kernel"] = time.time() - suite_start
+
+    if "top_k" in args.suite:
+        suite_start = time.time()
+        results["top_k"] = run_top_k(args)
+        results["suite_wall_s"]["top_k"] = time.time() - suite_start
 
     results["summary"] = summarize(results)
     results["machine"]["loadavg_end"] = _loadavg()

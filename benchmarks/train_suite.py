@@ -16,7 +16,7 @@ import torch
 from benchmarks.measure import MiB, autocast, interleaved_times, live_bytes, median, peak_step_bytes, record_saved_tensors, synchronizer
 from benchmarks.published import build_published_model, published_blocks
 from benchmarks.variants import LABELS, Variant, build_gin, build_variants, gin_config, share_copy
-from gin_adapter import get_gin_model, gin_layers, joint
+from gin_adapter import get_gin_model, gin_layers
 
 logger = logging.getLogger("benchmarks")
 
@@ -34,7 +34,7 @@ def train_step_fn(variant: Variant, ids: torch.Tensor, input_grad: bool = False)
     optimizer = variant.optimizer
 
     def step() -> float:
-        joint.ENABLED = variant.joint
+        variant.use_switches()
         with autocast(ids.device):  # --autocast: the forward in bf16 where it is safe, backward as autograd recorded it
             if variant.name == "base" or input_grad:
                 loss = forward(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids).loss

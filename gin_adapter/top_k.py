@@ -1,4 +1,7 @@
-"""Top-k along the last dimension, faster than ``torch.topk`` on CPU for long rows (the fused kernel's picks)."""
+"""Top-k along the last dimension, faster than ``torch.topk`` on the CPU (the fused kernels' picks).
+
+:func:`top_k_last` takes the compiled kernel (:mod:`gin_adapter.native_top_k`) where it applies, and otherwise
+:func:`two_stage_top_k` (ATen ops only: other devices, gradients, ``torch.compile``, no compiled library)."""
 
 from __future__ import annotations
 
@@ -6,12 +9,21 @@ import math
 
 import torch
 
+from .native_top_k import row_top_k
+
 TWO_STAGE_MIN_KEYS_PER_PICK = 16
 """:func:`top_k_last` goes through column maxima when the row holds at least this many keys per pick."""
 
 
 def top_k_last(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x.topk(k, dim=-1)`` (values in descending order, indices), faster for long rows.
+    """``x.topk(k, dim=-1)``: values in descending order (exactly), indices (ties may pick other positions of equal
+    value); the compiled kernel where it applies, else :func:`two_stage_top_k`."""
+    native = row_top_k(x, k)
+    return native if native is not None else two_stage_top_k(x, k)
+
+
+def two_stage_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.topk(k, dim=-1)`` (values in descending order, indices) from ATen ops, faster for long rows.
 
     ``torch.topk`` on CPU costs about 10 ns per element (a scalar partial sort per row); a max over a strided
     dimension is vectorised and about 50 times cheaper. So for rows of ``n >= 16 k`` elements the row is viewed as

@@ -181,9 +181,10 @@ def test_fused_top_k_equals_generic_chain(case, sum_mode, chunk_rows):
 @pytest.mark.parametrize("shape", [(6, 9), (6, 127), (6, 128), (2, 3, 150), (6, 256), (2, 1000)])
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_two_stage_top_k_equals_torch_topk(shape, k):
-    """``top_k_last`` (column maxima, then the top-k of the best columns) returns exactly ``torch.topk``'s values and
-    positions, including rows whose length is not a multiple of the column count; with ties, the values agree."""
-    from gin_adapter.top_k import top_k_last
+    """``two_stage_top_k`` (column maxima, then the top-k of the best columns; the ATen fallback of the compiled
+    top-k) returns exactly ``torch.topk``'s values and positions, including rows whose length is not a multiple of
+    the column count; with ties, the values agree."""
+    from gin_adapter.top_k import two_stage_top_k as top_k_last
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(k))
     values, index = top_k_last(x, k)

@@ -266,12 +266,14 @@ def test_profile_step_shows_the_operators_a_variant_replaces():
     lora, gin = (result["per_variant"][name] for name in ("lora", "gin"))
     assert len(lora["step_s_all"]) == len(gin["step_s_all"]) == len(gin["minor_faults_all"]) == 2 and lora["step_s"] > 0
     rows = {row["op"]: row for row in result["top_differences"]}
-    # training, the default GIN builds its graph with the attention (gin_adapter/joint.py) instead of sdpa's kernel
-    assert rows["aten::topk"]["first_s"] == 0 and rows["aten::topk"]["second_s"] > 0
+    # training, the default GIN builds its graph with the attention (gin_adapter/joint.py) instead of sdpa's kernel,
+    # picking neighbours with the compiled top-k (a labelled range in the profile: it is no ATen operator)
+    top_k = rows["gin_adapter::row_top_k"]
+    assert top_k["first_s"] == 0 and top_k["second_s"] > 0
     flash = [op for op in rows if op.startswith("aten::_scaled_dot_product_flash_attention")]  # (sdpa still runs in layer 0,
     assert flash and all(rows[op]["second_s"] < rows[op]["first_s"] for op in flash)  # whose queries need no gradient)
     assert all(row["diff_s"] == pytest.approx(row["second_s"] - row["first_s"]) for row in rows.values())
-    assert "| `aten::topk` |" in markdown(result)
+    assert "| `gin_adapter::row_top_k` |" in markdown(result)
     with pytest.raises(ValueError, match="two variants"):
         profile_variants(base, _ids(2, 24), ["lora", "gin", "base"], warmup=0, rounds=1)
 
@@ -289,3 +291,20 @@ def test_summary_holds_the_long_shape_to_its_own_target():
     assert long["train GIN hidden/LoRA"] == dict(value=pytest.approx(1.16), met=False)
     assert long["train GIN published preset/its LoRA"] == dict(value=pytest.approx(1.14), met=True)
     assert all(verdict["value"] is None for name, verdict in targets.items() if "<= 1.10 (1x2048" in name)
+
+
+def test_top_k_suite_times_three_ways_that_agree(monkeypatch):
+    """The three ways are timed, checked against ``torch.topk`` first (a wrong pick stops the suite), and tabled."""
+    from benchmarks import top_k_suite
+
+    args = rb.parse_args(["--suite", "top_k", "--top-k-keys", "64,300", "--top-k-reps", "1"])
+    rows = top_k_suite.run_top_k(args)
+    assert [r["keys"] for r in rows] == [64, 300]
+    assert set(rows[0]["ms"]) == {"torch_topk", "two_stage", "compiled"} and all(t > 0 for t in rows[0]["ms"].values())
+    assert rows[0]["over_torch_topk"]["torch_topk"] == 1.0
+    assert "Per-row top-8" in markdown_tables({"top_k": rows})
+    probs = top_k_suite.chunk_probabilities(100)
+    assert probs.shape == (4, 3, 192, 100) and torch.allclose(probs.sum(-1), torch.ones(4, 3, 192))
+    monkeypatch.setattr(top_k_suite, "two_stage_top_k", lambda x, k: (x.topk(k, dim=-1).values.flip(-1), None))
+    with pytest.raises(AssertionError, match="two_stage picked other values"):
+        top_k_suite.top_k_cases(probs)

@@ -1,0 +1,201 @@
+/* Per-row top-k of float32 rows on the CPU: gin_adapter's compiled kernel (see gin_adapter/native_top_k.py).
+ *
+ *   gin_row_topk_f32(x, rows, n, stride, k, values, index, threads)
+ *
+ * For each of `rows` rows of `n` floats (row r starts at x + r * stride), writes the k largest values in
+ * descending order to values[r * k ...] and their positions to index[r * k ...]: exactly torch.topk's values;
+ * positions by the order (larger value, NaN first, then lower position), so ties go to the lowest position.
+ * Returns 0, 1 for bad arguments (k < 1, k > 64, n < k, rows < 0, n >= 2^31), 2 when memory ran out.
+ *
+ * Why: torch.topk on the CPU costs a partial sort per row; on the rows of 64-256 attention probabilities the
+ * adapter picks from, this kernel is several times faster (benchmarks/top_k_suite.py, docs/benchmarks.md).
+ *
+ * How, per row (exact): the row is viewed as s slabs of c columns (n = s c + rest, c a power of two near
+ * sqrt(k n)). The column maxima are one vectorised pass; t, the k-th largest column maximum, is found by a
+ * branch-free sorted insertion (kth[p] = max(kth[p], min(kth[p-1], y))). k distinct entries are >= t, so every
+ * entry of the row's top k is >= t, and lies in a column whose maximum is >= t, or in the rest: only those
+ * entries are gathered (usually about k + 1 of them). Each candidate's rank is the number of candidates that
+ * rank before it (8 at a time, with GCC vector extensions); rank < k places it. Rows holding NaN, and rows shorter
+ * than 4 k, go through a plain insertion scan instead.
+ *
+ * Threads: rows are split into `threads` parts (POSIX threads, created per call) when the call holds at least
+ * 65,536 elements. On x86-64 Linux with GCC the row loop is compiled for AVX2 and for the baseline, chosen when
+ * the library loads (target_clones).
+ */
+#ifdef GIN_PYTHON_MODULE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#endif
+#include <stdint.h>
+#include <stdlib.h>
+#include <pthread.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+#define MAX_K 64
+#define MAX_COLUMNS 1024
+#define RANKED_CANDIDATES 96
+
+/* (a, ia) ranks before (b, ib): larger value, then NaN first, then lower index (torch.topk's order, ties by index) */
+static inline int ranks_before(float a, int64_t ia, float b, int64_t ib) {
+    if (a > b) return 1;
+    if (a != a) return b == b || ia < ib;
+    if (b != b) return 0;
+    return a == b && ia < ib;
+}
+
+static inline void insert(float *v, int64_t *ix, int filled, float y, int64_t iy) {
+    int p = filled;
+    while (p > 0 && ranks_before(y, iy, v[p - 1], ix[p - 1])) { v[p] = v[p - 1]; ix[p] = ix[p - 1]; --p; }
+    v[p] = y; ix[p] = iy;
+}
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* the top k of m (value, index) pairs cv, ci (padded to a multiple of 8 with (-inf, INT32_MAX)) into v, ix,
+   descending: each pair's rank is how many pairs rank before it (unique: ties go by index) */
+static inline __attribute__((always_inline))
+void select_top(const float *cv, const int32_t *ci, int64_t m, const int k, float *v, int64_t *ix) {
+    int64_t blocks = (m + 7) / 8;
+    for (int64_t a = 0; a < m; ++a) {
+        float y = cv[a]; int32_t iy = ci[a];
+        v8f ya = {y, y, y, y, y, y, y, y};
+        v8i iya = {iy, iy, iy, iy, iy, iy, iy, iy};
+        v8i count = {0};
+        for (int64_t b = 0; b < blocks; ++b) {
+            v8f vb; v8i ib;
+            __builtin_memcpy(&vb, cv + 8 * b, sizeof vb);
+            __builtin_memcpy(&ib, ci + 8 * b, sizeof ib);
+            count -= (vb > ya) | ((vb == ya) & (ib < iya));
+        }
+        int32_t rank = count[0] + count[1] + count[2] + count[3] + count[4] + count[5] + count[6] + count[7];
+        if (rank < k) { v[rank] = y; ix[rank] = iy; }
+    }
+}
+
+/* exact top-k of one row by insertion (short rows, rows holding NaN) */
+static void topk_scan(const float *row, int64_t n, int k, float *v, int64_t *ix) {
+    for (int64_t j = 0; j < k; ++j) insert(v, ix, (int)j, row[j], j);
+    for (int64_t j = k; j < n; ++j)
+        if (ranks_before(row[j], j, v[k - 1], ix[k - 1])) insert(v, ix, k - 1, row[j], j);
+}
+
+static inline __attribute__((always_inline))
+void topk_rows_impl(const float *x, int64_t rows, int64_t n, int64_t stride, const int k, int64_t columns,
+                      float *values, int64_t *index, float *cv, int32_t *ci) {
+    float colmax[MAX_COLUMNS], kth[MAX_K];
+    int64_t slabs = columns ? n / columns : 0, body = slabs * columns;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *row = x + r * stride;
+        float *v = values + r * k;
+        int64_t *ix = index + r * k;
+        int nan = 0;
+        if (columns) {
+            for (int64_t c = 0; c < columns; ++c) { colmax[c] = row[c]; nan |= row[c] != row[c]; }
+            for (int64_t s = 1; s < slabs; ++s) {
+                const float *slab = row + s * columns;
+                for (int64_t c = 0; c < columns; ++c) { float y = slab[c]; colmax[c] = y > colmax[c] ? y : colmax[c]; nan |= y != y; }
+            }
+            for (int64_t j = body; j < n; ++j) nan |= row[j] != row[j];
+        }
+        if (!columns || nan) { topk_scan(row, n, k, v, ix); continue; }
+        /* t: the k-th largest column maximum. k distinct entries are >= t, so the row's top k are all >= t.
+           Sorted insertion of values only, branch-free: kth[p] = max(kth[p], min(kth[p-1], y)). */
+        for (int j = 0; j < k; ++j) kth[j] = colmax[0];
+        for (int j = 1; j < k; ++j) kth[j] = -__builtin_inff();
+        for (int64_t c = 1; c < columns; ++c) {
+            float y = colmax[c];
+            for (int p = k - 1; p > 0; --p) { float lo = kth[p - 1] < y ? kth[p - 1] : y; kth[p] = kth[p] > lo ? kth[p] : lo; }
+            kth[0] = kth[0] > y ? kth[0] : y;
+        }
+        float t = kth[k - 1];
+        int64_t m = 0;
+        for (int64_t c0 = 0; c0 < columns; c0 += 64) {
+            uint64_t qualifies = 0;
+            int64_t width = columns - c0 < 64 ? columns - c0 : 64;
+            for (int64_t i = 0; i < width; ++i) qualifies |= (uint64_t)(colmax[c0 + i] >= t) << i;
+            while (qualifies) {
+                int64_t c = c0 + __builtin_ctzll(qualifies);
+                qualifies &= qualifies - 1;
+                for (int64_t s = 0; s < slabs; ++s) {
+                    int64_t j = s * columns + c;
+                    float y = row[j];
+                    cv[m] = y; ci[m] = (int32_t)j; m += y >= t;
+                }
+            }
+        }
+        for (int64_t j = body; j < n; ++j) { float y = row[j]; cv[m] = y; ci[m] = (int32_t)j; m += y >= t; }
+        for (int64_t p = m; p < ((m + 7) & ~(int64_t)7); ++p) { cv[p] = -__builtin_inff(); ci[p] = INT32_MAX; }
+        select_top(cv, ci, m, k, v, ix);
+    }
+}
+
+MULTIVERSION
+static void topk_rows_k8(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t columns, float *values, int64_t *index, float *cv, int32_t *ci) {
+    topk_rows_impl(x, rows, n, stride, 8, columns, values, index, cv, ci);
+}
+
+MULTIVERSION
+static void topk_rows_any(const float *x, int64_t rows, int64_t n, int64_t stride, int k, int64_t columns, float *values, int64_t *index, float *cv, int32_t *ci) {
+    topk_rows_impl(x, rows, n, stride, k, columns, values, index, cv, ci);
+}
+
+static void topk_rows(const float *x, int64_t rows, int64_t n, int64_t stride, int k, int64_t columns, float *values, int64_t *index, float *cv, int32_t *ci) {
+    if (k == 8) topk_rows_k8(x, rows, n, stride, columns, values, index, cv, ci);
+    else topk_rows_any(x, rows, n, stride, k, columns, values, index, cv, ci);
+}
+
+typedef struct { const float *x; int64_t rows, n, stride; int k; int64_t columns; float *values; int64_t *index; int failed; } Job;
+
+static void *run_job(void *arg) {
+    Job *j = (Job *)arg;
+    float *cv = malloc((j->n + 8) * sizeof(float));
+    int32_t *ci = malloc((j->n + 8) * sizeof(int32_t));
+    if (!cv || !ci) { free(cv); free(ci); j->failed = 1; return 0; }
+    topk_rows(j->x, j->rows, j->n, j->stride, j->k, j->columns, j->values, j->index, cv, ci);
+    free(cv); free(ci);
+    return 0;
+}
+
+static int64_t column_count(int64_t n, int k) {
+    if (n < 4 * (int64_t)k) return 0;
+    int64_t c = 1;
+    while ((c * 2) * (c * 2) <= (int64_t)k * n) c *= 2;
+    if (c < 2 * k) c = 2 * k;
+    if (c > MAX_COLUMNS) c = MAX_COLUMNS;
+    return c;
+}
+
+int gin_row_topk_f32(const float *x, int64_t rows, int64_t n, int64_t stride, int k, float *values, int64_t *index, int threads) {
+    if (k < 1 || k > MAX_K || n < k || rows < 0 || n >= INT32_MAX) return 1;
+    int64_t columns = column_count(n, k);
+    if (threads > 16) threads = 16;
+    if (threads < 1 || rows * n < 65536) threads = 1;
+    pthread_t tid[16]; Job jobs[16]; int started[16] = {0};
+    int64_t per = (rows + threads - 1) / threads;
+    int used = 0;
+    for (int t = 0; t < threads; ++t) {
+        int64_t r0 = t * per, r1 = r0 + per < rows ? r0 + per : rows;
+        if (r0 >= r1) break;
+        jobs[t] = (Job){x + r0 * stride, r1 - r0, n, stride, k, columns, values + r0 * k, index + r0 * k, 0};
+        used = t + 1;
+    }
+    for (int t = 1; t < used; ++t) started[t] = pthread_create(&tid[t], 0, run_job, &jobs[t]) == 0;
+    if (used) run_job(&jobs[0]);
+    int failed = 0;
+    for (int t = 1; t < used; ++t) { if (started[t]) pthread_join(tid[t], 0); else run_job(&jobs[t]); }
+    for (int t = 0; t < used; ++t) failed |= jobs[t].failed;
+    return failed ? 2 : 0;
+}
+
+#ifdef GIN_PYTHON_MODULE
+/* An importable module, so Python finds the built library (also in editable installs); the function itself is
+   called through ctypes. */
+static struct PyModuleDef row_topk_module = {PyModuleDef_HEAD_INIT, "_row_topk", "gin_adapter's compiled per-row top-k (called through ctypes).", -1, NULL};
+PyMODINIT_FUNC PyInit__row_topk(void) { return PyModule_Create(&row_topk_module); }
+#endif

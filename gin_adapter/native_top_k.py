@@ -1,0 +1,84 @@
+"""The compiled per-row top-k (``gin_adapter/native/row_topk.c``), called through ``ctypes``.
+
+:func:`row_top_k` returns ``torch.topk(x, k, dim=-1)``'s values exactly, and the positions in the order
+(larger value, NaN first, lower position), so ties go to the lowest position, for float32 CPU tensors that need
+no gradient, ``1 <= k <= 64``; it returns ``None`` where it does not apply, and callers then use ATen:
+
+- the library was not built (no C compiler at install time; ``pip install -e .`` builds it, ``setup.py``), or
+  ``GIN_ADAPTER_NATIVE=0`` is set, or :data:`ENABLED` is ``False``;
+- another device or dtype, autograd would need the values' gradient, or ``torch.compile`` is tracing (the compiled
+  graph gets ATen's top-k, which it can fuse).
+
+It splits the rows over ``torch.get_num_threads()`` POSIX threads when a call holds at least 65,536 elements.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENABLED = os.environ.get("GIN_ADAPTER_NATIVE", "1") != "0"
+"""Use the compiled top-k where it applies; ``False`` (or ``GIN_ADAPTER_NATIVE=0``) gives ATen's everywhere."""
+
+MAX_K = 64
+"""The largest ``k`` the kernel takes."""
+
+PROFILER_LABEL = "gin_adapter::row_top_k"
+"""What ``torch.profiler`` calls the kernel's time (it is no ATen operator)."""
+
+
+@functools.cache
+def _kernel():
+    """The C function, or ``None`` where the library is missing or cannot be loaded (logged once)."""
+    try:
+        module = importlib.import_module("gin_adapter._row_topk")
+        library = ctypes.CDLL(module.__file__)
+    except (ImportError, OSError) as exc:
+        logger.info("gin_adapter's compiled top-k is not available (%s); using torch.topk. Reinstall with a C compiler "
+                    "present (pip install -e .) to build it.", exc)
+        return None
+    kernel = library.gin_row_topk_f32
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    kernel.restype = ctypes.c_int
+    return kernel
+
+
+def available() -> bool:
+    """Whether the compiled top-k was built and loads (whatever :data:`ENABLED` says)."""
+    return _kernel() is not None
+
+
+def applies(x: torch.Tensor, k: int) -> bool:
+    """Whether :func:`row_top_k` computes ``x``'s top-k rather than returning ``None``."""
+    return (ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 1 and 1 <= k <= MAX_K
+            and k <= x.shape[-1] < 2**31 - 1 and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling() and _kernel() is not None)
+
+
+def row_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(values, indices)`` of the ``k`` largest entries along the last dimension, each ``(..., k)``, values
+    descending; ``None`` where the kernel does not apply (module docstring)."""
+    if not applies(x, k):
+        return None
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < n):
+        rows = rows.contiguous()
+    values = x.new_empty(rows.shape[0], k)
+    index = torch.empty(rows.shape[0], k, dtype=torch.long)
+    if rows.shape[0]:
+        with torch.profiler.record_function(PROFILER_LABEL):
+            status = _kernel()(rows.data_ptr(), rows.shape[0], n, rows.stride(0) if rows.shape[0] > 1 else n, k, values.data_ptr(), index.data_ptr(),
+                               torch.get_num_threads())
+        if status == 2:
+            raise MemoryError(f"gin_adapter's top-k could not allocate its buffers for rows of {n} entries.")
+        if status:
+            raise RuntimeError(f"gin_adapter's top-k refused rows of {n} entries with k={k} (status {status}); please report this.")
+    return values.view(*x.shape[:-1], k), index.view(*x.shape[:-1], k)
