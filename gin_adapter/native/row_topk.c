@@ -12,14 +12,17 @@
  *
  * How, per row (exact): the row is viewed as s slabs of c columns (n = s c + rest, c a power of two near
  * sqrt(k n)). The column maxima are one vectorised pass; t, the k-th largest column maximum, is found by a
- * branch-free sorted insertion (kth[p] = max(kth[p], min(kth[p-1], y))). k distinct entries are >= t, so every
- * entry of the row's top k is >= t, and lies in a column whose maximum is >= t, or in the rest: only those
- * entries are gathered (usually about k + 1 of them). Each candidate's rank is the number of candidates that
- * rank before it (8 at a time, with GCC vector extensions); rank < k places it. Rows holding NaN, and rows shorter
+ * branch-free sorted insertion (kth[p] = max(kth[p], min(kth[p-1], y))). k distinct entries are >= t, so the
+ * row's top k are among the entries >= t, each in a column whose maximum is >= t or in the rest: only those
+ * columns are read again. Up to 32 such candidates (usually about k + 1) are ranked: each one's rank is the
+ * number of candidates that rank before it (8 at a time, with GCC vector extensions), and rank < k places it;
+ * more (many ties with t, as in rows of zeros) go through a sorted insertion. Rows holding NaN, and rows shorter
  * than 4 k, go through a plain insertion scan instead.
  *
- * Threads: rows are split into `threads` parts (POSIX threads, created per call) when the call holds at least
- * 65,536 elements. On x86-64 Linux with GCC the row loop is compiled for AVX2 and for the baseline, chosen when
+ * Threads: rows are split into `threads` parts by OpenMP when the call holds at least 65,536 elements. Built
+ * with -fopenmp, the library takes the libgomp.so.1 that PyTorch's wheel has already loaded, so these parts run
+ * on PyTorch's own (already spinning) OpenMP threads rather than on new ones competing with them. Without
+ * OpenMP it runs on the calling thread. On x86-64 Linux with GCC the row loop is compiled for AVX2 and for the baseline, chosen when
  * the library loads (target_clones).
  */
 #ifdef GIN_PYTHON_MODULE
@@ -28,7 +31,6 @@
 #endif
 #include <stdint.h>
 #include <stdlib.h>
-#include <pthread.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define MULTIVERSION __attribute__((target_clones("avx2", "default")))
@@ -38,7 +40,8 @@
 
 #define MAX_K 64
 #define MAX_COLUMNS 1024
-#define RANKED_CANDIDATES 96
+#define PARALLEL_MIN_ELEMENTS 65536
+#define RANKED_CANDIDATES 32
 
 /* (a, ia) ranks before (b, ib): larger value, then NaN first, then lower index (torch.topk's order, ties by index) */
 static inline int ranks_before(float a, int64_t ia, float b, int64_t ib) {
@@ -114,6 +117,7 @@ void topk_rows_impl(const float *x, int64_t rows, int64_t n, int64_t stride, con
             kth[0] = kth[0] > y ? kth[0] : y;
         }
         float t = kth[k - 1];
+        /* the candidates: entries >= t, in columns whose maximum is >= t or in the rest */
         int64_t m = 0;
         for (int64_t c0 = 0; c0 < columns; c0 += 64) {
             uint64_t qualifies = 0;
@@ -150,18 +154,6 @@ static void topk_rows(const float *x, int64_t rows, int64_t n, int64_t stride, i
     else topk_rows_any(x, rows, n, stride, k, columns, values, index, cv, ci);
 }
 
-typedef struct { const float *x; int64_t rows, n, stride; int k; int64_t columns; float *values; int64_t *index; int failed; } Job;
-
-static void *run_job(void *arg) {
-    Job *j = (Job *)arg;
-    float *cv = malloc((j->n + 8) * sizeof(float));
-    int32_t *ci = malloc((j->n + 8) * sizeof(int32_t));
-    if (!cv || !ci) { free(cv); free(ci); j->failed = 1; return 0; }
-    topk_rows(j->x, j->rows, j->n, j->stride, j->k, j->columns, j->values, j->index, cv, ci);
-    free(cv); free(ci);
-    return 0;
-}
-
 static int64_t column_count(int64_t n, int k) {
     if (n < 4 * (int64_t)k) return 0;
     int64_t c = 1;
@@ -171,26 +163,35 @@ static int64_t column_count(int64_t n, int k) {
     return c;
 }
 
+/* rows [r0, r1) with this thread's candidate buffers; 0, or 2 when they could not be allocated */
+static int topk_part(const float *x, int64_t r0, int64_t r1, int64_t n, int64_t stride, int k, int64_t columns, float *values, int64_t *index) {
+    if (r0 >= r1) return 0;
+    float *cv = malloc((n + 8) * sizeof(float));
+    int32_t *ci = malloc((n + 8) * sizeof(int32_t));
+    int status = cv && ci ? 0 : 2;
+    if (!status) topk_rows(x + r0 * stride, r1 - r0, n, stride, k, columns, values + r0 * k, index + r0 * k, cv, ci);
+    free(cv); free(ci);
+    return status;
+}
+
 int gin_row_topk_f32(const float *x, int64_t rows, int64_t n, int64_t stride, int k, float *values, int64_t *index, int threads) {
     if (k < 1 || k > MAX_K || n < k || rows < 0 || n >= INT32_MAX) return 1;
     int64_t columns = column_count(n, k);
-    if (threads > 16) threads = 16;
-    if (threads < 1 || rows * n < 65536) threads = 1;
-    pthread_t tid[16]; Job jobs[16]; int started[16] = {0};
-    int64_t per = (rows + threads - 1) / threads;
-    int used = 0;
-    for (int t = 0; t < threads; ++t) {
-        int64_t r0 = t * per, r1 = r0 + per < rows ? r0 + per : rows;
-        if (r0 >= r1) break;
-        jobs[t] = (Job){x + r0 * stride, r1 - r0, n, stride, k, columns, values + r0 * k, index + r0 * k, 0};
-        used = t + 1;
+    if (threads < 1 || rows * n < PARALLEL_MIN_ELEMENTS) threads = 1;
+    if (threads > rows) threads = rows > 0 ? (int)rows : 1;
+    int status = 0;
+#ifdef _OPENMP
+    if (threads > 1) {
+        int64_t per = (rows + threads - 1) / threads;
+#pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : status)
+        for (int t = 0; t < threads; ++t) {
+            int64_t r0 = t * per, r1 = r0 + per < rows ? r0 + per : rows;
+            status |= topk_part(x, r0, r1, n, stride, k, columns, values, index);
+        }
+        return status;
     }
-    for (int t = 1; t < used; ++t) started[t] = pthread_create(&tid[t], 0, run_job, &jobs[t]) == 0;
-    if (used) run_job(&jobs[0]);
-    int failed = 0;
-    for (int t = 1; t < used; ++t) { if (started[t]) pthread_join(tid[t], 0); else run_job(&jobs[t]); }
-    for (int t = 0; t < used; ++t) failed |= jobs[t].failed;
-    return failed ? 2 : 0;
+#endif
+    return topk_part(x, 0, rows, n, stride, k, columns, values, index);
 }
 
 #ifdef GIN_PYTHON_MODULE
