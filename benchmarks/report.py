@@ -8,6 +8,7 @@ import logging
 import statistics
 from typing import Any
 
+from gin_adapter import native_top_k
 from gin_adapter.topk_sum import GATHER_MIN_KEYS_PER_NEIGHBOUR, QUERY_CHUNK_ROWS
 
 logger = logging.getLogger("benchmarks")
@@ -224,11 +225,11 @@ def markdown_tables(results: dict[str, Any]) -> str:
                      "together: compare it with `sdpa`.\n")
     if results.get("top_k"):
         names = list(results["top_k"][0]["ms"])
-        lines += ["### Per-row top-8 of one query chunk's probabilities (ms per call, 2,304 rows; in brackets: / torch.topk)", "",
-                  "| keys | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+        lines += ["### Per-row top-k of one query chunk's probabilities (ms per call, 2,304 rows; in brackets: / torch.topk)", "",
+                  "| k | keys | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
         for r in results["top_k"]:
-            lines.append(f"| {r['keys']} | " + " | ".join(f"{r['ms'][n]:.2f} ({r['over_torch_topk'][n]:.2f})" if n in r["ms"] else "" for n in names) + " |")
-        lines.append("\n`compiled`: gin_adapter/native/row_topk.c, what the kernels use on the CPU; `two_stage`: the ATen fallback.\n")
+            lines.append(f"| {r.get('k', 8)} | {r['keys']} | " + " | ".join(f"{r['ms'][n]:.2f} ({r['over_torch_topk'][n]:.2f})" if n in r["ms"] else "" for n in names) + " |")
+        lines.append(f"\n`compiled`: gin_adapter/native/row_topk.c, what the kernels use on the CPU up to k = {native_top_k.MAX_K}; `two_stage`: the ATen top-k (above that k, and the fallback).\n")
     summary = results.get("summary", {})
     if summary.get("targets"):
         lines += ["### Targets", "", "| target | value | met |", "|---|---:|---|"]

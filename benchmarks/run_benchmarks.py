@@ -136,6 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernel-chunks", type=csv(int), default=[32, 64, 128, 0], help="kernel suite: query rows per chunk (0: one chunk)")
     p.add_argument("--kernel-reps", type=int, default=5, help="kernel suite: timed rounds (2 at L >= 4096)")
     p.add_argument("--top-k-keys", type=csv(int), default=[64, 128, 256, 1024, 2048], help="top_k suite: keys per row")
+    p.add_argument("--top-k-picks", type=csv(int), default=[8], help="top_k suite: k, the picks per row")
     p.add_argument("--top-k-reps", type=int, default=20, help="top_k suite: timed rounds")
     p.add_argument("--mem-budget-gb", type=float, default=8.0, help="skip crossover cells whose estimated memory exceeds this")
     p.add_argument("--time-budget-s", type=float, default=1.5, help="a crossover backend slower than this per call at some (L, k) is skipped at longer L with the same k")

@@ -43,17 +43,21 @@ def top_k_cases(probs: torch.Tensor, k: int = 8) -> dict[str, Callable[[], Any]]
 
 
 def run_top_k(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Time :func:`top_k_cases` per key count in ``args.top_k_keys`` (interleaved rounds, medians)."""
+    """Time :func:`top_k_cases` per pick count in ``args.top_k_picks`` and key count in ``args.top_k_keys`` (rows
+    of at least 4 keys per pick; interleaved rounds, medians). ``compiled`` calls the kernel itself, also above
+    :data:`gin_adapter.native_top_k.MAX_K` (where ``top_k_last`` takes ATen's)."""
     rows = []
-    enabled, native_top_k.ENABLED = native_top_k.ENABLED, True
+    enabled, limit = native_top_k.ENABLED, native_top_k.MAX_K
+    native_top_k.ENABLED, native_top_k.MAX_K = True, native_top_k.KERNEL_MAX_K
     try:
-        for keys in args.top_k_keys:
-            cases = top_k_cases(chunk_probabilities(keys, seed=args.seed))
-            timings = interleaved_times(cases, 2, args.top_k_reps, lambda: None, what=f"top-k {keys} keys", collect=False)
-            medians = {name: median(t) for name, t in timings.items()}
-            rows.append(dict(keys=keys, rows=2304, k=8, ms={name: 1000 * t for name, t in medians.items()},
-                             over_torch_topk={name: t / medians["torch_topk"] for name, t in medians.items()}))
-            gc.collect()
+        for k in args.top_k_picks:
+            for keys in (n for n in args.top_k_keys if n >= 4 * k):
+                cases = top_k_cases(chunk_probabilities(keys, seed=args.seed), k)
+                timings = interleaved_times(cases, 2, args.top_k_reps, lambda: None, what=f"top-{k} of {keys} keys", collect=False)
+                medians = {name: median(t) for name, t in timings.items()}
+                rows.append(dict(keys=keys, rows=2304, k=k, ms={name: 1000 * t for name, t in medians.items()},
+                                 over_torch_topk={name: t / medians["torch_topk"] for name, t in medians.items()}))
+                gc.collect()
     finally:
-        native_top_k.ENABLED = enabled
+        native_top_k.ENABLED, native_top_k.MAX_K = enabled, limit
     return rows

@@ -2,7 +2,7 @@
 
 :func:`row_top_k` returns ``torch.topk(x, k, dim=-1)``'s values exactly, and the positions in the order
 (larger value, NaN first, lower position), so ties go to the lowest position, for float32 CPU tensors that need
-no gradient, ``1 <= k <= 64``; it returns ``None`` where it does not apply, and callers then use ATen:
+no gradient, ``1 <= k <=`` :data:`MAX_K` (24); it returns ``None`` where it does not apply, and callers then use ATen:
 
 - the library was not built (no C compiler at install time; ``pip install -e .`` builds it, ``setup.py``), or
   ``GIN_ADAPTER_NATIVE=0`` is set, or :data:`ENABLED` is ``False``;
@@ -27,8 +27,13 @@ logger = logging.getLogger(__name__)
 ENABLED = os.environ.get("GIN_ADAPTER_NATIVE", "1") != "0"
 """Use the compiled top-k where it applies; ``False`` (or ``GIN_ADAPTER_NATIVE=0``) gives ATen's everywhere."""
 
-MAX_K = 64
-"""The largest ``k`` the kernel takes."""
+KERNEL_MAX_K = 64
+"""The largest ``k`` the C kernel takes."""
+
+MAX_K = 24
+"""The largest ``k`` :func:`row_top_k` computes: above it ATen's two-stage top-k was faster (the ``top_k`` suite of
+``benchmarks/run_benchmarks.py`` with ``--top-k-picks``, docs/benchmarks.md): the kernel's bound from the column
+maxima costs ``O(k)`` per column, and rows with more than 32 candidates fall back to an insertion."""
 
 PROFILER_LABEL = "gin_adapter::row_top_k"
 """What ``torch.profiler`` calls the kernel's time (it is no ATen operator)."""
@@ -57,7 +62,7 @@ def available() -> bool:
 
 def applies(x: torch.Tensor, k: int) -> bool:
     """Whether :func:`row_top_k` computes ``x``'s top-k rather than returning ``None``."""
-    return (ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 1 and 1 <= k <= MAX_K
+    return (ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 1 and 1 <= k <= min(MAX_K, KERNEL_MAX_K)
             and k <= x.shape[-1] < 2**31 - 1 and not (x.requires_grad and torch.is_grad_enabled())
             and not torch.compiler.is_compiling() and _kernel() is not None)
 

@@ -297,12 +297,12 @@ def test_top_k_suite_times_three_ways_that_agree(monkeypatch):
     """The three ways are timed, checked against ``torch.topk`` first (a wrong pick stops the suite), and tabled."""
     from benchmarks import top_k_suite
 
-    args = rb.parse_args(["--suite", "top_k", "--top-k-keys", "64,300", "--top-k-reps", "1"])
+    args = rb.parse_args(["--suite", "top_k", "--top-k-keys", "64,300", "--top-k-picks", "8,32", "--top-k-reps", "1"])
     rows = top_k_suite.run_top_k(args)
-    assert [r["keys"] for r in rows] == [64, 300]
+    assert [(r["k"], r["keys"]) for r in rows] == [(8, 64), (8, 300), (32, 300)]  # at least 4 keys per pick
     assert set(rows[0]["ms"]) == {"torch_topk", "two_stage", "compiled"} and all(t > 0 for t in rows[0]["ms"].values())
     assert rows[0]["over_torch_topk"]["torch_topk"] == 1.0
-    assert "Per-row top-8" in markdown_tables({"top_k": rows})
+    assert "| 32 | 300 |" in markdown_tables({"top_k": rows})
     probs = top_k_suite.chunk_probabilities(100)
     assert probs.shape == (4, 3, 192, 100) and torch.allclose(probs.sum(-1), torch.ones(4, 3, 192))
     monkeypatch.setattr(top_k_suite, "two_stage_top_k", lambda x, k: (x.topk(k, dim=-1).values.flip(-1), None))

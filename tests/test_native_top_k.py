@@ -16,6 +16,12 @@ from gin_adapter.native_top_k import row_top_k
 from gin_adapter.top_k import top_k_last
 
 
+@pytest.fixture(autouse=True)
+def every_k(monkeypatch):
+    """The kernel's own range of k (up to 64), not just what ``row_top_k`` hands it by default (up to 24)."""
+    monkeypatch.setattr(native_top_k, "MAX_K", native_top_k.KERNEL_MAX_K)
+
+
 @pytest.fixture
 def threads():
     """Set torch's thread count for one test, restored after."""
@@ -24,9 +30,15 @@ def threads():
     torch.set_num_threads(before)
 
 
-def test_compiled_top_k_is_built():
-    """``pip install -e .`` (scripts/setup.sh) builds the library; a missing C compiler would leave the ATen path."""
+def test_compiled_top_k_is_built(monkeypatch):
+    """``pip install -e .`` (scripts/setup.sh) builds the library; a missing C compiler would leave the ATen path.
+    Benchmark and trial results record whether it was in use."""
+    from gin_adapter.compare.machine import machine
+
     assert native_top_k.available(), "gin_adapter/_row_topk*.so is missing: reinstall with a C compiler present (pip install -e .)"
+    assert machine()["compiled_top_k"] is True
+    monkeypatch.setattr(native_top_k, "ENABLED", False)
+    assert machine()["compiled_top_k"] is False
 
 
 def _stable_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +79,18 @@ def test_ties_nan_and_infinities(n):
     assert torch.equal(values.nan_to_num(7.0), x.topk(8, dim=-1).values.nan_to_num(7.0))
 
 
+@pytest.mark.parametrize("k", [8, 20, 64])
+def test_mostly_zero_rows(k):
+    """Rows with a few positive entries and zeros elsewhere (thresholded graphs, causal rows that see few keys):
+    the positives first, then the lowest-positioned zeros."""
+    generator = torch.Generator().manual_seed(k)
+    x = torch.rand(64, 1500, generator=generator)
+    x = x * (torch.rand(64, 1500, generator=generator) < torch.linspace(0.0, 0.05, 64)[:, None])  # 0 to ~75 positives per row
+    values, index = row_top_k(x, k)
+    expected_values, expected_index = _stable_top_k(x, k)
+    assert torch.equal(values, expected_values) and torch.equal(index, expected_index)
+
+
 def test_strided_inputs():
     """A slice of wider rows and a transposed tensor give the top-k of what they show."""
     x = torch.randn(50, 300, generator=torch.Generator().manual_seed(1))
@@ -76,15 +100,17 @@ def test_strided_inputs():
 
 
 def test_does_not_apply_where_it_cannot(monkeypatch):
-    """Gradients needed, another dtype, k above 64 or the switch off: ``None``, and ``top_k_last`` still equals
+    """Gradients needed, another dtype, k above the limit or the switch off: ``None``, and ``top_k_last`` still equals
     ``torch.topk`` there (through the ATen path)."""
     x = torch.randn(6, 300, generator=torch.Generator().manual_seed(2))
-    cases = [(x.clone().requires_grad_(), 8), (x.bfloat16(), 8), (x.double(), 8), (x, 65)]
+    cases = [(x.clone().requires_grad_(), 8), (x.bfloat16(), 8), (x.double(), 8), (x, native_top_k.KERNEL_MAX_K + 1)]
     for tensor, k in cases:
         assert row_top_k(tensor, k) is None
         assert torch.equal(top_k_last(tensor, k)[0], tensor.topk(k, dim=-1).values)
     with torch.no_grad():
         assert row_top_k(x.clone().requires_grad_(), 8) is not None
+    monkeypatch.setattr(native_top_k, "MAX_K", 24)  # the default limit: above it ATen's top-k is faster
+    assert row_top_k(x, 24) is not None and row_top_k(x, 25) is None
     monkeypatch.setattr(native_top_k, "ENABLED", False)
     assert row_top_k(x, 8) is None
 
@@ -111,3 +137,27 @@ def test_training_step_equals_aten_top_k(monkeypatch):
     assert aten_calls == 0 and aten_calls_aten > 0
     assert torch.equal(loss, loss_aten)
     assert torch.equal(grads, grads_aten)
+
+
+def test_missing_library_falls_back_to_aten(monkeypatch, caplog):
+    """Installed without a C compiler: ``available()`` is false, it is logged once, and ``top_k_last`` still
+    gives ``torch.topk``'s values (through the ATen two-stage top-k)."""
+    import importlib
+    import logging
+
+    def no_library(name, *args, **kwargs):
+        raise ImportError(f"No module named {name!r}")
+
+    native_top_k._kernel.cache_clear()
+    monkeypatch.setattr(importlib, "import_module", no_library)
+    try:
+        with caplog.at_level(logging.INFO, logger="gin_adapter.native_top_k"):
+            assert not native_top_k.available()
+            x = torch.randn(10, 300, generator=torch.Generator().manual_seed(4))
+            assert row_top_k(x, 8) is None
+            assert torch.equal(top_k_last(x, 8)[0], x.topk(8, dim=-1).values)
+        assert sum("not available" in record.message for record in caplog.records) == 1
+    finally:
+        monkeypatch.undo()
+        native_top_k._kernel.cache_clear()
+    assert native_top_k.available()

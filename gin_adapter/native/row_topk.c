@@ -16,7 +16,8 @@
  * row's top k are among the entries >= t, each in a column whose maximum is >= t or in the rest: only those
  * columns are read again. Up to 32 such candidates (usually about k + 1) are ranked: each one's rank is the
  * number of candidates that rank before it (8 at a time, with GCC vector extensions), and rank < k places it;
- * more (many ties with t, as in rows of zeros) go through a sorted insertion. Rows holding NaN, and rows shorter
+ * rows with more (many ties with t: mostly-zero rows, as the published rule's thresholded graphs) go through
+ * a sorted insertion over the row in position order, where an entry equal to the k-th largest so far is skipped. Rows holding NaN, and rows shorter
  * than 4 k, go through a plain insertion scan instead.
  *
  * Threads: rows are split into `threads` parts by OpenMP when the call holds at least 65,536 elements. Built
@@ -84,8 +85,11 @@ void select_top(const float *cv, const int32_t *ci, int64_t m, const int k, floa
 /* exact top-k of one row by insertion (short rows, rows holding NaN) */
 static void topk_scan(const float *row, int64_t n, int k, float *v, int64_t *ix) {
     for (int64_t j = 0; j < k; ++j) insert(v, ix, (int)j, row[j], j);
-    for (int64_t j = k; j < n; ++j)
-        if (ranks_before(row[j], j, v[k - 1], ix[k - 1])) insert(v, ix, k - 1, row[j], j);
+    float last = v[k - 1];
+    for (int64_t j = k; j < n; ++j) {
+        float y = row[j];  /* in position order, an entry equal to the k-th never ranks before it */
+        if ((y > last || y != y) && ranks_before(y, j, v[k - 1], ix[k - 1])) { insert(v, ix, k - 1, y, j); last = v[k - 1]; }
+    }
 }
 
 static inline __attribute__((always_inline))
@@ -135,7 +139,8 @@ void topk_rows_impl(const float *x, int64_t rows, int64_t n, int64_t stride, con
         }
         for (int64_t j = body; j < n; ++j) { float y = row[j]; cv[m] = y; ci[m] = (int32_t)j; m += y >= t; }
         for (int64_t p = m; p < ((m + 7) & ~(int64_t)7); ++p) { cv[p] = -__builtin_inff(); ci[p] = INT32_MAX; }
-        select_top(cv, ci, m, k, v, ix);
+        if (m <= RANKED_CANDIDATES) select_top(cv, ci, m, k, v, ix);
+        else topk_scan(row, n, k, v, ix);  /* many ties with t (rows of zeros, thresholded graphs): in position order */
     }
 }
 
