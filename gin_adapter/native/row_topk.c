@@ -7,24 +7,27 @@
  * positions by the order (larger value, NaN first, then lower position), so ties go to the lowest position.
  * Returns 0, 1 for bad arguments (k < 1, k > 64, n < k, rows < 0, n >= 2^31), 2 when memory ran out.
  *
- * Why: torch.topk on the CPU costs a partial sort per row; on the rows of 64-256 attention probabilities the
- * adapter picks from, this kernel is several times faster (benchmarks/top_k_suite.py, docs/benchmarks.md).
+ * Why: torch.topk on the CPU costs a partial sort per row. On a query chunk's rows of 128-2,048 attention
+ * probabilities this kernel takes 0.14-0.22 of its time for k = 8 on one thread of an Intel Xeon; it stays
+ * faster than ATen up to k = 24 and is slower from k = 32, so Python hands it k <= 24 only
+ * (`run_benchmarks.py --suite top_k`, docs/benchmarks.md).
  *
  * How, per row (exact): the row is viewed as s slabs of c columns (n = s c + rest, c a power of two near
  * sqrt(k n)). The column maxima are one vectorised pass; t, the k-th largest column maximum, is found by a
  * branch-free sorted insertion (kth[p] = max(kth[p], min(kth[p-1], y))). k distinct entries are >= t, so the
  * row's top k are among the entries >= t, each in a column whose maximum is >= t or in the rest: only those
  * columns are read again. Up to 32 such candidates (usually about k + 1) are ranked: each one's rank is the
- * number of candidates that rank before it (8 at a time, with GCC vector extensions), and rank < k places it;
- * rows with more (many ties with t: mostly-zero rows, as the published rule's thresholded graphs) go through
- * a sorted insertion over the row in position order, where an entry equal to the k-th largest so far is skipped. Rows holding NaN, and rows shorter
- * than 4 k, go through a plain insertion scan instead.
+ * number of candidates that rank before it (8 at a time, with GCC vector extensions), and rank < k places it.
+ * Rows with more candidates (many ties with t: mostly-zero rows, as thresholded graphs), rows holding NaN and
+ * rows shorter than 4 k go through a sorted insertion over the row in position order instead, which skips an
+ * entry equal to the k-th largest so far (in position order it cannot rank before it).
  *
  * Threads: rows are split into `threads` parts by OpenMP when the call holds at least 65,536 elements. Built
  * with -fopenmp, the library takes the libgomp.so.1 that PyTorch's wheel has already loaded, so these parts run
- * on PyTorch's own (already spinning) OpenMP threads rather than on new ones competing with them. Without
- * OpenMP it runs on the calling thread. On x86-64 Linux with GCC the row loop is compiled for AVX2 and for the baseline, chosen when
- * the library loads (target_clones).
+ * on PyTorch's own (already spinning) OpenMP threads rather than on new ones competing with them; per-call
+ * POSIX threads, tried first, were slower at 2 threads than one. Without OpenMP it runs on the calling thread.
+ * On x86-64 Linux with GCC the row loop is compiled for AVX2 and for the baseline, chosen when the library
+ * loads (target_clones).
  */
 #ifdef GIN_PYTHON_MODULE
 #define PY_SSIZE_T_CLEAN
@@ -44,7 +47,7 @@
 #define PARALLEL_MIN_ELEMENTS 65536
 #define RANKED_CANDIDATES 32
 
-/* (a, ia) ranks before (b, ib): larger value, then NaN first, then lower index (torch.topk's order, ties by index) */
+/* (a, ia) ranks before (b, ib): larger value (NaN largest, as in torch.topk), then lower index */
 static inline int ranks_before(float a, int64_t ia, float b, int64_t ib) {
     if (a > b) return 1;
     if (a != a) return b == b || ia < ib;
@@ -82,7 +85,7 @@ void select_top(const float *cv, const int32_t *ci, int64_t m, const int k, floa
     }
 }
 
-/* exact top-k of one row by insertion (short rows, rows holding NaN) */
+/* exact top-k of one row by insertion in position order (short rows, rows holding NaN, many ties) */
 static void topk_scan(const float *row, int64_t n, int k, float *v, int64_t *ix) {
     for (int64_t j = 0; j < k; ++j) insert(v, ix, (int)j, row[j], j);
     float last = v[k - 1];
