@@ -1,7 +1,8 @@
 """Build step for the one compiled part: the per-row top-k (gin_adapter/native/row_topk.c).
 
-Optional: where no C compiler is found, or the build fails (MSVC, say: the kernel uses GCC vector extensions), the package installs without it and ``gin_adapter.native_top_k`` falls back to
-``torch.topk``. Everything else is in pyproject.toml.
+Optional: where no C compiler is found, or the build fails (MSVC, say: the kernel uses GCC vector extensions),
+the package installs without it and ``gin_adapter.top_k`` uses ATen's top-k instead. Everything else is in
+pyproject.toml.
 """
 
 import sys

@@ -26,7 +26,7 @@ logger = logging.getLogger("benchmarks")
 
 
 ALL_VARIANTS = ("base", "lora", "gin", "gin_keep", "gin_separate", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_hidden_reference",
-               "gin_hidden_reference_separate", "gin_published", "gin_published_keep", "gin_published_separate", "gin_onednn_gelu", "gin_aten_topk", "gin_published_aten_topk", "lora_b")
+               "gin_hidden_reference_separate", "gin_published", "gin_published_keep", "gin_published_separate", "gin_onednn_gelu", "gin_aten_topk", "lora_b")
 LABELS = {
     "base": "frozen base (floor)",
     "lora": "LoRA (q_proj, v_proj), matched params",
@@ -46,7 +46,6 @@ LABELS = {
     "gin_published_keep": "GIN, GinConfig.published(graph='gin', recompute_adjacency=False): probabilities kept for backward",
     "gin_published_separate": "GIN, GinConfig.published(graph='gin'), sdpa + the separate threshold kernel (joint.ENABLED off)",
     "gin_aten_topk": "GIN, package default, ATen's top-k instead of the compiled one (native_top_k.ENABLED off)",
-    "gin_published_aten_topk": "GIN, GinConfig.published(graph='gin'), ATen's top-k instead of the compiled one",
     "lora_b": "LoRA (q_proj, v_proj), matched to gin_published",
 }
 GIN_CONFIGS: dict[str, dict] = {
@@ -65,12 +64,11 @@ GIN_CONFIGS: dict[str, dict] = {
     "gin_published_keep": dict(preset="published", graph="gin", recompute_adjacency=False),
     "gin_published_separate": dict(preset="published", graph="gin"),
     "gin_aten_topk": dict(),
-    "gin_published_aten_topk": dict(preset="published", graph="gin"),
 }
 SEPARATE = ("gin_separate", "gin_hidden_reference_separate", "gin_published_separate", "gin_onednn_gelu")
 """Variants trained with ``gin_adapter.joint.ENABLED`` off: sdpa, then the separate kernel scores the keys again."""
 NATIVE_TOP_K_DEFAULT = native_top_k.ENABLED  # GIN_ADAPTER_NATIVE=0 turns it off for every variant
-ATEN_TOP_K = ("gin_aten_topk", "gin_published_aten_topk")
+ATEN_TOP_K = ("gin_aten_topk",)
 """Variants run with ``gin_adapter.native_top_k.ENABLED`` off: ATen's top-k (the two-stage one) in every kernel."""
 
 

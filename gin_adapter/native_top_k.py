@@ -9,7 +9,8 @@ no gradient, ``1 <= k <=`` :data:`MAX_K` (24); it returns ``None`` where it does
 - another device or dtype, autograd would need the values' gradient, or ``torch.compile`` is tracing (the compiled
   graph gets ATen's top-k, which it can fuse).
 
-It splits the rows over ``torch.get_num_threads()`` POSIX threads when a call holds at least 65,536 elements.
+It splits the rows over ``torch.get_num_threads()`` OpenMP threads (PyTorch's own, see ``row_topk.c``) when a
+call holds at least 65,536 elements.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _kernel():
         module = importlib.import_module("gin_adapter._row_topk")
         library = ctypes.CDLL(module.__file__)
     except (ImportError, OSError) as exc:
-        logger.info("gin_adapter's compiled top-k is not available (%s); using torch.topk. Reinstall with a C compiler "
+        logger.info("gin_adapter's compiled top-k is not available (%s); using ATen's top-k. Reinstall with a C compiler "
                     "present (pip install -e .) to build it.", exc)
         return None
     kernel = library.gin_row_topk_f32
@@ -64,7 +65,7 @@ def applies(x: torch.Tensor, k: int) -> bool:
     """Whether :func:`row_top_k` computes ``x``'s top-k rather than returning ``None``."""
     return (ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 1 and 1 <= k <= min(MAX_K, KERNEL_MAX_K)
             and k <= x.shape[-1] < 2**31 - 1 and not (x.requires_grad and torch.is_grad_enabled())
-            and not torch.compiler.is_compiling() and _kernel() is not None)
+            and not torch.compiler.is_compiling() and available())
 
 
 def row_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -72,6 +73,7 @@ def row_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | No
     descending; ``None`` where the kernel does not apply (module docstring)."""
     if not applies(x, k):
         return None
+    kernel = _kernel()
     n = x.shape[-1]
     rows = x.reshape(-1, n)
     if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < n):
@@ -80,7 +82,7 @@ def row_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | No
     index = torch.empty(rows.shape[0], k, dtype=torch.long)
     if rows.shape[0]:
         with torch.profiler.record_function(PROFILER_LABEL):
-            status = _kernel()(rows.data_ptr(), rows.shape[0], n, rows.stride(0) if rows.shape[0] > 1 else n, k, values.data_ptr(), index.data_ptr(),
+            status = kernel(rows.data_ptr(), rows.shape[0], n, rows.stride(0) if rows.shape[0] > 1 else n, k, values.data_ptr(), index.data_ptr(),
                                torch.get_num_threads())
         if status == 2:
             raise MemoryError(f"gin_adapter's top-k could not allocate its buffers for rows of {n} entries.")

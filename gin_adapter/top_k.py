@@ -12,7 +12,7 @@ import torch
 from .native_top_k import row_top_k
 
 TWO_STAGE_MIN_KEYS_PER_PICK = 16
-""":func:`top_k_last` goes through column maxima when the row holds at least this many keys per pick."""
+""":func:`two_stage_top_k` goes through column maxima when the row holds at least this many keys per pick."""
 
 
 def top_k_last(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,7 +116,7 @@ void topk_rows_impl(const float *x, int64_t rows, int64_t n, int64_t stride, con
         if (!columns || nan) { topk_scan(row, n, k, v, ix); continue; }
         /* t: the k-th largest column maximum. k distinct entries are >= t, so the row's top k are all >= t.
            Sorted insertion of values only, branch-free: kth[p] = max(kth[p], min(kth[p-1], y)). */
-        for (int j = 0; j < k; ++j) kth[j] = colmax[0];
+        kth[0] = colmax[0];
         for (int j = 1; j < k; ++j) kth[j] = -__builtin_inff();
         for (int64_t c = 1; c < columns; ++c) {
             float y = colmax[c];
