@@ -1,8 +1,9 @@
-"""Build step for the one compiled part: the per-row top-k (gin_adapter/native/row_topk.c).
+"""Build step for the compiled CPU kernels in gin_adapter/native/: the per-row top-k (row_topk.c) and the top-k
+graph's neighbour sum with its backward (graph_sum.c), one library ``gin_adapter._native`` called through ctypes.
 
-Optional: where no C compiler is found, or the build fails (MSVC, say: the kernel uses GCC vector extensions),
-the package installs without it and ``gin_adapter.top_k`` uses ATen's top-k instead. Everything else is in
-pyproject.toml.
+Optional: where no C compiler is found, or the build fails (MSVC, say: the kernels use GCC vector extensions),
+the package installs without it and the kernels use ATen's operators instead (``gin_adapter.native_library``).
+Everything else is in pyproject.toml.
 """
 
 import sys
@@ -13,5 +14,6 @@ from setuptools import Extension, setup
 # Apple's clang has no -fopenmp (single-threaded there), MSVC takes none of these flags (the build is skipped).
 compile_flags = {"win32": [], "darwin": ["-O3"]}.get(sys.platform, ["-O3", "-fopenmp"])
 link_flags = ["-fopenmp"] if "-fopenmp" in compile_flags else []
-setup(ext_modules=[Extension("gin_adapter._row_topk", sources=["gin_adapter/native/row_topk.c"], define_macros=[("GIN_PYTHON_MODULE", "1")],
+sources = [f"gin_adapter/native/{name}.c" for name in ("module", "row_topk", "graph_sum")]
+setup(ext_modules=[Extension("gin_adapter._native", sources=sources, libraries=[] if sys.platform == "win32" else ["m"],
                              extra_compile_args=compile_flags, extra_link_args=link_flags, optional=True)])

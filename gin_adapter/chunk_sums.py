@@ -9,11 +9,16 @@ A chunk of ``R`` query rows (grouped per KV head: ``(B, Hkv, R, .)``) picked ``k
 * or by gathering the ``k`` feature rows (:func:`gather_rows`, :func:`weighted_rows`, backward
   :func:`gathered_sum_grads`: ``dW[r, m] = dn_r . X[local[r, m]]``, ``dX[local[r, m]] += W[r, m] dn_r``):
   ``O(R k F)``, best when ``keys >> k``.
+
+On the CPU both take the compiled sum where it applies (:mod:`gin_adapter.native_graph_sum`: ``k F`` multiply-adds
+a row, nothing copied); the two ATen ways are the fallback.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import native_graph_sum
 
 
 def flat_rows(index: torch.Tensor, k_len: int) -> torch.Tensor:
@@ -76,7 +81,11 @@ def chunk_sum(sum_mode: str, local: torch.Tensor, index: torch.Tensor, weights: 
               k0: int, k1: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """One chunk's ``n (B, Hkv, R, F)``: ``sum_mode`` ``"dense"`` (``A X`` over the chunk's keys ``[k0, k1)``, ``A``
     scattered into ``buffer`` ``(B, Hkv, R, k1 - k0)`` when given, e.g. the chunk's spent probabilities) or
-    ``"gather"`` (the ``k`` rows of all of ``features (B, Hkv, Lk, F)``, contiguous). ``local = index - k0``."""
+    ``"gather"`` (the ``k`` rows of all of ``features (B, Hkv, Lk, F)``, contiguous). ``local = index - k0``.
+    The compiled sum instead where it applies, whatever ``sum_mode``."""
+    native = native_graph_sum.graph_sum(weights, index, features)
+    if native is not None:
+        return native
     if sum_mode == "dense":
         if buffer is None:
             buffer = features.new_empty(*local.shape[:-1], k1 - k0)
@@ -87,7 +96,10 @@ def chunk_sum(sum_mode: str, local: torch.Tensor, index: torch.Tensor, weights: 
 def chunk_sum_grads(sum_mode: str, grad: torch.Tensor, local: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
                     features: torch.Tensor, grad_features: torch.Tensor | None, k0: int, k1: int, *, need_weights: bool) -> torch.Tensor | None:
     """Backward of :func:`chunk_sum`: returns ``dW`` (``None`` unless ``need_weights``) and adds ``dX`` into
-    ``grad_features`` (same shape as ``features``) when it is given."""
+    ``grad_features`` (same shape as ``features``) when it is given. The compiled backward where it applies."""
+    done, grad_weights = native_graph_sum.graph_sum_grad(grad, weights, index, features, grad_features, need_weights=need_weights)
+    if done:
+        return grad_weights
     if sum_mode == "dense":
         grad_weights, grad_chunk = dense_sum_grads(grad, local, weights, features[..., k0:k1, :], need_weights=need_weights,
                                                    need_features=grad_features is not None)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import topk_sum
+from . import native_graph_sum, topk_sum
 from .adjacency import float32_region, self_index
 from .chunk_sums import chunk_sum, chunk_sum_grads
 from .top_k import top_k_last
@@ -173,18 +173,22 @@ def sdpa_layout(out: torch.Tensor) -> torch.Tensor:
 
 
 class _GraphSum(torch.autograd.Function):
-    """``n_i = sum_m W[i, m] x[idx_m]`` per query chunk, dense (``A x`` with the k weights scattered into the chunk's
-    ``(rows, keys)``) or gathered (:mod:`gin_adapter.chunk_sums`); gradients to the weights and to ``x``."""
+    """``n_i = sum_m W[i, m] x[idx_m]``; gradients to the weights and to ``x``. On the CPU every row in one call of
+    the compiled sum (:mod:`gin_adapter.native_graph_sum`); otherwise per query chunk, dense (``A x`` with the k
+    weights scattered into the chunk's ``(rows, keys)``) or gathered (:mod:`gin_adapter.chunk_sums`)."""
 
     @staticmethod
     def forward(ctx, weights5, index5, features, chunks: list[Chunk], sum_mode: SumMode):
         layout = _Layout.of_split(weights5)
+        ctx.save_for_backward(weights5, index5, features)
+        ctx.chunks, ctx.layout, ctx.sum_mode = chunks, layout, sum_mode
+        native = native_graph_sum.graph_sum(_graph_rows(weights5), _graph_rows(index5), features)  # every row in one call
+        if native is not None:
+            return native.view(*weights5.shape[:4], features.shape[-1])
         out5 = features.new_empty(*weights5.shape[:4], features.shape[-1])
         for chunk in chunks:
             weights, index = layout.rows(weights5, chunk), layout.rows(index5, chunk)
             layout.put(out5, chunk, chunk_sum(sum_mode, index - chunk.k0, index, weights, features, chunk.k0, chunk.k1))
-        ctx.save_for_backward(weights5, index5, features)
-        ctx.chunks, ctx.layout, ctx.sum_mode = chunks, layout, sum_mode
         return out5
 
     @staticmethod
@@ -196,8 +200,12 @@ class _GraphSum(torch.autograd.Function):
     def _backward(ctx, grad5):
         weights5, index5, features = ctx.saved_tensors
         layout = ctx.layout
-        grad_weights5 = torch.zeros_like(weights5) if ctx.needs_input_grad[0] else None
         grad_features = torch.zeros_like(features) if ctx.needs_input_grad[2] else None
+        done, grad_weights = native_graph_sum.graph_sum_grad(_graph_rows(grad5), _graph_rows(weights5), _graph_rows(index5), features, grad_features,
+                                                             need_weights=ctx.needs_input_grad[0])
+        if done:
+            return None if grad_weights is None else grad_weights.view(weights5.shape), None, grad_features, None, None
+        grad_weights5 = torch.zeros_like(weights5) if ctx.needs_input_grad[0] else None
         for chunk in ctx.chunks:
             grad, weights, index = layout.rows(grad5, chunk), layout.rows(weights5, chunk), layout.rows(index5, chunk)
             grad_weights = chunk_sum_grads(ctx.sum_mode, grad, index - chunk.k0, index, weights, features, grad_features, chunk.k0, chunk.k1,
@@ -207,6 +215,11 @@ class _GraphSum(torch.autograd.Function):
         return grad_weights5, None, grad_features, None, None
 
 
+def _graph_rows(x5: torch.Tensor) -> torch.Tensor:
+    """``(B, Hkv, G, Lq, n) -> (B, Hkv, G * Lq, n)``: every query row of a key/value head's graph."""
+    return x5.flatten(2, 3)
+
+
 def graph_sum(graph: TopKGraph, features: torch.Tensor, sum_mode: str = "auto") -> torch.Tensor:
     """``n_i = sum_m W[i, m] x[idx_m]``: features ``(B, Hkv, Lk, F)`` (shared ones expanded) -> ``(B, H, Lq, F)`` float32.
 
@@ -214,8 +227,8 @@ def graph_sum(graph: TopKGraph, features: torch.Tensor, sum_mode: str = "auto") 
     on long sequences, as the separate kernel). Float32 under ``torch.autocast`` too."""
     mode = choose_sum_mode(sum_mode, graph.top_k, features.shape[-2])
     features = features.float()
-    if mode == "gather" or features.stride(1) == 0:  # rows gathered by flat index; shared features: one copy per head
-        features = features.contiguous()
+    if mode == "gather" or features.stride(1) == 0 or (features.device.type == "cpu" and native_graph_sum.ENABLED):
+        features = features.contiguous()  # rows gathered by flat index (compiled or ATen); shared features: one copy per head
     with float32_region(features.device):  # float32 under mixed precision too
         out5 = _GraphSum.apply(graph.weights, graph.index, features, graph.chunks, mode)
     batch, kv_heads, groups, q_len, dim = out5.shape

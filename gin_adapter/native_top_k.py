@@ -4,7 +4,8 @@
 (larger value, NaN first, lower position), so ties go to the lowest position, for float32 CPU tensors that need
 no gradient, ``1 <= k <=`` :data:`MAX_K` (24); it returns ``None`` where it does not apply, and callers then use ATen:
 
-- the library was not built (no C compiler at install time; ``pip install -e .`` builds it, ``setup.py``), or
+- the library was not built (no C compiler at install time; ``pip install -e .`` builds it, ``setup.py``;
+  :mod:`gin_adapter.native_library`), or
   ``GIN_ADAPTER_NATIVE=0`` is set, or :data:`ENABLED` is ``False``;
 - another device or dtype, autograd would need the values' gradient, or ``torch.compile`` is tracing (the compiled
   graph gets ATen's top-k, which it can fuse).
@@ -17,15 +18,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib
-import logging
-import os
 
 import torch
 
-logger = logging.getLogger(__name__)
+from . import native_library
 
-ENABLED = os.environ.get("GIN_ADAPTER_NATIVE", "1") != "0"
+ENABLED = native_library.ENABLED_BY_ENVIRONMENT
 """Use the compiled top-k where it applies; ``False`` (or ``GIN_ADAPTER_NATIVE=0``) gives ATen's everywhere."""
 
 KERNEL_MAX_K = 64
@@ -42,18 +40,9 @@ PROFILER_LABEL = "gin_adapter::row_top_k"
 
 @functools.cache
 def _kernel():
-    """The C function, or ``None`` where the library is missing or cannot be loaded (logged once)."""
-    try:
-        module = importlib.import_module("gin_adapter._row_topk")
-        library = ctypes.CDLL(module.__file__)
-    except (ImportError, OSError) as exc:
-        logger.info("gin_adapter's compiled top-k is not available (%s); using ATen's top-k. Reinstall with a C compiler "
-                    "present (pip install -e .) to build it.", exc)
-        return None
-    kernel = library.gin_row_topk_f32
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    kernel.restype = ctypes.c_int
-    return kernel
+    """The C function, or ``None`` where the library is missing (:func:`gin_adapter.native_library.library`)."""
+    return native_library.function("gin_row_topk_f32", [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
 
 
 def available() -> bool:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import joint_training_step
 
-from gin_adapter import GinConfig, native_top_k
+from gin_adapter import GinConfig, native_graph_sum, native_library, native_top_k
 from gin_adapter import top_k as top_k_module
 from gin_adapter.native_top_k import row_top_k
 from gin_adapter.top_k import top_k_last
@@ -35,7 +35,7 @@ def test_compiled_top_k_is_built(monkeypatch):
     Benchmark and trial results record whether it was in use."""
     from gin_adapter.compare.machine import machine
 
-    assert native_top_k.available(), "gin_adapter/_row_topk*.so is missing: reinstall with a C compiler present (pip install -e .)"
+    assert native_top_k.available(), "gin_adapter/_native*.so is missing: reinstall with a C compiler present (pip install -e .)"
     assert machine()["compiled_top_k"] is True
     monkeypatch.setattr(native_top_k, "ENABLED", False)
     assert machine()["compiled_top_k"] is False
@@ -139,25 +139,39 @@ def test_training_step_equals_aten_top_k(monkeypatch):
     assert torch.equal(grads, grads_aten)
 
 
+def _forget_library() -> None:
+    """Drop every cached lookup of the compiled library, so the next call loads it again."""
+    native_library.library.cache_clear()
+    native_top_k._kernel.cache_clear()
+    native_graph_sum._kernels.cache_clear()
+
+
 def test_missing_library_falls_back_to_aten(monkeypatch, caplog):
-    """Installed without a C compiler: ``available()`` is false, it is logged once, and ``top_k_last`` still
-    gives ``torch.topk``'s values (through the ATen two-stage top-k)."""
+    """Installed without a C compiler: ``available()`` is false for every kernel, it is logged once, and
+    ``top_k_last`` and the neighbour sums still give ATen's values (the two-stage top-k, the dense sum)."""
     import importlib
     import logging
+
+    from gin_adapter.chunk_sums import chunk_sum
 
     def no_library(name, *args, **kwargs):
         raise ImportError(f"No module named {name!r}")
 
-    native_top_k._kernel.cache_clear()
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(10, 300, generator=generator)
+    weights, index, features = torch.rand(1, 2, 5, 3, generator=generator), torch.rand(1, 2, 5, 7, generator=generator).argsort(-1)[..., :3], torch.randn(1, 2, 7, 4)
+    expected_sum = (weights.unsqueeze(-1) * features[0, :, None].expand(2, 5, 7, 4).gather(2, index[0, ..., None].expand(2, 5, 3, 4))).sum(-2)
+    _forget_library()
     monkeypatch.setattr(importlib, "import_module", no_library)
     try:
-        with caplog.at_level(logging.INFO, logger="gin_adapter.native_top_k"):
-            assert not native_top_k.available()
-            x = torch.randn(10, 300, generator=torch.Generator().manual_seed(4))
+        with caplog.at_level(logging.INFO, logger="gin_adapter.native_library"):
+            assert not native_top_k.available() and not native_graph_sum.available()
             assert row_top_k(x, 8) is None
             assert torch.equal(top_k_last(x, 8)[0], x.topk(8, dim=-1).values)
+            assert native_graph_sum.graph_sum(weights, index, features) is None
+            torch.testing.assert_close(chunk_sum("dense", index, index, weights, features, 0, 7), expected_sum)
         assert sum("not available" in record.message for record in caplog.records) == 1
     finally:
         monkeypatch.undo()
-        native_top_k._kernel.cache_clear()
-    assert native_top_k.available()
+        _forget_library()
+    assert native_top_k.available() and native_graph_sum.available()

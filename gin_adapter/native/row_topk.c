@@ -29,10 +29,6 @@
  * On x86-64 Linux with GCC the row loop is compiled for AVX2 and for the baseline, chosen when the library
  * loads (target_clones).
  */
-#ifdef GIN_PYTHON_MODULE
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#endif
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -201,10 +197,3 @@ int gin_row_topk_f32(const float *x, int64_t rows, int64_t n, int64_t stride, in
 #endif
     return topk_part(x, 0, rows, n, stride, k, columns, values, index);
 }
-
-#ifdef GIN_PYTHON_MODULE
-/* An importable module, so Python finds the built library (also in editable installs); the function itself is
-   called through ctypes. */
-static struct PyModuleDef row_topk_module = {PyModuleDef_HEAD_INIT, "_row_topk", "gin_adapter's compiled per-row top-k (called through ctypes).", -1, NULL};
-PyMODINIT_FUNC PyInit__row_topk(void) { return PyModule_Create(&row_topk_module); }
-#endif

@@ -1,0 +1,42 @@
+"""The compiled CPU kernels (``gin_adapter/native/*.c``, built by ``pip install -e .`` as ``gin_adapter._native``),
+loaded once through ``ctypes``.
+
+The library is optional: without a C compiler at install time the package installs without it, :func:`library`
+returns ``None`` (logged once) and every caller uses ATen's operators instead. ``GIN_ADAPTER_NATIVE=0`` in the
+environment switches every compiled kernel off (:data:`ENABLED_BY_ENVIRONMENT`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+ENABLED_BY_ENVIRONMENT = os.environ.get("GIN_ADAPTER_NATIVE", "1") != "0"
+"""``False`` when ``GIN_ADAPTER_NATIVE=0`` is set: the default of each kernel module's ``ENABLED`` switch."""
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded library, or ``None`` where it is missing or cannot be loaded (logged once)."""
+    try:
+        module = importlib.import_module("gin_adapter._native")
+        return ctypes.CDLL(module.__file__)
+    except (ImportError, OSError) as exc:
+        logger.info("gin_adapter's compiled kernels are not available (%s); using ATen's operators. Reinstall with a C "
+                    "compiler present (pip install -e .) to build them.", exc)
+        return None
+
+
+def function(name: str, argtypes: list, restype=ctypes.c_int):
+    """The library's C function ``name`` with its argument types set, or ``None`` without the library."""
+    loaded = library()
+    if loaded is None:
+        return None
+    found = getattr(loaded, name)
+    found.argtypes, found.restype = argtypes, restype
+    return found
