@@ -1,5 +1,6 @@
-"""Build step for the compiled CPU kernels in gin_adapter/native/: the per-row top-k (row_topk.c) and the top-k
-graph's neighbour sum with its backward (graph_sum.c), one library ``gin_adapter._native`` called through ctypes.
+"""Build step for the compiled CPU kernels in gin_adapter/native/: the per-row top-k (row_topk.c), the top-k
+graph's neighbour sum with its backward (graph_sum.c) and the causal mask and softmax backward of a query chunk's
+scores (score_rows.c), one library ``gin_adapter._native`` called through ctypes.
 
 Optional: where no C compiler is found, or the build fails (MSVC, say: the kernels use GCC vector extensions),
 the package installs without it and the kernels use ATen's operators instead (``gin_adapter.native_library``).
@@ -14,6 +15,6 @@ from setuptools import Extension, setup
 # Apple's clang has no -fopenmp (single-threaded there), MSVC takes none of these flags (the build is skipped).
 compile_flags = {"win32": [], "darwin": ["-O3"]}.get(sys.platform, ["-O3", "-fopenmp"])
 link_flags = ["-fopenmp"] if "-fopenmp" in compile_flags else []
-sources = [f"gin_adapter/native/{name}.c" for name in ("module", "row_topk", "graph_sum")]
+sources = [f"gin_adapter/native/{name}.c" for name in ("module", "row_topk", "graph_sum", "score_rows")]
 setup(ext_modules=[Extension("gin_adapter._native", sources=sources, libraries=[] if sys.platform == "win32" else ["m"],
                              extra_compile_args=compile_flags, extra_link_args=link_flags, optional=True)])

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from benchmarks.published import build_published_model
-from gin_adapter import GinConfig, count_trainable_parameters, get_gin_model, gin_layers, joint, native_graph_sum, native_top_k
+from gin_adapter import GinConfig, count_trainable_parameters, get_gin_model, gin_layers, joint, native_graph_sum, native_score_rows, native_top_k
 from gin_adapter.activations import GELU
 
 logger = logging.getLogger("benchmarks")
 
 
 ALL_VARIANTS = ("base", "lora", "gin", "gin_keep", "gin_separate", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_hidden_reference",
-               "gin_hidden_reference_separate", "gin_published", "gin_published_keep", "gin_published_separate", "gin_onednn_gelu", "gin_aten_topk", "gin_aten_sum", "gin_published_aten_sum", "lora_b")
+               "gin_hidden_reference_separate", "gin_published", "gin_published_keep", "gin_published_separate", "gin_onednn_gelu", "gin_aten_topk", "gin_topk_only", "gin_published_topk_only", "lora_b")
 LABELS = {
     "base": "frozen base (floor)",
     "lora": "LoRA (q_proj, v_proj), matched params",
@@ -46,8 +46,8 @@ LABELS = {
     "gin_published_keep": "GIN, GinConfig.published(graph='gin', recompute_adjacency=False): probabilities kept for backward",
     "gin_published_separate": "GIN, GinConfig.published(graph='gin'), sdpa + the separate threshold kernel (joint.ENABLED off)",
     "gin_aten_topk": "GIN, package default, ATen's top-k instead of the compiled one (native_top_k.ENABLED off)",
-    "gin_aten_sum": "GIN, package default, ATen's neighbour sums instead of the compiled one (native_graph_sum.ENABLED off)",
-    "gin_published_aten_sum": "GIN, GinConfig.published(graph='gin'), ATen's neighbour sums (native_graph_sum.ENABLED off)",
+    "gin_topk_only": "GIN, package default, the compiled top-k only: ATen's neighbour sums, mask and softmax backward (native_graph_sum, native_score_rows off)",
+    "gin_published_topk_only": "GIN, GinConfig.published(graph='gin'), ATen's neighbour sums, mask and softmax backward (native_graph_sum, native_score_rows off)",
     "lora_b": "LoRA (q_proj, v_proj), matched to gin_published",
 }
 GIN_CONFIGS: dict[str, dict] = {
@@ -66,17 +66,18 @@ GIN_CONFIGS: dict[str, dict] = {
     "gin_published_keep": dict(preset="published", graph="gin", recompute_adjacency=False),
     "gin_published_separate": dict(preset="published", graph="gin"),
     "gin_aten_topk": dict(),
-    "gin_aten_sum": dict(),
-    "gin_published_aten_sum": dict(preset="published", graph="gin"),
+    "gin_topk_only": dict(),
+    "gin_published_topk_only": dict(preset="published", graph="gin"),
 }
 SEPARATE = ("gin_separate", "gin_hidden_reference_separate", "gin_published_separate", "gin_onednn_gelu")
 """Variants trained with ``gin_adapter.joint.ENABLED`` off: sdpa, then the separate kernel scores the keys again."""
 NATIVE_TOP_K_DEFAULT = native_top_k.ENABLED  # GIN_ADAPTER_NATIVE=0 turns it off for every variant
 ATEN_TOP_K = ("gin_aten_topk",)
 """Variants run with ``gin_adapter.native_top_k.ENABLED`` off: ATen's top-k (the two-stage one) in every kernel."""
-NATIVE_GRAPH_SUM_DEFAULT = native_graph_sum.ENABLED
-ATEN_SUM = ("gin_aten_sum", "gin_published_aten_sum")
-"""Variants run with ``gin_adapter.native_graph_sum.ENABLED`` off: ATen's neighbour sums (dense or gathered)."""
+NATIVE_GRAPH_SUM_DEFAULT, NATIVE_SCORE_ROWS_DEFAULT = native_graph_sum.ENABLED, native_score_rows.ENABLED
+TOP_K_ONLY = ("gin_topk_only", "gin_published_topk_only")
+"""Variants run with ``gin_adapter.native_graph_sum.ENABLED`` and ``native_score_rows.ENABLED`` off (ATen's neighbour
+sums, causal mask and softmax backward; the compiled top-k on): the package as it was before those kernels."""
 
 
 def load_base(name: str, dtype: torch.dtype, device: torch.device):
@@ -154,12 +155,14 @@ class Variant:
     joint: bool = True  # gin_adapter.joint.ENABLED while this variant trains
     native_top_k: bool = True  # gin_adapter.native_top_k.ENABLED while this variant runs
     native_graph_sum: bool = True  # gin_adapter.native_graph_sum.ENABLED while this variant runs
+    native_score_rows: bool = True  # gin_adapter.native_score_rows.ENABLED while this variant runs
 
     def use_switches(self) -> None:
-        """Set the package's module switches (joint path, compiled top-k and neighbour sum) as this variant runs."""
+        """Set the package's module switches (joint path, compiled kernels) as this variant runs."""
         joint.ENABLED = self.joint
         native_top_k.ENABLED = self.native_top_k
         native_graph_sum.ENABLED = self.native_graph_sum
+        native_score_rows.ENABLED = self.native_score_rows
 
     @property
     def forward(self) -> Callable:
@@ -217,7 +220,8 @@ def build_variants(base: torch.nn.Module, names: list[str], *, compile_: bool = 
             raise ValueError(f"unknown variant {name!r}; choose from {ALL_VARIANTS}")
         params = [p for p in model.parameters() if p.requires_grad]
         variant = Variant(name, model, sum(p.numel() for p in params), joint=name not in SEPARATE, native_top_k=NATIVE_TOP_K_DEFAULT and name not in ATEN_TOP_K,
-                          native_graph_sum=NATIVE_GRAPH_SUM_DEFAULT and name not in ATEN_SUM)
+                          native_graph_sum=NATIVE_GRAPH_SUM_DEFAULT and name not in TOP_K_ONLY,
+                          native_score_rows=NATIVE_SCORE_ROWS_DEFAULT and name not in TOP_K_ONLY)
         if params:
             variant.optimizer = torch.optim.AdamW(params, lr=1e-4)
         if compile_ and name not in ("gin_pyg", "published"):
@@ -231,3 +235,4 @@ def reset_switches() -> None:
     joint.ENABLED = True
     native_top_k.ENABLED = NATIVE_TOP_K_DEFAULT
     native_graph_sum.ENABLED = NATIVE_GRAPH_SUM_DEFAULT
+    native_score_rows.ENABLED = NATIVE_SCORE_ROWS_DEFAULT

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import native_graph_sum, topk_sum
+from . import native_graph_sum, native_score_rows, topk_sum
 from .adjacency import float32_region, self_index
 from .chunk_sums import chunk_sum, chunk_sum_grads
 from .top_k import top_k_last
@@ -116,7 +116,7 @@ class _AttentionWithGraph(torch.autograd.Function):
         layout = _Layout(query, key.shape[1])
         grad5 = torch.zeros_like(out5) if grad_out is None else layout.split(grad_out)  # (an unused attention output)
         query5 = layout.split(query)
-        grad_query5 = layout.split(torch.zeros_like(query))
+        grad_query5 = layout.split(torch.empty_like(query))  # every chunk writes its rows
         grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
         for number, chunk in enumerate(ctx.chunks):
             chunk_query, chunk_keys = layout.rows(query5, chunk), key[..., chunk.k0 : chunk.k1, :]
@@ -126,24 +126,40 @@ class _AttentionWithGraph(torch.autograd.Function):
                 scores, _ = _scores(chunk_query, chunk_keys, _mask_rows(mask, chunk), spec, chunk)
                 probs = _row_probabilities(scores, may_be_empty=mask is not None)
                 del scores
-            d_probs, row = attention_output_grads(probs, layout.rows(grad5, chunk), value, layout.rows(out5, chunk), grad_value, chunk)
-            if grad_weights5 is not None:
-                kept = layout.rows(grad_weights5, chunk)
-                d_probs.scatter_add_(-1, layout.rows(index5, chunk) - chunk.k0, kept)
-                row += (kept * layout.rows(weights5, chunk)).sum(dim=-1, keepdim=True)
-            d_scores = d_probs.sub_(row).mul_(probs)
+            d_scores = _score_grads(probs, layout.rows(grad5, chunk), value, out5, grad_value, chunk, layout,
+                                    *((None,) * 3 if grad_weights5 is None else (layout.rows(g, chunk) for g in (grad_weights5, weights5, index5))))
             add_score_grads(d_scores, None, chunk_query, chunk_keys, chunk, layout, spec, grad_query5, grad_key)
         return grad_query5.view(query.shape), grad_key, grad_value, None, None, None, None, None
 
 
+def _score_grads(probs: torch.Tensor, grad: torch.Tensor, value: torch.Tensor, out5: torch.Tensor, grad_value: torch.Tensor, chunk: Chunk,
+                 layout: _Layout, kept: torch.Tensor | None, weights: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor:
+    """One chunk's ``dS (B, Hkv, G * rows, keys)`` (module docstring) from its probabilities ``P``, output gradient
+    rows ``dO``, the whole output ``out5`` and, when the graph gets a gradient, its rows of ``dW``, ``W`` and the
+    key positions ``idx``; adds ``dv = P^T dO`` into ``grad_value``. The softmax backward in one compiled pass on
+    the CPU (:mod:`gin_adapter.native_score_rows`), else ATen's operators."""
+    d_probs = probability_grads(probs, grad, value, grad_value, chunk)
+    if native_score_rows.softmax_grad_(d_probs, probs, grad, out5, chunk.q0, chunk.rows, chunk.k0, kept, weights, index):
+        return d_probs
+    row = (grad * layout.rows(out5, chunk)).sum(dim=-1, keepdim=True)
+    if kept is not None:
+        d_probs.scatter_add_(-1, index - chunk.k0, kept)
+        row += (kept * weights).sum(dim=-1, keepdim=True)
+    return d_probs.sub_(row).mul_(probs)
+
+
+def probability_grads(probs: torch.Tensor, grad: torch.Tensor, value: torch.Tensor, grad_value: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    """One chunk's share of the attention output's backward, ``O = P v``: adds ``dv = P^T dO`` into ``grad_value``
+    and returns ``dP = dO v^T`` ``(B, Hkv, G * rows, keys)``."""
+    grad_value[..., chunk.k0 : chunk.k1, :] += torch.matmul(probs.transpose(-1, -2), grad)
+    return torch.matmul(grad, value[..., chunk.k0 : chunk.k1, :].transpose(-1, -2))
+
+
 def attention_output_grads(probs: torch.Tensor, grad: torch.Tensor, value: torch.Tensor, out_rows: torch.Tensor, grad_value: torch.Tensor,
                            chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk's share of the attention output's backward, ``O = P v``: adds ``dv = P^T dO`` into ``grad_value``
-    and returns ``dP = dO v^T`` ``(B, Hkv, G * rows, keys)`` and ``sum_j dP_j P_j = dO . O`` ``(B, Hkv, G * rows, 1)``
-    (the softmax backward's row term), for the graph's gradient to be added to before ``dS = P (dP - row)``."""
-    grad_value[..., chunk.k0 : chunk.k1, :] += torch.matmul(probs.transpose(-1, -2), grad)
-    d_probs = torch.matmul(grad, value[..., chunk.k0 : chunk.k1, :].transpose(-1, -2))
-    return d_probs, (grad * out_rows).sum(dim=-1, keepdim=True)
+    """:func:`probability_grads`, and the softmax backward's row term ``sum_j dP_j P_j = dO . O``
+    ``(B, Hkv, G * rows, 1)``, for the graph's gradient to be added to before ``dS = P (dP - row)``."""
+    return probability_grads(probs, grad, value, grad_value, chunk), (grad * out_rows).sum(dim=-1, keepdim=True)
 
 
 def attention_with_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, *, scaling: float,

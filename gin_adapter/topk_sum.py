@@ -36,6 +36,7 @@ from typing import Literal
 
 import torch
 
+from . import native_score_rows
 from .adjacency import float32_region, visible_keys
 from .chunk_sums import chunk_sum, chunk_sum_grads
 from .joint_decode import DecodeGraph, decode_graph_sum, decode_scores, top_k_adjacency
@@ -134,7 +135,9 @@ def hide_future_keys(x: torch.Tensor, chunk: Chunk, value: float | bool) -> None
     attention without a window, row ``i`` at position ``q0 + i`` as in :func:`_causal_visible`): ``x (..., rows,
     keys)``. Keys before ``q0`` are visible to every row of the chunk, so only the block from column ``max(k0, q0)``
     on is touched: ``rows x rows`` entries for a full chunk instead of a ``rows x keys`` bias built per chunk, layer
-    and pass."""
+    and pass. On the CPU the compiled pass writes only the hidden entries (:mod:`gin_adapter.native_score_rows`)."""
+    if isinstance(value, float) and native_score_rows.hide_future_(x, chunk.rows, chunk.q0, chunk.k0, value):
+        return
     start = max(chunk.k0, chunk.q0)
     if chunk.k1 > start + 1:
         future = _future_columns(chunk.rows, chunk.k1 - start, chunk.q0 - start + 1, x.device)

@@ -39,9 +39,15 @@ def _reference(weights, index, features):
     return (weights.unsqueeze(-1) * picked).sum(-2)
 
 
-def test_library_built():
-    """``pip install -e .`` builds the kernels with the top-k (one library)."""
+def test_library_built(monkeypatch):
+    """``pip install -e .`` builds the kernels with the top-k (one library); benchmark and trial results record
+    whether the compiled sum was in use."""
+    from gin_adapter.compare.machine import machine
+
     assert native_graph_sum.available(), "gin_adapter/_native*.so is missing: reinstall with a C compiler present (pip install -e .)"
+    assert machine()["compiled_graph_sum"] is True
+    monkeypatch.setattr(native_graph_sum, "ENABLED", False)
+    assert machine()["compiled_graph_sum"] is False
 
 
 @pytest.mark.parametrize("thread_count", [1, 2])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import joint_training_step
 
-from gin_adapter import GinConfig, native_graph_sum, native_library, native_top_k
+from gin_adapter import GinConfig, native_graph_sum, native_library, native_score_rows, native_top_k
 from gin_adapter import top_k as top_k_module
 from gin_adapter.native_top_k import row_top_k
 from gin_adapter.top_k import top_k_last
@@ -144,6 +144,7 @@ def _forget_library() -> None:
     native_library.library.cache_clear()
     native_top_k._kernel.cache_clear()
     native_graph_sum._kernels.cache_clear()
+    native_score_rows._kernels.cache_clear()
 
 
 def test_missing_library_falls_back_to_aten(monkeypatch, caplog):
@@ -165,7 +166,7 @@ def test_missing_library_falls_back_to_aten(monkeypatch, caplog):
     monkeypatch.setattr(importlib, "import_module", no_library)
     try:
         with caplog.at_level(logging.INFO, logger="gin_adapter.native_library"):
-            assert not native_top_k.available() and not native_graph_sum.available()
+            assert not any(module.available() for module in (native_top_k, native_graph_sum, native_score_rows))
             assert row_top_k(x, 8) is None
             assert torch.equal(top_k_last(x, 8)[0], x.topk(8, dim=-1).values)
             assert native_graph_sum.graph_sum(weights, index, features) is None
@@ -174,4 +175,4 @@ def test_missing_library_falls_back_to_aten(monkeypatch, caplog):
     finally:
         monkeypatch.undo()
         _forget_library()
-    assert native_top_k.available() and native_graph_sum.available()
+    assert all(module.available() for module in (native_top_k, native_graph_sum, native_score_rows))

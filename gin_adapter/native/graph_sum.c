@@ -15,9 +15,10 @@
  * Why: the ATen way either scatters W into a dense (rows, keys) adjacency and multiplies it with X (three
  * products of the attention's size per layer, forward and backward, for 8 non-zeros a row), or gathers the k
  * feature rows through index_select and copies. Here each row costs k F multiply-adds and nothing is copied.
- * Threads: the forward and dW split rows over OpenMP threads (PyTorch's, as row_topk.c) when a call holds at
- * least 65,536 multiply-adds; dX, which several rows add into, splits over the graphs (no two threads write the
- * same graph). Both return 0, or 1 for bad arguments or a key position outside [0, keys) (nothing written then
+ * Threads: the forward splits rows, the backward graphs (several rows add into one graph's dX, so no two threads
+ * write the same graph) over OpenMP threads (PyTorch's, as row_topk.c) when a call holds at least 65,536
+ * multiply-adds. Each row's accumulators (forward) or gradient (backward) stay in registers while its k picked
+ * feature rows are visited. Both return 0, or 1 for bad arguments or a key position outside [0, keys) (nothing written then
  * by the forward; the backward may have written part of dW and dX).
  */
 #include <stddef.h>
@@ -37,46 +38,119 @@ static int positions_valid(const int64_t *idx, int64_t count, int64_t keys) {
     return !bad;
 }
 
+#define LANES 16
+typedef float vf __attribute__((vector_size(4 * LANES)));
+
+static inline __attribute__((always_inline)) vf load(const float *x) { vf v; __builtin_memcpy(&v, x, sizeof v); return v; }
+static inline __attribute__((always_inline)) void store(float *x, vf v) { __builtin_memcpy(x, &v, sizeof v); }
+
+/* one strip of `blocks` (a constant after inlining) vectors of a row of N: the accumulators stay in registers
+   while the k picked rows are added, independent FMAs side by side */
+static inline __attribute__((always_inline)) void sum_strip(const float *graph_x, const float *wr, const int64_t *ir, int64_t k,
+                                                            int64_t width, int64_t e0, const int blocks, float *o) {
+    vf acc[8] = {{0}};
+    for (int64_t m = 0; m < k; ++m) {
+        const float *xr = graph_x + ir[m] * width + e0;
+        for (int b = 0; b < blocks; ++b) acc[b] += wr[m] * load(xr + b * LANES);
+    }
+    for (int b = 0; b < blocks; ++b) store(o + e0 + b * LANES, acc[b]);
+}
+
+/* N rows [r0, r1), in strips of up to 8 vectors of features, then the features left over one at a time */
 MULTIVERSION
 static void sum_rows(const float *restrict w, const int64_t *restrict idx, const float *restrict x, float *restrict out,
                      int64_t r0, int64_t r1, int64_t rows, int64_t k, int64_t keys, int64_t width) {
+    int64_t body = width - width % LANES;
     for (int64_t r = r0; r < r1; ++r) {
-        const float *graph_x = x + (r / rows) * keys * width;
+        const float *graph_x = x + (r / rows) * keys * width, *wr = w + r * k;
+        const int64_t *ir = idx + r * k;
         float *o = out + r * width;
-        for (int64_t e = 0; e < width; ++e) o[e] = 0.0f;
-        for (int64_t m = 0; m < k; ++m) {
-            float weight = w[r * k + m];
-            const float *xr = graph_x + idx[r * k + m] * width;
-            for (int64_t e = 0; e < width; ++e) o[e] += weight * xr[e];
+        for (int64_t e0 = 0; e0 < body; e0 += 8 * LANES) {
+            switch ((body - e0) / LANES) {
+                case 1: sum_strip(graph_x, wr, ir, k, width, e0, 1, o); break;
+                case 2: sum_strip(graph_x, wr, ir, k, width, e0, 2, o); break;
+                case 3: sum_strip(graph_x, wr, ir, k, width, e0, 3, o); break;
+                case 4: sum_strip(graph_x, wr, ir, k, width, e0, 4, o); break;
+                case 5: sum_strip(graph_x, wr, ir, k, width, e0, 5, o); break;
+                case 6: sum_strip(graph_x, wr, ir, k, width, e0, 6, o); break;
+                case 7: sum_strip(graph_x, wr, ir, k, width, e0, 7, o); break;
+                default: sum_strip(graph_x, wr, ir, k, width, e0, 8, o); break;
+            }
+        }
+        for (int64_t e = body; e < width; ++e) {
+            float acc = 0.0f;
+            for (int64_t m = 0; m < k; ++m) acc += wr[m] * graph_x[ir[m] * width + e];
+            o[e] = acc;
         }
     }
 }
 
-MULTIVERSION
-static void weight_grad_rows(const float *restrict grad, const int64_t *restrict idx, const float *restrict x, float *restrict grad_w,
-                             int64_t r0, int64_t r1, int64_t rows, int64_t k, int64_t keys, int64_t width) {
-    for (int64_t r = r0; r < r1; ++r) {
-        const float *graph_x = x + (r / rows) * keys * width, *g = grad + r * width;
-        for (int64_t m = 0; m < k; ++m) {
-            const float *xr = graph_x + idx[r * k + m] * width;
-            float dot = 0.0f;
-            for (int64_t e = 0; e < width; ++e) dot += g[e] * xr[e];
-            grad_w[r * k + m] = dot;
+static inline __attribute__((always_inline)) float lane_sum(vf v) {
+    typedef float half_vf __attribute__((vector_size(2 * LANES)));
+    typedef float quarter_vf __attribute__((vector_size(LANES)));
+    half_vf h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    quarter_vf q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+/* dW and dX of one row r: its gradient dN (`blocks` vectors, a constant after inlining, then `width` % LANES
+   features one at a time) stays in registers while the k picked rows are visited once */
+static inline __attribute__((always_inline)) void grad_row(const float *g, const float *graph_x, float *graph_dx, const float *wr, const int64_t *ir,
+                                                           int64_t k, int64_t width, const int blocks, float *dwr) {
+    vf gv[8];
+    for (int b = 0; b < blocks; ++b) gv[b] = load(g + b * LANES);
+    for (int64_t m = 0; m < k; ++m) {
+        const float *xr = graph_x + ir[m] * width;
+        if (dwr) {
+            vf partial = {0};
+            for (int b = 0; b < blocks; ++b) partial += gv[b] * load(xr + b * LANES);
+            float dot = lane_sum(partial);
+            for (int64_t e = blocks * LANES; e < width; ++e) dot += g[e] * xr[e];
+            dwr[m] = dot;
+        }
+        if (graph_dx) {
+            float *dxr = graph_dx + ir[m] * width;
+            for (int b = 0; b < blocks; ++b) store(dxr + b * LANES, load(dxr + b * LANES) + wr[m] * gv[b]);
+            for (int64_t e = blocks * LANES; e < width; ++e) dxr[e] += wr[m] * g[e];
         }
     }
 }
 
+/* dW and dX of graphs [b0, b1) (no two threads write the same graph's dX); rows of more than 8 vectors of
+   features take plain loops */
 MULTIVERSION
-static void feature_grad_graphs(const float *restrict grad, const float *restrict w, const int64_t *restrict idx, float *restrict grad_x,
-                                int64_t b0, int64_t b1, int64_t rows, int64_t k, int64_t keys, int64_t width) {
+static void grad_graphs(const float *restrict grad, const float *restrict w, const int64_t *restrict idx, const float *restrict x,
+                        float *restrict grad_w, float *restrict grad_x, int64_t b0, int64_t b1, int64_t rows, int64_t k, int64_t keys, int64_t width) {
     for (int64_t b = b0; b < b1; ++b) {
-        float *graph_dx = grad_x + b * keys * width;
+        const float *graph_x = x + b * keys * width;
+        float *graph_dx = grad_x ? grad_x + b * keys * width : NULL;
         for (int64_t r = b * rows; r < (b + 1) * rows; ++r) {
-            const float *g = grad + r * width;
-            for (int64_t m = 0; m < k; ++m) {
-                float weight = w[r * k + m];
-                float *dxr = graph_dx + idx[r * k + m] * width;
-                for (int64_t e = 0; e < width; ++e) dxr[e] += weight * g[e];
+            const float *g = grad + r * width, *wr = w + r * k;
+            const int64_t *ir = idx + r * k;
+            float *dwr = grad_w ? grad_w + r * k : NULL;
+            switch (width / LANES) {
+                case 0: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 0, dwr); break;
+                case 1: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 1, dwr); break;
+                case 2: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 2, dwr); break;
+                case 3: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 3, dwr); break;
+                case 4: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 4, dwr); break;
+                case 5: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 5, dwr); break;
+                case 6: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 6, dwr); break;
+                case 7: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 7, dwr); break;
+                case 8: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 8, dwr); break;
+                default:
+                    for (int64_t m = 0; m < k; ++m) {
+                        const float *xr = graph_x + ir[m] * width;
+                        if (dwr) {
+                            float dot = 0.0f;
+                            for (int64_t e = 0; e < width; ++e) dot += g[e] * xr[e];
+                            dwr[m] = dot;
+                        }
+                        if (graph_dx) {
+                            float *dxr = graph_dx + ir[m] * width;
+                            for (int64_t e = 0; e < width; ++e) dxr[e] += wr[m] * g[e];
+                        }
+                    }
             }
         }
     }
@@ -119,14 +193,7 @@ int gin_graph_sum_f32(const float *w, const int64_t *idx, const float *x, float 
 int gin_graph_sum_grad_f32(const float *grad, const float *w, const int64_t *idx, const float *x, float *grad_w, float *grad_x,
                            int64_t mats, int64_t rows, int64_t k, int64_t keys, int64_t width, int threads) {
     if (bad_arguments(mats, rows, k, keys, width) || !positions_valid(idx, mats * rows * k, keys)) return 1;
-    int64_t total = mats * rows;
-    if (grad_w) {
-        int split = thread_count(threads, total, total * k * width);
-        SPLIT(total, split, weight_grad_rows(grad, idx, x, grad_w, p0, p1, rows, k, keys, width));
-    }
-    if (grad_x) {
-        int split = thread_count(threads, mats, total * k * width);
-        SPLIT(mats, split, feature_grad_graphs(grad, w, idx, grad_x, p0, p1, rows, k, keys, width));
-    }
+    threads = thread_count(threads, mats, mats * rows * k * width);
+    SPLIT(mats, threads, grad_graphs(grad, w, idx, x, grad_w, grad_x, p0, p1, rows, k, keys, width));
     return 0;
 }
