@@ -24,13 +24,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "parallel.h"
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MULTIVERSION
 #endif
 
-#define PARALLEL_MIN_WORK 65536
 
 static int positions_valid(const int64_t *idx, int64_t count, int64_t keys) {
     int64_t bad = 0;
@@ -155,27 +156,6 @@ static void grad_graphs(const float *restrict grad, const float *restrict w, con
         }
     }
 }
-
-static int thread_count(int threads, int64_t parts, int64_t work) {
-    if (threads < 1 || work < PARALLEL_MIN_WORK) return 1;
-    return threads > parts ? (int)(parts > 0 ? parts : 1) : threads;
-}
-
-/* run body(part0, part1) over [0, parts) split into `threads` contiguous ranges */
-#ifdef _OPENMP
-#define SPLIT(parts, threads, body)                                                           \
-    do {                                                                                      \
-        int threads_ = (threads);                                                             \
-        int64_t per_ = ((parts) + threads_ - 1) / threads_;                                   \
-        _Pragma("omp parallel for num_threads(threads_) schedule(static, 1)")                 \
-        for (int t_ = 0; t_ < threads_; ++t_) {                                               \
-            int64_t p0 = t_ * per_, p1 = p0 + per_ < (parts) ? p0 + per_ : (parts);           \
-            if (p0 < p1) body;                                                                \
-        }                                                                                     \
-    } while (0)
-#else
-#define SPLIT(parts, threads, body) do { int64_t p0 = 0, p1 = (parts); (void)(threads); body; } while (0)
-#endif
 
 static int bad_arguments(int64_t mats, int64_t rows, int64_t k, int64_t keys, int64_t width) {
     return mats < 0 || rows < 0 || k < 0 || keys < 1 || width < 0;

@@ -26,13 +26,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "parallel.h"
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MULTIVERSION
 #endif
 
-#define PARALLEL_MIN_ELEMENTS 65536
 #define LANES 16
 typedef float vf __attribute__((vector_size(4 * LANES)));
 
@@ -81,26 +82,6 @@ static void softmax_grad_rows(float *restrict d, const float *restrict p, int64_
     }
 }
 
-static int thread_count(int threads, int64_t total_rows, int64_t n) {
-    if (threads < 1 || total_rows * n < PARALLEL_MIN_ELEMENTS) return 1;
-    return threads > total_rows ? (int)(total_rows > 0 ? total_rows : 1) : threads;
-}
-
-#ifdef _OPENMP
-#define SPLIT_ROWS(total, threads, body)                                                      \
-    do {                                                                                      \
-        int threads_ = (threads);                                                             \
-        int64_t per_ = ((total) + threads_ - 1) / threads_;                                   \
-        _Pragma("omp parallel for num_threads(threads_) schedule(static, 1)")                 \
-        for (int t_ = 0; t_ < threads_; ++t_) {                                               \
-            int64_t r0 = t_ * per_, r1 = r0 + per_ < (total) ? r0 + per_ : (total);           \
-            if (r0 < r1) body;                                                                \
-        }                                                                                     \
-    } while (0)
-#else
-#define SPLIT_ROWS(total, threads, body) do { int64_t r0 = 0, r1 = (total); (void)(threads); body; } while (0)
-#endif
-
 static int bad_geometry(int64_t mats, int64_t R, int64_t n, int64_t rows, int64_t q0, int64_t k0) {
     return mats < 0 || R < 1 || n < 0 || rows < 1 || R % rows || q0 < 0 || k0 < 0;
 }
@@ -108,7 +89,7 @@ static int bad_geometry(int64_t mats, int64_t R, int64_t n, int64_t rows, int64_
 int gin_hide_future_f32(float *s, int64_t mats, int64_t R, int64_t n, int64_t rows, int64_t q0, int64_t k0, float value, int threads) {
     if (bad_geometry(mats, R, n, rows, q0, k0)) return 1;
     int64_t total = mats * R;
-    SPLIT_ROWS(total, thread_count(threads, total, n), hide_rows(s, r0, r1, R, n, rows, q0, k0, value));
+    SPLIT(total, thread_count(threads, total, total * n), hide_rows(s, p0, p1, R, n, rows, q0, k0, value));
     return 0;
 }
 
@@ -117,7 +98,7 @@ int gin_softmax_grad_f32(float *d, const float *p, int64_t mats, int64_t R, int6
                          const float *kept, const float *weights, const int64_t *index, int64_t k0, int64_t k, int threads) {
     if (bad_geometry(mats, R, n, rows, q0, k0) || q_len < q0 + rows || dv < 0 || k < 0 || (k && !(kept && weights && index))) return 1;
     int64_t total = mats * R;
-    SPLIT_ROWS(total, thread_count(threads, total, n),
-               softmax_grad_rows(d, p, r0, r1, R, n, rows, q0, grad, out, q_len, dv, kept, weights, index, k0, k));
+    SPLIT(total, thread_count(threads, total, total * n),
+          softmax_grad_rows(d, p, p0, p1, R, n, rows, q0, grad, out, q_len, dv, kept, weights, index, k0, k));
     return 0;
 }
