@@ -15,7 +15,10 @@ shares the softmax backward between the two uses of ``P``:
     dq = scaling dS k,  dk = scaling dS^T q,  dv = P^T dO,
 
 so one layer runs ten ``(rows x keys x D)`` matmuls instead of the seven of sdpa's forward and backward plus the
-seven of the separate kernel (:mod:`gin_adapter.topk_sum`), and one softmax each way instead of two.
+seven of the separate kernel (:mod:`gin_adapter.topk_sum`), and one softmax each way instead of two. On the CPU
+the causal mask, the softmax backward above (``dS`` from ``dP``, one pass) and the neighbour sum with its
+backward (every row of a layer in one call) are compiled (:mod:`gin_adapter.native_score_rows`,
+:mod:`gin_adapter.native_graph_sum`), with ATen's operators as the fallback.
 The values, picks and gradients equal sdpa followed by the separate kernel up to float32 rounding (tests).
 Saved for backward: q, k, v, the mask argument, ``O`` (which sdpa keeps too), the top-k indices and weights; with
 ``keep_probabilities`` (``GinConfig(recompute_adjacency=False)``) also every chunk's probabilities ``P``, about
