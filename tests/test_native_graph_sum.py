@@ -50,12 +50,14 @@ def test_library_built(monkeypatch):
     assert machine()["compiled_graph_sum"] is False
 
 
-@pytest.mark.parametrize("thread_count", [1, 2])
+@pytest.mark.parametrize("thread_count", [1, 2, 3])
 def test_sum_and_gradients_equal_reference(thread_count, threads):
     """Values, ``dW`` and ``dX`` against a float64 reference through autograd, for widths that fill no vector, one
-    pick, many picks and calls large enough to be split over threads; ``dX`` is added to what is there."""
+    vector strip and more than one (155: the published preset's), one pick, many picks, one graph (shared node
+    features) or three, and calls large enough to be split over threads; ``dX`` is added to what is there."""
     threads(thread_count)
-    for (batch, kv_heads, rows, keys, k, width), seed in zip(itertools.product([1, 2], [3], [1, 64, 300], [8, 257], [1, 8], [5, 64]), itertools.count()):
+    shapes = itertools.product([1, 2], [1, 3], [1, 64, 300], [8, 257], [1, 8], [5, 64, 155])
+    for (batch, kv_heads, rows, keys, k, width), seed in zip(shapes, itertools.count()):
         weights, index, features = _graph(batch, kv_heads, rows, keys, k, width, seed)
         out = native_graph_sum.graph_sum(weights, index, features)
         w64, x64 = weights.double().requires_grad_(), features.double().requires_grad_()
@@ -69,6 +71,24 @@ def test_sum_and_gradients_equal_reference(thread_count, threads):
         assert done
         torch.testing.assert_close(grad_weights.double(), w64.grad, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close((grad_features - already).double(), x64.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_heads, width", [(1, 155), (3, 64), (3, 155)])
+def test_same_bits_on_any_thread_count(kv_heads, width, threads):
+    """The sum and both gradients are bitwise the same on 1, 2 and 3 threads: the backward splits graphs or, with
+    fewer graphs than threads (one graph of shared node features), ``dW`` by rows and ``dX`` by bands of features,
+    and every entry adds its rows in the same order either way."""
+    weights, index, features = _graph(1, kv_heads, 512, 512, 8, width, seed=3)
+    grad = torch.randn(*weights.shape[:-1], width, generator=torch.Generator().manual_seed(4))
+    results = []
+    for thread_count in (1, 2, 3):
+        threads(thread_count)
+        grad_features = torch.zeros_like(features)
+        grad_weights = native_graph_sum.graph_sum_grad(grad, weights, index, features, grad_features, need_weights=True)[1]
+        results.append((native_graph_sum.graph_sum(weights, index, features), grad_weights, grad_features))
+    for other in results[1:]:
+        for first, value in zip(results[0], other):
+            assert torch.equal(first, value)
 
 
 def test_equals_aten_chunk_sums(monkeypatch):

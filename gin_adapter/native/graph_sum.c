@@ -15,11 +15,15 @@
  * Why: the ATen way either scatters W into a dense (rows, keys) adjacency and multiplies it with X (three
  * products of the attention's size per layer, forward and backward, for 8 non-zeros a row), or gathers the k
  * feature rows through index_select and copies. Here each row costs k F multiply-adds and nothing is copied.
- * Threads: the forward splits rows, the backward graphs (several rows add into one graph's dX, so no two threads
- * write the same graph) over OpenMP threads (PyTorch's, as row_topk.c) when a call holds at least 65,536
- * multiply-adds. Each row's accumulators (forward) or gradient (backward) stay in registers while its k picked
- * feature rows are visited. Both return 0, or 1 for bad arguments or a key position outside [0, keys) (nothing written then
- * by the forward; the backward may have written part of dW and dX).
+ * Threads: the forward splits rows; the backward splits graphs (several rows add into one graph's dX, so no two
+ * threads write the same graph) or, with fewer graphs than threads (shared node features of one sequence: one
+ * graph), dW by rows and dX by bands of features; over OpenMP threads (PyTorch's, as row_topk.c) when a call
+ * holds at least 65,536 multiply-adds. The additions into each dX entry run in row order whatever the split, so
+ * the results do not depend on the thread count. Each row's accumulators (forward) or a strip of up to 8 vectors
+ * of its gradient (backward; wider rows, such as the published preset's 155 features, go strip by strip) stay
+ * in registers while its k picked feature rows are visited. Both return 0, or 1 for bad arguments or a key
+ * position outside [0, keys) (nothing written then by the forward; the backward may have written part of dW and
+ * dX).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -94,34 +98,113 @@ static inline __attribute__((always_inline)) float lane_sum(vf v) {
     return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
-/* dW and dX of one row r: its gradient dN (`blocks` vectors, a constant after inlining, then `width` % LANES
-   features one at a time) stays in registers while the k picked rows are visited once */
-static inline __attribute__((always_inline)) void grad_row(const float *g, const float *graph_x, float *graph_dx, const float *wr, const int64_t *ir,
-                                                           int64_t k, int64_t width, const int blocks, float *dwr) {
+/* dW of one row over the feature strip [e0, e0 + blocks * LANES) (`blocks` a constant after inlining): the strip
+   of dN stays in registers while the k picked rows are visited; `first` writes dW, later strips add to it */
+static inline __attribute__((always_inline)) void dot_strip(const float *g, const float *graph_x, const int64_t *ir, int64_t k, int64_t width,
+                                                            int64_t e0, const int blocks, int first, float *dwr) {
     vf gv[8];
-    for (int b = 0; b < blocks; ++b) gv[b] = load(g + b * LANES);
+    for (int b = 0; b < blocks; ++b) gv[b] = load(g + e0 + b * LANES);
     for (int64_t m = 0; m < k; ++m) {
-        const float *xr = graph_x + ir[m] * width;
+        const float *xr = graph_x + ir[m] * width + e0;
+        vf partial = {0};
+        for (int b = 0; b < blocks; ++b) partial += gv[b] * load(xr + b * LANES);
+        dwr[m] = (first ? 0.0f : dwr[m]) + lane_sum(partial);
+    }
+}
+
+/* dX of one row over the feature strip [e0, e0 + blocks * LANES): dX[idx[m]] += W[m] dN, the strip of dN in registers */
+static inline __attribute__((always_inline)) void scatter_strip(const float *g, float *graph_dx, const float *wr, const int64_t *ir, int64_t k,
+                                                                int64_t width, int64_t e0, const int blocks) {
+    vf gv[8];
+    for (int b = 0; b < blocks; ++b) gv[b] = load(g + e0 + b * LANES);
+    for (int64_t m = 0; m < k; ++m) {
+        float *dxr = graph_dx + ir[m] * width + e0;
+        for (int b = 0; b < blocks; ++b) store(dxr + b * LANES, load(dxr + b * LANES) + wr[m] * gv[b]);
+    }
+}
+
+/* dW and dX of one row over the feature strip [e0, e0 + blocks * LANES) in one visit of its k picked rows (either
+   pointer may be NULL); `first` writes dW, later strips add to it */
+static inline __attribute__((always_inline)) void grad_strip(const float *g, const float *graph_x, float *graph_dx, const float *wr,
+                                                             const int64_t *ir, int64_t k, int64_t width, int64_t e0, const int blocks,
+                                                             int first, float *dwr) {
+    vf gv[8];
+    for (int b = 0; b < blocks; ++b) gv[b] = load(g + e0 + b * LANES);
+    for (int64_t m = 0; m < k; ++m) {
         if (dwr) {
+            const float *xr = graph_x + ir[m] * width + e0;
             vf partial = {0};
             for (int b = 0; b < blocks; ++b) partial += gv[b] * load(xr + b * LANES);
-            float dot = lane_sum(partial);
-            for (int64_t e = blocks * LANES; e < width; ++e) dot += g[e] * xr[e];
-            dwr[m] = dot;
+            dwr[m] = (first ? 0.0f : dwr[m]) + lane_sum(partial);
         }
         if (graph_dx) {
-            float *dxr = graph_dx + ir[m] * width;
+            float *dxr = graph_dx + ir[m] * width + e0;
             for (int b = 0; b < blocks; ++b) store(dxr + b * LANES, load(dxr + b * LANES) + wr[m] * gv[b]);
-            for (int64_t e = blocks * LANES; e < width; ++e) dxr[e] += wr[m] * g[e];
         }
     }
 }
 
-/* dW and dX of graphs [b0, b1) (no two threads write the same graph's dX); rows of more than 8 vectors of
-   features take plain loops */
+#define STRIPS(count, call)                                                                   \
+    switch (count) {                                                                          \
+        case 1: call(1); break; case 2: call(2); break; case 3: call(3); break;               \
+        case 4: call(4); break; case 5: call(5); break; case 6: call(6); break;               \
+        case 7: call(7); break; default: call(8); break;                                      \
+    }
+
+/* dW of rows [r0, r1) (of all graphs), strip by strip of up to 8 vectors, then the features left over */
+MULTIVERSION
+static void grad_weight_rows(const float *restrict grad, const int64_t *restrict idx, const float *restrict x, float *restrict grad_w,
+                             int64_t r0, int64_t r1, int64_t rows, int64_t k, int64_t keys, int64_t width) {
+    int64_t body = width - width % LANES;
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *g = grad + r * width, *graph_x = x + (r / rows) * keys * width;
+        const int64_t *ir = idx + r * k;
+        float *dwr = grad_w + r * k;
+        for (int64_t m = 0; m < k && body == 0; ++m) dwr[m] = 0.0f;
+        for (int64_t e0 = 0; e0 < body; e0 += 8 * LANES) {
+#define DOT(n) dot_strip(g, graph_x, ir, k, width, e0, n, e0 == 0, dwr)
+            STRIPS((body - e0) / LANES, DOT)
+#undef DOT
+        }
+        for (int64_t m = 0; m < k && body < width; ++m) {
+            const float *xr = graph_x + ir[m] * width;
+            float dot = 0.0f;
+            for (int64_t e = body; e < width; ++e) dot += g[e] * xr[e];
+            dwr[m] += dot;
+        }
+    }
+}
+
+/* dX of graphs [b0, b1) over the features [c0, c1) (c0 a multiple of LANES; every row of those graphs adds into
+   them, so a thread owns whole graphs or a band of features) */
+MULTIVERSION
+static void grad_feature_band(const float *restrict grad, const float *restrict w, const int64_t *restrict idx, float *restrict grad_x,
+                              int64_t b0, int64_t b1, int64_t c0, int64_t c1, int64_t rows, int64_t k, int64_t keys, int64_t width) {
+    if (c0 >= c1) return;
+    int64_t body = c1 - (c1 - c0) % LANES;
+    for (int64_t b = b0; b < b1; ++b) {
+        float *graph_dx = grad_x + b * keys * width;
+        for (int64_t r = b * rows; r < (b + 1) * rows; ++r) {
+            const float *g = grad + r * width, *wr = w + r * k;
+            const int64_t *ir = idx + r * k;
+            for (int64_t e0 = c0; e0 < body; e0 += 8 * LANES) {
+#define SCATTER(n) scatter_strip(g, graph_dx, wr, ir, k, width, e0, n)
+                STRIPS((body - e0) / LANES, SCATTER)
+#undef SCATTER
+            }
+            for (int64_t m = 0; m < k && body < c1; ++m) {
+                float *dxr = graph_dx + ir[m] * width;
+                for (int64_t e = body; e < c1; ++e) dxr[e] += wr[m] * g[e];
+            }
+        }
+    }
+}
+
+/* dW and dX of graphs [b0, b1) in one pass (a thread owns whole graphs), strip by strip, then the features left over */
 MULTIVERSION
 static void grad_graphs(const float *restrict grad, const float *restrict w, const int64_t *restrict idx, const float *restrict x,
                         float *restrict grad_w, float *restrict grad_x, int64_t b0, int64_t b1, int64_t rows, int64_t k, int64_t keys, int64_t width) {
+    int64_t body = width - width % LANES;
     for (int64_t b = b0; b < b1; ++b) {
         const float *graph_x = x + b * keys * width;
         float *graph_dx = grad_x ? grad_x + b * keys * width : NULL;
@@ -129,29 +212,20 @@ static void grad_graphs(const float *restrict grad, const float *restrict w, con
             const float *g = grad + r * width, *wr = w + r * k;
             const int64_t *ir = idx + r * k;
             float *dwr = grad_w ? grad_w + r * k : NULL;
-            switch (width / LANES) {
-                case 0: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 0, dwr); break;
-                case 1: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 1, dwr); break;
-                case 2: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 2, dwr); break;
-                case 3: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 3, dwr); break;
-                case 4: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 4, dwr); break;
-                case 5: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 5, dwr); break;
-                case 6: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 6, dwr); break;
-                case 7: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 7, dwr); break;
-                case 8: grad_row(g, graph_x, graph_dx, wr, ir, k, width, 8, dwr); break;
-                default:
-                    for (int64_t m = 0; m < k; ++m) {
-                        const float *xr = graph_x + ir[m] * width;
-                        if (dwr) {
-                            float dot = 0.0f;
-                            for (int64_t e = 0; e < width; ++e) dot += g[e] * xr[e];
-                            dwr[m] = dot;
-                        }
-                        if (graph_dx) {
-                            float *dxr = graph_dx + ir[m] * width;
-                            for (int64_t e = 0; e < width; ++e) dxr[e] += wr[m] * g[e];
-                        }
-                    }
+            for (int64_t e0 = 0; e0 < body; e0 += 8 * LANES) {
+#define GRAD(n) grad_strip(g, graph_x, graph_dx, wr, ir, k, width, e0, n, e0 == 0, dwr)
+                STRIPS((body - e0) / LANES, GRAD)
+#undef GRAD
+            }
+            for (int64_t m = 0; m < k && body < width; ++m) {
+                const float *xr = graph_x + ir[m] * width;
+                float *dxr = graph_dx ? graph_dx + ir[m] * width : NULL;
+                float dot = 0.0f;
+                for (int64_t e = body; e < width; ++e) {
+                    dot += g[e] * xr[e];
+                    if (dxr) dxr[e] += wr[m] * g[e];
+                }
+                if (dwr) dwr[m] = (body ? dwr[m] : 0.0f) + dot;
             }
         }
     }
@@ -173,7 +247,21 @@ int gin_graph_sum_f32(const float *w, const int64_t *idx, const float *x, float 
 int gin_graph_sum_grad_f32(const float *grad, const float *w, const int64_t *idx, const float *x, float *grad_w, float *grad_x,
                            int64_t mats, int64_t rows, int64_t k, int64_t keys, int64_t width, int threads) {
     if (bad_arguments(mats, rows, k, keys, width) || !positions_valid(idx, mats * rows * k, keys)) return 1;
-    threads = thread_count(threads, mats, mats * rows * k * width);
-    SPLIT(mats, threads, grad_graphs(grad, w, idx, x, grad_w, grad_x, p0, p1, rows, k, keys, width));
+    int64_t total = mats * rows, work = total * k * width;
+    if (total == 0) return 0;
+    int parts = thread_count(threads, total, work);
+    if (parts <= mats || width <= LANES) {  /* whole graphs per thread: one pass */
+        parts = parts < mats ? parts : (int)mats;
+        SPLIT(mats, parts, grad_graphs(grad, w, idx, x, grad_w, grad_x, p0, p1, rows, k, keys, width));
+        return 0;
+    }
+    /* fewer graphs than threads (one sequence of shared node features): dW split by rows, dX by bands of features */
+    if (grad_w) SPLIT(total, parts, grad_weight_rows(grad, idx, x, grad_w, p0, p1, rows, k, keys, width));
+    if (grad_x) {
+        int64_t vectors = (width + LANES - 1) / LANES;
+        int bands = vectors < parts ? (int)vectors : parts;
+        int64_t per = (vectors + bands - 1) / bands * LANES;
+        SPLIT(bands, bands, grad_feature_band(grad, w, idx, grad_x, 0, mats, p0 * per, p1 * per < width ? p1 * per : width, rows, k, keys, width));
+    }
     return 0;
 }
