@@ -22,6 +22,10 @@ graph's gradient ``dA`` to the attention's before one softmax backward (or, with
     dP_h = dO_h v^T + dW,   dS_h = P_h * (dP_h - sum_j dP_h,j P_h,j),   sum_j dP_h,j P_h,j = dO_h . O_h + sum_j dW_j P_h,j
     dq = scaling dS k,   dk = scaling dS^T q,   dv = P^T dO.
 
+With the graph kept as each row's ``K`` largest entries, ``dW`` is non-zero only on them: backward recomputes
+only ``P`` and forms ``dW`` and its terms on those ``K`` entries (:func:`kept_graph_terms`), and the softmax
+backward is the joint top-k path's single pass (:func:`gin_adapter.joint._score_grads`, compiled on the CPU).
+
 So a layer scores the keys twice (forward, backward) instead of four times (sdpa and the separate kernel, each
 forward and backward), and runs one ``dq``/``dk`` pair instead of two. The values and gradients equal sdpa followed
 by :func:`gin_adapter.threshold_sum.threshold_neighbour_sum` up to float32 rounding (tests). Kept for backward:
@@ -39,11 +43,11 @@ import torch
 
 from . import topk_sum
 from .adjacency import AdjacencyRule, float32_region
-from .joint import TopKGraph, attention_output_grads, graph_sum
+from .joint import TopKGraph, _score_grads, attention_output_grads, graph_sum
 from .joint_decode import decode_attention
 from .threshold_sum import _chunk_graph, _graph_of_probabilities, _self_columns
 from .top_k import top_k_last
-from .topk_sum import Chunk, ScoreSpec, _Layout, add_score_grads, plan_chunks
+from .topk_sum import Chunk, ScoreSpec, _Layout, _mask_rows, _row_probabilities, _scores, add_score_grads, plan_chunks
 
 Storage = Literal["diagonal", "dense", "top_k"]
 
@@ -136,7 +140,7 @@ class _AttentionWithThresholdGraph(torch.autograd.Function):
             _store(graph, index, adjacency, chunk, form, spec, k_len)
             if keep:
                 kept_probs.append(probs)
-        ctx.save_for_backward(query, key, value, mask, out5, index, *kept_probs)
+        ctx.save_for_backward(query, key, value, mask, out5, index, graph if form == "top_k" else None, *kept_probs)
         ctx.spec, ctx.rule, ctx.chunks, ctx.form = spec, rule, chunks, form
         ctx.set_materialize_grads(False)  # no zero-filled gradient for an unused graph (adjacency_grad=False)
         if index is not None:
@@ -152,8 +156,8 @@ class _AttentionWithThresholdGraph(torch.autograd.Function):
 
 
 def _backward(ctx, grad_out, grad_graph):
-    query, key, value, mask, out5, index, *kept_probs = ctx.saved_tensors
-    spec, rule = ctx.spec, ctx.rule
+    query, key, value, mask, out5, index, kept_graph, *kept_probs = ctx.saved_tensors
+    spec, rule, sparse = ctx.spec, ctx.rule, ctx.form == "top_k"
     layout = _Layout(query, key.shape[1])
     batch, k_len = layout.batch, key.shape[-2]
     grad5 = torch.zeros_like(out5) if grad_out is None else layout.split(grad_out)  # (an unused attention output)
@@ -162,10 +166,17 @@ def _backward(ctx, grad_out, grad_graph):
     grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
     for number, chunk in enumerate(ctx.chunks):
         chunk_query, chunk_keys = layout.rows(query5, chunk), key[..., chunk.k0 : chunk.k1, :]
-        if kept_probs:  # the graph's parts again from the kept probabilities (no scores, no softmax)
+        if sparse:  # the graph's gradient needs only its K kept entries (kept_graph_terms): P alone
+            probs = kept_probs[number] if kept_probs else _chunk_probabilities(chunk_query, key, mask, spec, chunk)
+        elif kept_probs:  # the graph's parts again from the kept probabilities (no scores, no softmax)
             adjacency, probs, kept, under_one, sharpened = _graph_of_probabilities(kept_probs[number], mask, spec, rule, chunk, batch)
         else:
             adjacency, probs, kept, under_one, sharpened, _ = _chunk_graph(chunk_query, key, mask, spec, rule, chunk, batch)
+        if sparse:  # dS in one pass with the kept entries' terms (compiled on the CPU)
+            graph_terms = (None,) * 3 if grad_graph is None else kept_graph_terms(probs, grad_graph, kept_graph, index, chunk, rule, batch)
+            d_scores = _score_grads(probs, layout.rows(grad5, chunk), value, out5, grad_value, chunk, layout, *graph_terms)
+            add_score_grads(d_scores, None, chunk_query, chunk_keys, chunk, layout, spec, grad_query5, grad_key)
+            continue
         d_probs, row = attention_output_grads(probs, layout.rows(grad5, chunk), value, layout.rows(out5, chunk), grad_value, chunk)
         if grad_graph is not None:
             d_summed = _chunk_graph_grad(grad_graph, index, chunk, ctx.form, spec, adjacency.shape, k_len) * kept
@@ -177,6 +188,35 @@ def _backward(ctx, grad_out, grad_graph):
         d_scores = d_probs.sub_(row).mul_(probs)
         add_score_grads(d_scores, None, chunk_query, chunk_keys, chunk, layout, spec, grad_query5, grad_key)
     return grad_query5.view(query.shape), grad_key, grad_value, None, None, None, None, None, None, None
+
+
+def _chunk_probabilities(chunk_query, key, mask, spec: ScoreSpec, chunk: Chunk) -> torch.Tensor:
+    """One chunk's attention probabilities ``P (B, Hkv, G * R, K)`` (the scores' softmax, nothing of the graph)."""
+    scores = _scores(chunk_query, key[..., chunk.k0 : chunk.k1, :], _mask_rows(mask, chunk), spec, chunk)[0]
+    return _row_probabilities(scores, may_be_empty=mask is not None)
+
+
+def kept_graph_terms(probs: torch.Tensor, grad_graph: torch.Tensor, graph: torch.Tensor, index: torch.Tensor, chunk: Chunk,
+                     rule: AdjacencyRule, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``"top_k"``-kept graph's gradient on one chunk's ``K`` stored entries of each row, in the terms the
+    joint top-k path's softmax backward takes (:func:`gin_adapter.joint._score_grads`). With ``A_m`` the stored
+    weights (``S`` on kept keys, 0 on the entries that fill a row up to ``K``) at key positions ``j_m``:
+
+        dW_m = dA_m * [A_m > 0] * alpha A_m (1 - A_m) * [sum_h P_h[j_m] <= 1]                  (B, R, K)
+        dS_h[j] = P_h[j] (dP_h[j] - c_h) + sum_{m: j_m = j} P_h[j_m] dW_m,   c_h = dO_h . O_h + sum_m P_h[j_m] dW_m
+
+    which is the module docstring's dense ``dP_h += dW`` restricted to where ``dW`` can be non-zero (every kept
+    key is stored), so no ``(B, R, Lk)`` graph is formed again: ``O(H K)`` per row instead of ``O(H Lk)``.
+    Returns ``(dW, P_h[j_m], j_m)``, each ``(B, Hkv, G * R, K)`` (the same ``dW`` and ``j_m`` for every head)."""
+    rows, keys = chunk.rows, chunk.k1 - chunk.k0
+    span = slice(chunk.q0, chunk.q1)
+    weights = graph[:, span]
+    per_head = probs.view(batch, -1, rows, keys)  # heads h = kv * G + g
+    positions = index[:, span].unsqueeze(1).expand(-1, per_head.shape[1], -1, -1)  # (B, H, R, K), absolute
+    picked = per_head.gather(-1, positions - chunk.k0)
+    d_kept = grad_graph[:, span] * weights * (1.0 - weights) * rule.sharpen_alpha
+    d_kept = d_kept * ((weights > 0) & (picked.sum(dim=1) <= 1.0))
+    return tuple(t.reshape(probs.shape[:-1] + (t.shape[-1],)) for t in (d_kept.unsqueeze(1).expand_as(picked), picked, positions))
 
 
 def attention_with_threshold_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, *,

@@ -24,13 +24,17 @@ def _rule(graph: str, threshold: float = 0.6) -> AdjacencyRule:
 @pytest.mark.parametrize("padding", [False, True])
 @pytest.mark.parametrize("chunk_rows", [None, 7])
 @pytest.mark.parametrize("threshold", [0.6, 0.05], ids=["published", "keeps_every_visible_key"])
-def test_joint_threshold_equals_sdpa_and_the_separate_kernel(graph, form, padding, chunk_rows, threshold, keep, monkeypatch):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "aten"])
+def test_joint_threshold_equals_sdpa_and_the_separate_kernel(graph, form, padding, chunk_rows, threshold, keep, compiled, monkeypatch):
     """Attention output, the neighbour sums of the values and of features shared by the heads, and the gradients
     to q, k, v and the shared features all equal sdpa + ``threshold_neighbour_sum``, with the graph kept whole,
     as each row's ``K = floor(H / w_min)`` largest entries (28 for 4 heads at the published threshold; a threshold
     below ``sigmoid(-alpha tau)`` has no such bound and is refused) or as its diagonal, and the probabilities
-    recomputed in backward or kept from forward (``keep_probabilities``)."""
-    from gin_adapter import topk_sum
+    recomputed in backward or kept from forward (``keep_probabilities``); with the compiled softmax backward
+    (the ``top_k`` form's sparse graph gradient goes through it) and with ATen's."""
+    from gin_adapter import native_score_rows, topk_sum
+
+    monkeypatch.setattr(native_score_rows, "ENABLED", compiled)
 
     if chunk_rows:
         monkeypatch.setattr(topk_sum, "QUERY_CHUNK_ROWS", chunk_rows)
