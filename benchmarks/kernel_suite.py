@@ -1,6 +1,6 @@
 """The ``kernel`` suite: one attention layer's per-head top-k neighbour sum, forward + backward, every way the
 package can run it (the generic chain, the fused kernel's sum modes and query chunk sizes, the graph built with the
-attention), against sdpa itself.
+attention), and the published rule's graph built with the attention, against sdpa itself.
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ from benchmarks.measure import interleaved_times, median
 from gin_adapter import GinConfig
 from gin_adapter.adjacency import AdjacencyRule
 from gin_adapter.joint import attention_with_graph, graph_sum
+from gin_adapter.joint_threshold import attention_with_threshold_graph, threshold_graph_sum
 from gin_adapter.topk_sum import topk_neighbour_sum
 
 logger = logging.getLogger("benchmarks")
+
+PUBLISHED_WIDTH = GinConfig.published().hidden_dim
+"""The published preset's node-feature width (155), for ``joint_published``."""
 
 
 def kernel_inputs(batch: int, length: int, heads: int = 9, kv_heads: int = 3, dim: int = 64, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -40,8 +44,11 @@ def kernel_cases(inputs: tuple[torch.Tensor, ...], top_k: int = 8, chunks: Itera
     chunk (``c0``: one chunk); ``joint``: what training under sdpa runs in place of sdpa *and* the sum, the
     attention output and the graph from one score computation (:func:`gin_adapter.joint.attention_with_graph`,
     ``sum_mode="auto"``, 64-row chunks) with both outputs in the loss, and ``joint_keep`` the same keeping the
-    probabilities for backward (``recompute_adjacency=False``); compare them with ``sdpa``. Gradients accumulate
-    into ``inputs``' q, k, v as in training.
+    probabilities for backward (``recompute_adjacency=False``); ``joint_published``: the same for the published
+    preset's rule (:func:`gin_adapter.joint_threshold.attention_with_threshold_graph`, ``GinConfig.published(graph="gin")``,
+    the graph in the form training picks) summing features shared by the heads of the preset's width (155 on
+    SmolLM2-135M, fixed random ``(B, 1, L, 155)``); compare them with ``sdpa``. Gradients accumulate into
+    ``inputs``' q, k, v as in training.
     """
     import torch.nn.functional as F
     import torch.utils.checkpoint
@@ -72,6 +79,14 @@ def kernel_cases(inputs: tuple[torch.Tensor, ...], top_k: int = 8, chunks: Itera
                 cases[f"fused_{mode}_c{rows}"] = functools.partial(fused, mode, rows)
     cases["joint"] = functools.partial(joint_attention, False)
     cases["joint_keep"] = functools.partial(joint_attention, True)
+    published = AdjacencyRule.from_config(GinConfig.published(graph="gin"))
+    shared = torch.randn(q.shape[0], 1, length, PUBLISHED_WIDTH, generator=torch.Generator().manual_seed(1), requires_grad=True)
+
+    def joint_published() -> None:
+        out, graph = attention_with_threshold_graph(q, k, v, None, scaling=dim**-0.5, rule=published)
+        ((out * weights).sum() + threshold_graph_sum(graph, shared, groups).sum()).backward()
+
+    cases["joint_published"] = joint_published
     return cases
 
 
