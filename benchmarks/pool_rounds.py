@@ -42,7 +42,8 @@ def round_ratios(paths: list[Path]) -> dict[tuple[str, str, str], list[float]]:
                 shape = f"{row['batch']}x{row['seq_len']}"
                 pooled.setdefault(("train", shape, variant), []).extend(a / b for a, b in zip(row[key], base[key]))
         for suite, key in (("eval", "forward_s_all"), ("generate", "generate_s_all")):
-            rows = {r["variant"]: r for r in results.get(suite) or []}
+            block = results.get(suite) or []
+            rows = {r["variant"]: r for r in (block["rows"] if isinstance(block, dict) else block)}  # generate: {"rows": [...], ...}
             for variant, row in rows.items():
                 base = rows.get(_baseline(variant))
                 if base is None or variant == base["variant"]:

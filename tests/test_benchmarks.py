@@ -330,7 +330,9 @@ def test_pool_rounds_pools_per_round_ratios_of_several_runs(tmp_path):
 
     runs = [dict(train=[dict(rows=[train_row("lora", [1.0, 2.0]), train_row("gin", [1.1, 2.4]), train_row("lora_b", [1.0, 1.0]),
                                    train_row("gin_published", [1.5, 1.2])])],
-                 generate=[dict(variant="lora", batch=1, prompt=128, generate_s_all=[2.0]), dict(variant="gin", batch=1, prompt=128, generate_s_all=[2.5])]),
+                 eval=[dict(variant="lora", batch=4, seq_len=256, forward_s_all=[1.0]), dict(variant="gin", batch=4, seq_len=256, forward_s_all=[1.25])],
+                 generate=dict(rows=[dict(variant="lora", batch=1, prompt=128, generate_s_all=[2.0]), dict(variant="gin", batch=1, prompt=128, generate_s_all=[2.5])],
+                               same_tokens_as_gin={"gin": True})),
             dict(train=[dict(rows=[train_row("lora", [2.0]), train_row("gin", [2.6])])])]
     paths = []
     for number, run in enumerate(runs):
@@ -340,4 +342,5 @@ def test_pool_rounds_pools_per_round_ratios_of_several_runs(tmp_path):
     assert pooled[("train", "4x256", "gin")] == pytest.approx([1.1, 1.2, 1.3])
     assert pooled[("train", "4x256", "gin_published")] == pytest.approx([1.5, 1.2])  # against lora_b
     assert pooled[("generate", "1x128", "gin")] == pytest.approx([0.8])
+    assert pooled[("eval", "4x256", "gin")] == pytest.approx([0.8])
     assert summary(pooled[("train", "4x256", "gin")])["median"] == pytest.approx(1.2)
