@@ -123,25 +123,12 @@ static inline __attribute__((always_inline)) void scatter_strip(const float *g, 
     }
 }
 
-/* dW and dX of one row over the feature strip [e0, e0 + blocks * LANES) in one visit of its k picked rows (either
-   pointer may be NULL); `first` writes dW, later strips add to it */
+/* dW and dX of one row over the feature strip [e0, e0 + blocks * LANES) (either pointer may be NULL) */
 static inline __attribute__((always_inline)) void grad_strip(const float *g, const float *graph_x, float *graph_dx, const float *wr,
                                                              const int64_t *ir, int64_t k, int64_t width, int64_t e0, const int blocks,
                                                              int first, float *dwr) {
-    vf gv[8];
-    for (int b = 0; b < blocks; ++b) gv[b] = load(g + e0 + b * LANES);
-    for (int64_t m = 0; m < k; ++m) {
-        if (dwr) {
-            const float *xr = graph_x + ir[m] * width + e0;
-            vf partial = {0};
-            for (int b = 0; b < blocks; ++b) partial += gv[b] * load(xr + b * LANES);
-            dwr[m] = (first ? 0.0f : dwr[m]) + lane_sum(partial);
-        }
-        if (graph_dx) {
-            float *dxr = graph_dx + ir[m] * width + e0;
-            for (int b = 0; b < blocks; ++b) store(dxr + b * LANES, load(dxr + b * LANES) + wr[m] * gv[b]);
-        }
-    }
+    if (dwr) dot_strip(g, graph_x, ir, k, width, e0, blocks, first, dwr);
+    if (graph_dx) scatter_strip(g, graph_dx, wr, ir, k, width, e0, blocks);
 }
 
 #define STRIPS(count, call)                                                                   \
