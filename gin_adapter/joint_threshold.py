@@ -111,14 +111,12 @@ def _store(graph: torch.Tensor, index: torch.Tensor | None, adjacency: torch.Ten
         graph[:, rows] = adjacency.gather(-1, columns.view(1, -1, 1).expand(adjacency.shape[0], -1, 1)).squeeze(-1)
 
 
-def _chunk_graph_grad(grad_graph: torch.Tensor, index: torch.Tensor | None, chunk: Chunk, form: Storage, spec: ScoreSpec, shape: torch.Size,
-                      k_len: int) -> torch.Tensor:
-    """``dA`` of one chunk ``(B, R, K)`` from the kept graph's gradient."""
+def _chunk_graph_grad(grad_graph: torch.Tensor, chunk: Chunk, form: Storage, spec: ScoreSpec, shape: torch.Size, k_len: int) -> torch.Tensor:
+    """``dA`` of one chunk ``(B, R, K)`` from the gradient of the graph kept whole or as its diagonal (the
+    ``"top_k"`` form's gradient is taken on its entries, :func:`kept_graph_terms`)."""
     rows = slice(chunk.q0, chunk.q1)
     if form == "dense":
         return grad_graph[:, rows, chunk.k0 : chunk.k1]
-    if form == "top_k":
-        return grad_graph.new_zeros(shape).scatter_(-1, index[:, rows] - chunk.k0, grad_graph[:, rows])
     columns = _self_columns(chunk, spec.q_len, k_len, grad_graph.device)
     return grad_graph.new_zeros(shape).scatter_(-1, columns.view(1, -1, 1).expand(shape[0], -1, 1), grad_graph[:, rows, None])
 
@@ -166,26 +164,24 @@ def _backward(ctx, grad_out, grad_graph):
     grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
     for number, chunk in enumerate(ctx.chunks):
         chunk_query, chunk_keys = layout.rows(query5, chunk), key[..., chunk.k0 : chunk.k1, :]
-        if sparse:  # the graph's gradient needs only its K kept entries (kept_graph_terms): P alone
+        if sparse:  # the graph's gradient needs P at its K kept entries only, then dS in one pass (compiled on the CPU)
             probs = kept_probs[number] if kept_probs else _chunk_probabilities(chunk_query, key, mask, spec, chunk)
-        elif kept_probs:  # the graph's parts again from the kept probabilities (no scores, no softmax)
-            adjacency, probs, kept, under_one, sharpened = _graph_of_probabilities(kept_probs[number], mask, spec, rule, chunk, batch)
-        else:
-            adjacency, probs, kept, under_one, sharpened, _ = _chunk_graph(chunk_query, key, mask, spec, rule, chunk, batch)
-        if sparse:  # dS in one pass with the kept entries' terms (compiled on the CPU)
             graph_terms = (None,) * 3 if grad_graph is None else kept_graph_terms(probs, grad_graph, kept_graph, index, chunk, rule, batch)
             d_scores = _score_grads(probs, layout.rows(grad5, chunk), value, out5, grad_value, chunk, layout, *graph_terms)
-            add_score_grads(d_scores, None, chunk_query, chunk_keys, chunk, layout, spec, grad_query5, grad_key)
-            continue
-        d_probs, row = attention_output_grads(probs, layout.rows(grad5, chunk), value, layout.rows(out5, chunk), grad_value, chunk)
-        if grad_graph is not None:
-            d_summed = _chunk_graph_grad(grad_graph, index, chunk, ctx.form, spec, adjacency.shape, k_len) * kept
-            d_summed = d_summed.mul_(sharpened * (1.0 - sharpened)).mul_(rule.sharpen_alpha).mul_(under_one)  # dW (B, R, K)
-            rows, keys = chunk.rows, chunk.k1 - chunk.k0
-            per_head = d_probs.view(batch, -1, rows, keys)  # (B, H, R, K), heads h = kv * G + g
-            per_head += d_summed.unsqueeze(1)
-            row += (probs.view(batch, -1, rows, keys) * d_summed.unsqueeze(1)).sum(dim=-1, keepdim=True).view_as(row)
-        d_scores = d_probs.sub_(row).mul_(probs)
+        else:
+            if kept_probs:  # the graph's parts again from the kept probabilities (no scores, no softmax)
+                adjacency, probs, kept, under_one, sharpened = _graph_of_probabilities(kept_probs[number], mask, spec, rule, chunk, batch)
+            else:
+                adjacency, probs, kept, under_one, sharpened, _ = _chunk_graph(chunk_query, key, mask, spec, rule, chunk, batch)
+            d_probs, row = attention_output_grads(probs, layout.rows(grad5, chunk), value, layout.rows(out5, chunk), grad_value, chunk)
+            if grad_graph is not None:
+                d_summed = _chunk_graph_grad(grad_graph, chunk, ctx.form, spec, adjacency.shape, k_len) * kept
+                d_summed = d_summed.mul_(sharpened * (1.0 - sharpened)).mul_(rule.sharpen_alpha).mul_(under_one)  # dW (B, R, K)
+                rows, keys = chunk.rows, chunk.k1 - chunk.k0
+                per_head = d_probs.view(batch, -1, rows, keys)  # (B, H, R, K), heads h = kv * G + g
+                per_head += d_summed.unsqueeze(1)
+                row += (probs.view(batch, -1, rows, keys) * d_summed.unsqueeze(1)).sum(dim=-1, keepdim=True).view_as(row)
+            d_scores = d_probs.sub_(row).mul_(probs)
         add_score_grads(d_scores, None, chunk_query, chunk_keys, chunk, layout, spec, grad_query5, grad_key)
     return grad_query5.view(query.shape), grad_key, grad_value, None, None, None, None, None, None, None
 
