@@ -5,9 +5,9 @@
 
 Each run of ``run_benchmarks.py`` reports, per variant, the median of its per-round ratios against its LoRA (rounds
 interleave, so a round's ratio compares steps taken seconds apart). Where one run's rounds spread over 0.8-1.4, two
-runs of the same code can give medians 0.05 apart; pooling their rounds gives one median over all of them. This
-script reads the rounds each JSON keeps (``step_*_s_all`` in the train suite, ``forward_s_all`` and
-``generate_s_all`` in eval and generate, on the run's own timer) and prints, per suite, shape and variant:
+runs of the same code can give medians 0.1 apart; pooling their rounds gives one median over all of them. This
+script reads the rounds each JSON keeps (``step_s_all`` in the train suite, ``forward_s_all`` and
+``generate_s_all`` in eval and generate, on the run's own timer) and prints, per suite, thread count, shape and variant:
 the number of rounds, the median ratio and the quartiles. Training ratios are variant time / LoRA time; eval and
 generate ratios are LoRA time / variant time (a tokens/s ratio). Only pool runs of the same code and command.
 """
@@ -17,39 +17,35 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
-BASELINE = {"gin_published": "lora_b", "gin_published_topk_only": "lora_b", "gin_published_aten_sum": "lora_b"}
-"""The LoRA each variant is compared with (``lora`` unless named here), as in ``run_benchmarks.py``."""
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.report import its_lora, round_ratios  # noqa: E402
+
+SUITES = {"train": "step_s_all", "eval": "forward_s_all", "generate": "generate_s_all"}
+"""Each suite's list of per-round times on the run's own timer."""
 
 
-def _baseline(variant: str) -> str:
-    return BASELINE.get(variant, "lora")
-
-
-def round_ratios(paths: list[Path]) -> dict[tuple[str, str, str], list[float]]:
-    """``{(suite, shape, variant): [per-round ratio, ...]}`` over every run in ``paths``."""
-    pooled: dict[tuple[str, str, str], list[float]] = {}
+def pooled_ratios(paths: list[Path]) -> dict[tuple[str, int | None, str, str], list[float]]:
+    """``{(suite, threads, shape, variant): [per-round ratio, ...]}`` over every run in ``paths``, each variant
+    against :func:`benchmarks.report.its_lora`; runs at different thread counts stay apart."""
+    pooled: dict[tuple[str, int | None, str, str], list[float]] = {}
     for path in paths:
         results = json.loads(path.read_text())
-        for block in results.get("train", []):
-            rows = {r["variant"]: r for r in block["rows"]}
-            for variant, row in rows.items():
-                base = rows.get(_baseline(variant))
-                if base is None or variant == base["variant"]:
-                    continue
-                key = "step_cpu_s_all" if row["timer"] == "cpu" else "step_wall_s_all"
-                shape = f"{row['batch']}x{row['seq_len']}"
-                pooled.setdefault(("train", shape, variant), []).extend(a / b for a, b in zip(row[key], base[key]))
-        for suite, key in (("eval", "forward_s_all"), ("generate", "generate_s_all")):
+        threads = results.get("machine", {}).get("torch_threads")
+        for suite, key in SUITES.items():
             block = results.get(suite) or []
-            rows = {r["variant"]: r for r in (block["rows"] if isinstance(block, dict) else block)}  # generate: {"rows": [...], ...}
-            for variant, row in rows.items():
-                base = rows.get(_baseline(variant))
-                if base is None or variant == base["variant"]:
-                    continue
-                shape = f"{row['batch']}x{row.get('seq_len', row.get('prompt'))}"
-                pooled.setdefault((suite, shape, variant), []).extend(b / a for a, b in zip(row[key], base[key]))
+            tables = block if suite == "train" else [{"rows": block["rows"] if isinstance(block, dict) else block}]  # generate: {"rows": ...}
+            for table in tables:
+                for row in table["rows"]:
+                    lora = its_lora(table["rows"], row)
+                    if not lora or lora is row:
+                        continue
+                    pair = (row, lora) if suite == "train" else (lora, row)  # time ratio, or tokens/s ratio
+                    shape = f"{row['batch']}x{row.get('seq_len', row.get('prompt'))}"
+                    pooled.setdefault((suite, threads, shape, row["variant"]), []).extend(round_ratios(*pair, key) or [])
     return pooled
 
 
@@ -63,10 +59,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path, help="benchmark_results JSON files of the same command")
     args = parser.parse_args()
-    print("| suite | shape | variant | rounds | median ratio | quartiles |\n|---|---|---|---:|---:|---|")
-    for (suite, shape, variant), ratios in sorted(round_ratios(args.results).items()):
+    print("| suite | threads | shape | variant | rounds | median ratio | quartiles |\n|---|---:|---|---|---:|---:|---|")
+    for (suite, threads, shape, variant), ratios in sorted(pooled_ratios(args.results).items()):
         s = summary(ratios)
-        print(f"| {suite} | {shape} | {variant} | {s['rounds']} | {s['median']:.3f} | {s['q1']:.2f}-{s['q3']:.2f} |")
+        print(f"| {suite} | {threads} | {shape} | {variant} | {s['rounds']} | {s['median']:.3f} | {s['q1']:.2f}-{s['q3']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -320,13 +320,13 @@ def test_top_k_suite_times_three_ways_that_agree(monkeypatch):
 
 def test_pool_rounds_pools_per_round_ratios_of_several_runs(tmp_path):
     """benchmarks/pool_rounds.py: training ratios are variant / its LoRA per round, eval and generate ratios LoRA /
-    variant (tokens/s), on each run's own timer, pooled over every file given."""
+    variant (tokens/s), pooled over every file given."""
     import json
 
-    from benchmarks.pool_rounds import round_ratios, summary
+    from benchmarks.pool_rounds import pooled_ratios, summary
 
-    def train_row(variant, times, timer="cpu"):
-        return dict(variant=variant, batch=4, seq_len=256, timer=timer, step_cpu_s_all=times, step_wall_s_all=[9.0] * len(times))
+    def train_row(variant, times):
+        return dict(variant=variant, batch=4, seq_len=256, step_s_all=times)
 
     runs = [dict(train=[dict(rows=[train_row("lora", [1.0, 2.0]), train_row("gin", [1.1, 2.4]), train_row("lora_b", [1.0, 1.0]),
                                    train_row("gin_published", [1.5, 1.2])])],
@@ -338,9 +338,9 @@ def test_pool_rounds_pools_per_round_ratios_of_several_runs(tmp_path):
     for number, run in enumerate(runs):
         paths.append(tmp_path / f"run{number}.json")
         paths[-1].write_text(json.dumps(run))
-    pooled = round_ratios(paths)
-    assert pooled[("train", "4x256", "gin")] == pytest.approx([1.1, 1.2, 1.3])
-    assert pooled[("train", "4x256", "gin_published")] == pytest.approx([1.5, 1.2])  # against lora_b
-    assert pooled[("generate", "1x128", "gin")] == pytest.approx([0.8])
-    assert pooled[("eval", "4x256", "gin")] == pytest.approx([0.8])
-    assert summary(pooled[("train", "4x256", "gin")])["median"] == pytest.approx(1.2)
+    pooled = pooled_ratios(paths)
+    assert pooled[("train", None, "4x256", "gin")] == pytest.approx([1.1, 1.2, 1.3])
+    assert pooled[("train", None, "4x256", "gin_published")] == pytest.approx([1.5, 1.2])  # against lora_b
+    assert pooled[("generate", None, "1x128", "gin")] == pytest.approx([0.8])
+    assert pooled[("eval", None, "4x256", "gin")] == pytest.approx([0.8])
+    assert summary(pooled[("train", None, "4x256", "gin")])["median"] == pytest.approx(1.2)
