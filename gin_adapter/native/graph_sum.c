@@ -123,14 +123,6 @@ static inline __attribute__((always_inline)) void scatter_strip(const float *g, 
     }
 }
 
-/* dW and dX of one row over the feature strip [e0, e0 + blocks * LANES) (either pointer may be NULL) */
-static inline __attribute__((always_inline)) void grad_strip(const float *g, const float *graph_x, float *graph_dx, const float *wr,
-                                                             const int64_t *ir, int64_t k, int64_t width, int64_t e0, const int blocks,
-                                                             int first, float *dwr) {
-    if (dwr) dot_strip(g, graph_x, ir, k, width, e0, blocks, first, dwr);
-    if (graph_dx) scatter_strip(g, graph_dx, wr, ir, k, width, e0, blocks);
-}
-
 #define STRIPS(count, call)                                                                   \
     switch (count) {                                                                          \
         case 1: call(1); break; case 2: call(2); break; case 3: call(3); break;               \
@@ -187,34 +179,13 @@ static void grad_feature_band(const float *restrict grad, const float *restrict 
     }
 }
 
-/* dW and dX of graphs [b0, b1) in one pass (a thread owns whole graphs), strip by strip, then the features left over */
-MULTIVERSION
-static void grad_graphs(const float *restrict grad, const float *restrict w, const int64_t *restrict idx, const float *restrict x,
-                        float *restrict grad_w, float *restrict grad_x, int64_t b0, int64_t b1, int64_t rows, int64_t k, int64_t keys, int64_t width) {
-    int64_t body = width - width % LANES;
+/* dW and dX of graphs [b0, b1), one graph at a time (a thread owns whole graphs; a graph's rows, features and
+   gradients stay in cache between the two passes) */
+static void grad_graphs(const float *grad, const float *w, const int64_t *idx, const float *x, float *grad_w, float *grad_x,
+                        int64_t b0, int64_t b1, int64_t rows, int64_t k, int64_t keys, int64_t width) {
     for (int64_t b = b0; b < b1; ++b) {
-        const float *graph_x = x + b * keys * width;
-        float *graph_dx = grad_x ? grad_x + b * keys * width : NULL;
-        for (int64_t r = b * rows; r < (b + 1) * rows; ++r) {
-            const float *g = grad + r * width, *wr = w + r * k;
-            const int64_t *ir = idx + r * k;
-            float *dwr = grad_w ? grad_w + r * k : NULL;
-            for (int64_t e0 = 0; e0 < body; e0 += 8 * LANES) {
-#define GRAD(n) grad_strip(g, graph_x, graph_dx, wr, ir, k, width, e0, n, e0 == 0, dwr)
-                STRIPS((body - e0) / LANES, GRAD)
-#undef GRAD
-            }
-            for (int64_t m = 0; m < k && body < width; ++m) {
-                const float *xr = graph_x + ir[m] * width;
-                float *dxr = graph_dx ? graph_dx + ir[m] * width : NULL;
-                float dot = 0.0f;
-                for (int64_t e = body; e < width; ++e) {
-                    dot += g[e] * xr[e];
-                    if (dxr) dxr[e] += wr[m] * g[e];
-                }
-                if (dwr) dwr[m] = (body ? dwr[m] : 0.0f) + dot;
-            }
-        }
+        if (grad_w) grad_weight_rows(grad, idx, x, grad_w, b * rows, (b + 1) * rows, rows, k, keys, width);
+        if (grad_x) grad_feature_band(grad, w, idx, grad_x, b, b + 1, 0, width, rows, k, keys, width);
     }
 }
 
@@ -237,7 +208,7 @@ int gin_graph_sum_grad_f32(const float *grad, const float *w, const int64_t *idx
     int64_t total = mats * rows, work = total * k * width;
     if (total == 0) return 0;
     int parts = thread_count(threads, total, work);
-    if (parts <= mats || width <= LANES) {  /* whole graphs per thread: one pass */
+    if (parts <= mats || width <= LANES) {  /* whole graphs per thread */
         parts = parts < mats ? parts : (int)mats;
         SPLIT(mats, parts, grad_graphs(grad, w, idx, x, grad_w, grad_x, p0, p1, rows, k, keys, width));
         return 0;
