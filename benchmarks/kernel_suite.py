@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from benchmarks.measure import interleaved_times, median
-from gin_adapter import GinConfig
+from gin_adapter import GinConfig, native_attention_graph
 from gin_adapter.adjacency import AdjacencyRule
 from gin_adapter.joint import attention_with_graph, graph_sum
 from gin_adapter.joint_threshold import attention_with_threshold_graph, threshold_graph_sum
@@ -43,8 +43,9 @@ def kernel_cases(inputs: tuple[torch.Tensor, ...], top_k: int = 8, chunks: Itera
     sum); ``fused_<mode>_c<rows>``: :func:`gin_adapter.topk_sum.topk_neighbour_sum` with that sum mode and query
     chunk (``c0``: one chunk); ``joint``: what training under sdpa runs in place of sdpa *and* the sum, the
     attention output and the graph from one score computation (:func:`gin_adapter.joint.attention_with_graph`,
-    ``sum_mode="auto"``, 64-row chunks) with both outputs in the loss, and ``joint_keep`` the same keeping the
-    probabilities for backward (``recompute_adjacency=False``); ``joint_published``: the same for the published
+    ``sum_mode="auto"``: the compiled kernel of :mod:`gin_adapter.native_attention_graph` where it applies) with
+    both outputs in the loss, ``joint_chunked`` the same by ATen's 64-row query chunks (the compiled kernel off),
+    and ``joint_keep`` the chunked form keeping the probabilities for backward (``recompute_adjacency=False``); ``joint_published``: the same for the published
     preset's rule (:func:`gin_adapter.joint_threshold.attention_with_threshold_graph`, ``GinConfig.published(graph="gin")``,
     the graph in the form training picks) summing features shared by the heads of the preset's width (155 on
     SmolLM2-135M, fixed random ``(B, 1, L, 155)``); compare them with ``sdpa``. Gradients accumulate into
@@ -79,6 +80,16 @@ def kernel_cases(inputs: tuple[torch.Tensor, ...], top_k: int = 8, chunks: Itera
                 cases[f"fused_{mode}_c{rows}"] = functools.partial(fused, mode, rows)
     cases["joint"] = functools.partial(joint_attention, False)
     cases["joint_keep"] = functools.partial(joint_attention, True)
+
+    def joint_chunked() -> None:
+        native_attention_graph.ENABLED = False
+        try:
+            joint_attention(False)
+        finally:
+            native_attention_graph.ENABLED = enabled
+
+    enabled = native_attention_graph.ENABLED
+    cases["joint_chunked"] = joint_chunked
     published = AdjacencyRule.from_config(GinConfig.published(graph="gin"))
     shared = torch.randn(q.shape[0], 1, length, PUBLISHED_WIDTH, generator=torch.Generator().manual_seed(1), requires_grad=True)
 

@@ -19,14 +19,15 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from benchmarks.published import build_published_model
-from gin_adapter import GinConfig, count_trainable_parameters, get_gin_model, gin_layers, joint, native_graph_sum, native_score_rows, native_top_k
+from gin_adapter import (GinConfig, count_trainable_parameters, get_gin_model, gin_layers, joint, native_attention_graph, native_graph_sum, native_score_rows,
+                         native_top_k)
 from gin_adapter.activations import GELU
 
 logger = logging.getLogger("benchmarks")
 
 
 ALL_VARIANTS = ("base", "lora", "gin", "gin_keep", "gin_separate", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_hidden_reference",
-               "gin_hidden_reference_separate", "gin_published", "gin_published_keep", "gin_published_separate", "gin_onednn_gelu", "gin_aten_topk", "gin_topk_only", "gin_published_topk_only", "lora_b")
+               "gin_hidden_reference_separate", "gin_published", "gin_published_keep", "gin_published_separate", "gin_onednn_gelu", "gin_aten_topk", "gin_topk_only", "gin_published_topk_only", "gin_chunked", "lora_b")
 LABELS = {
     "base": "frozen base (floor)",
     "lora": "LoRA (q_proj, v_proj), matched params",
@@ -48,6 +49,7 @@ LABELS = {
     "gin_aten_topk": "GIN, package default, ATen's top-k instead of the compiled one (native_top_k.ENABLED off)",
     "gin_topk_only": "GIN, package default, the compiled top-k only: ATen's neighbour sums, mask and softmax backward (native_graph_sum, native_score_rows off)",
     "gin_published_topk_only": "GIN, GinConfig.published(graph='gin'), ATen's neighbour sums, mask and softmax backward (native_graph_sum, native_score_rows off)",
+    "gin_chunked": "GIN, package default, ATen's chunked attention with its graph (native_attention_graph off): the package at 2edba61",
     "lora_b": "LoRA (q_proj, v_proj), matched to gin_published",
 }
 GIN_CONFIGS: dict[str, dict] = {
@@ -68,6 +70,7 @@ GIN_CONFIGS: dict[str, dict] = {
     "gin_aten_topk": dict(),
     "gin_topk_only": dict(),
     "gin_published_topk_only": dict(preset="published", graph="gin"),
+    "gin_chunked": dict(),
 }
 SEPARATE = ("gin_separate", "gin_hidden_reference_separate", "gin_published_separate", "gin_onednn_gelu")
 """Variants trained with ``gin_adapter.joint.ENABLED`` off: sdpa, then the separate kernel scores the keys again."""
@@ -78,6 +81,10 @@ NATIVE_GRAPH_SUM_DEFAULT, NATIVE_SCORE_ROWS_DEFAULT = native_graph_sum.ENABLED, 
 TOP_K_ONLY = ("gin_topk_only", "gin_published_topk_only")
 """Variants run with ``gin_adapter.native_graph_sum.ENABLED`` and ``native_score_rows.ENABLED`` off (ATen's neighbour
 sums, causal mask and softmax backward; the compiled top-k on): the package as it was before those kernels."""
+NATIVE_ATTENTION_GRAPH_DEFAULT = native_attention_graph.ENABLED
+CHUNKED = ("gin_chunked",) + TOP_K_ONLY
+"""Variants run with ``gin_adapter.native_attention_graph.ENABLED`` off: the attention and its graph by ATen's
+query chunks (:mod:`gin_adapter.joint`), as before the compiled kernel."""
 
 
 def load_base(name: str, dtype: torch.dtype, device: torch.device):
@@ -156,6 +163,7 @@ class Variant:
     native_top_k: bool = True  # gin_adapter.native_top_k.ENABLED while this variant runs
     native_graph_sum: bool = True  # gin_adapter.native_graph_sum.ENABLED while this variant runs
     native_score_rows: bool = True  # gin_adapter.native_score_rows.ENABLED while this variant runs
+    native_attention_graph: bool = True  # gin_adapter.native_attention_graph.ENABLED while this variant runs
 
     def use_switches(self) -> None:
         """Set the package's module switches (joint path, compiled kernels) as this variant runs."""
@@ -163,6 +171,7 @@ class Variant:
         native_top_k.ENABLED = self.native_top_k
         native_graph_sum.ENABLED = self.native_graph_sum
         native_score_rows.ENABLED = self.native_score_rows
+        native_attention_graph.ENABLED = self.native_attention_graph
 
     @property
     def forward(self) -> Callable:
@@ -221,7 +230,8 @@ def build_variants(base: torch.nn.Module, names: list[str], *, compile_: bool = 
         params = [p for p in model.parameters() if p.requires_grad]
         variant = Variant(name, model, sum(p.numel() for p in params), joint=name not in SEPARATE, native_top_k=NATIVE_TOP_K_DEFAULT and name not in ATEN_TOP_K,
                           native_graph_sum=NATIVE_GRAPH_SUM_DEFAULT and name not in TOP_K_ONLY,
-                          native_score_rows=NATIVE_SCORE_ROWS_DEFAULT and name not in TOP_K_ONLY)
+                          native_score_rows=NATIVE_SCORE_ROWS_DEFAULT and name not in TOP_K_ONLY,
+                          native_attention_graph=NATIVE_ATTENTION_GRAPH_DEFAULT and name not in CHUNKED)
         if params:
             variant.optimizer = torch.optim.AdamW(params, lr=1e-4)
         if compile_ and name not in ("gin_pyg", "published"):
@@ -236,3 +246,4 @@ def reset_switches() -> None:
     native_top_k.ENABLED = NATIVE_TOP_K_DEFAULT
     native_graph_sum.ENABLED = NATIVE_GRAPH_SUM_DEFAULT
     native_score_rows.ENABLED = NATIVE_SCORE_ROWS_DEFAULT
+    native_attention_graph.ENABLED = NATIVE_ATTENTION_GRAPH_DEFAULT

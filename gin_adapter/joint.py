@@ -15,13 +15,17 @@ shares the softmax backward between the two uses of ``P``:
     dq = scaling dS k,  dk = scaling dS^T q,  dv = P^T dO,
 
 so one layer runs ten ``(rows x keys x D)`` matmuls instead of the seven of sdpa's forward and backward plus the
-seven of the separate kernel (:mod:`gin_adapter.topk_sum`), and one softmax each way instead of two. On the CPU
-the causal mask, the softmax backward above (``dS`` from ``dP``, one pass) and the neighbour sum with its
-backward (every row of a layer in one call) are compiled (:mod:`gin_adapter.native_score_rows`,
-:mod:`gin_adapter.native_graph_sum`), with ATen's operators as the fallback.
+seven of the separate kernel (:mod:`gin_adapter.topk_sum`), and one softmax each way instead of two.
+
+On the CPU, for plain causal attention with ``k <= 24``, all of it runs in one compiled call per layer and
+direction (:mod:`gin_adapter.native_attention_graph`: tiles of 64 query rows of one head whose scores stay in
+cache, the products on PyTorch's sgemm); elsewhere in query chunks of ATen operators, with the causal mask, the
+softmax backward (``dS`` from ``dP``, one pass) compiled (:mod:`gin_adapter.native_score_rows`). The neighbour
+sum and its backward (every row of a layer in one call) are compiled on the CPU either way
+(:mod:`gin_adapter.native_graph_sum`).
 The values, picks and gradients equal sdpa followed by the separate kernel up to float32 rounding (tests).
 Saved for backward: q, k, v, the mask argument, ``O`` (which sdpa keeps too), the top-k indices and weights; with
-``keep_probabilities`` (``GinConfig(recompute_adjacency=False)``) also every chunk's probabilities ``P``, about
+``keep_probabilities`` (``GinConfig(recompute_adjacency=False)``; always in query chunks) also every chunk's probabilities ``P``, about
 ``B H L^2 / 2`` floats per layer under causal attention, so that backward skips the score matmul, the mask and the
 softmax it would otherwise recompute (docs/benchmarks.md: 3-6 % of a training step, for 163 MiB more peak memory,
 +8 % of LoRA's total, at 4 x 256 tokens on SmolLM2).
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import native_graph_sum, native_score_rows, topk_sum
+from . import native_attention_graph, native_graph_sum, native_score_rows, topk_sum
 from .adjacency import float32_region, self_index
 from .chunk_sums import chunk_sum, chunk_sum_grads
 from .top_k import top_k_last
@@ -83,6 +87,15 @@ class _AttentionWithGraph(torch.autograd.Function):
         layout = _Layout(query, key.shape[1])
         k = min(top_k, key.shape[-2])
         shape5 = (layout.batch, layout.kv_heads, layout.groups, layout.q_len)
+        compiled = None if keep else native_attention_graph.forward(query, key, value, mask, spec.scaling, k)
+        ctx.compiled = compiled is not None
+        if compiled is not None:  # every tile of the layer in one compiled call
+            out, weights, index, inputs = compiled
+            ctx.save_for_backward(*inputs, out, weights, index)
+            ctx.spec, ctx.top_k = spec, k
+            ctx.set_materialize_grads(False)
+            ctx.mark_non_differentiable(index)
+            return out.view(*query.shape[:-1], value.shape[-1]), weights.view(*shape5, k), index.view(*shape5, k)
         query5 = layout.split(query)
         out5 = value.new_empty(*shape5, value.shape[-1])
         index5 = torch.empty(*shape5, k, dtype=torch.long, device=query.device)
@@ -114,6 +127,12 @@ class _AttentionWithGraph(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out, grad_weights5):
+        if ctx.compiled:
+            query, key, value, out, weights, index = ctx.saved_tensors
+            grad_weights = None if grad_weights5 is None else grad_weights5.reshape(weights.shape)
+            grad_query, grad_key, grad_value = native_attention_graph.backward(query, key, value, ctx.spec.scaling, ctx.top_k, out,
+                                                                               grad_out, grad_weights, weights, index)
+            return grad_query, grad_key, grad_value, None, None, None, None, None
         query, key, value, mask, out5, index5, weights5, *kept_probs = ctx.saved_tensors
         spec: ScoreSpec = ctx.spec
         layout = _Layout(query, key.shape[1])

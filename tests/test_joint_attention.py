@@ -62,9 +62,10 @@ def test_recompute_adjacency_false_keeps_the_probabilities_and_backward_scores_n
     """``GinConfig(recompute_adjacency=False)``: the graph built with the attention keeps every chunk's probabilities,
     so backward scores no chunk again (one ``_scores`` call per chunk and layer, in forward); by default every chunk
     is scored again in backward. Gradients are the same either way (the equality tests above, both ways)."""
-    from gin_adapter import joint_threshold, threshold_sum, topk_sum
+    from gin_adapter import joint_threshold, native_attention_graph, threshold_sum, topk_sum
 
     monkeypatch.setattr(topk_sum, "QUERY_CHUNK_ROWS", 8)
+    monkeypatch.setattr(native_attention_graph, "ENABLED", False)  # ATen's chunked form (the compiled kernel recomputes, as sdpa)
     calls = []
     for module in (joint_module, threshold_sum):
         monkeypatch.setattr(module, "_scores", lambda *a, _scores=module._scores, **kw: calls.append(1) or _scores(*a, **kw))

@@ -167,6 +167,12 @@ static int64_t column_count(int64_t n, int k) {
     return c;
 }
 
+/* the top k of `rows` rows of n floats with the caller's candidate buffers cv, ci (n + 8 entries each), on the
+   calling thread; for attention_graph.c, which holds its own buffers (row_topk.h) */
+void gin_topk_rows_buffered(const float *x, int64_t rows, int64_t n, int64_t stride, int k, float *values, int64_t *index, float *cv, int32_t *ci) {
+    topk_rows(x, rows, n, stride, k, column_count(n, k), values, index, cv, ci);
+}
+
 /* rows [r0, r1) with this thread's candidate buffers; 0, or 2 when they could not be allocated */
 static int topk_part(const float *x, int64_t r0, int64_t r1, int64_t n, int64_t stride, int k, int64_t columns, float *values, int64_t *index) {
     if (r0 >= r1) return 0;

@@ -1,0 +1,175 @@
+"""The compiled attention with its top-k graph (gin_adapter/native/attention_graph.c): a float64 reference's values
+and gradients, the same bits on any thread count, used by training where it applies and ATen's chunked form elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gin_adapter import joint, native_attention_graph
+from gin_adapter.joint import attention_with_graph, graph_sum
+
+pytestmark = pytest.mark.skipif(not native_attention_graph.available(), reason="the compiled library or PyTorch's sgemm is missing")
+
+
+def _inputs(batch: int, heads: int, kv_heads: int, length: int, dim: int, dim_v: int, seed: int, strided: bool = True):
+    generator = torch.Generator().manual_seed(seed)
+    # query (B, L, H, D) transposed, as attention modules pass it: rows of one head are H * D apart
+    q = torch.randn(batch, length, heads, dim, generator=generator).transpose(1, 2) if strided else torch.randn(batch, heads, length, dim, generator=generator)
+    k = torch.randn(batch, kv_heads, length, dim, generator=generator)
+    v = torch.randn(batch, kv_heads, length, dim_v, generator=generator)
+    return q, k, v
+
+
+def _reference(q, k, v, scaling, index, grad_out, grad_weights):
+    """Float64 causal attention, the weights ``P[idx]`` of the given picks, and the gradients to q, k, v of
+    ``sum(O dO) + sum(W dW)``; also ``P`` (B, H, L, L)."""
+    q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    scores = scaling * q @ k.repeat_interleave(groups, 1).transpose(-1, -2)
+    length = q.shape[2]
+    scores = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
+    probs = scores.softmax(-1)
+    out = probs @ v.repeat_interleave(groups, 1)
+    weights = probs.gather(-1, index)
+    loss = (out * grad_out.double()).sum() + (0 if grad_weights is None else (weights * grad_weights.double()).sum())
+    grads = torch.autograd.grad(loss, (q, k, v))
+    return out.detach(), weights.detach(), probs.detach(), grads
+
+
+SHAPES = [  # batch, heads, kv_heads, length, dim, dim_v, top_k: one tile, several tiles and runs, GQA, a short last tile
+    (2, 4, 2, 12, 8, 8, 3),
+    (1, 3, 1, 150, 16, 24, 8),
+    (1, 9, 3, 300, 64, 64, 8),
+    (2, 2, 2, 200, 32, 16, 24),
+    (1, 1, 1, 70, 8, 8, 1),
+]
+
+
+@pytest.mark.parametrize("graph_grad", [True, False], ids=["graph-grad", "no-graph-grad"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_compiled_attention_equals_a_float64_reference(shape, graph_grad):
+    """Output, picks (a top-k of the reference probabilities, ties aside), weights and the three gradients."""
+    batch, heads, kv_heads, length, dim, dim_v, top_k = shape
+    q, k, v = _inputs(batch, heads, kv_heads, length, dim, dim_v, seed=length)
+    scaling = dim**-0.5
+    out, weights, index, saved = native_attention_graph.forward(q, k, v, None, scaling, top_k)
+    generator = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(out.shape, generator=generator)
+    grad_weights = torch.randn(weights.shape, generator=generator) if graph_grad else None
+    ref_out, ref_weights, probs, ref_grads = _reference(q, k, v, scaling, index, grad_out, grad_weights)
+    assert torch.allclose(out.double(), ref_out, atol=1e-5)
+    assert torch.allclose(weights.double(), ref_weights, atol=1e-6)
+    # the picks are a top-k: distinct, and none below the (k + 1)-th largest probability of its row
+    assert (index.sort(-1).values.diff(dim=-1) > 0).all()
+    kth_next = probs.topk(top_k + 1, dim=-1).values[..., -1:] if top_k < length else torch.zeros_like(probs[..., :1])
+    assert (ref_weights >= kth_next - 1e-6).all()
+    assert (weights[..., :-1] >= weights[..., 1:]).all()  # descending
+    grads = native_attention_graph.backward(*saved, scaling, top_k, out, grad_out, grad_weights, weights, index)
+    for name, got, expected in zip("qkv", grads, ref_grads):
+        assert got.shape == expected.shape, name
+        assert torch.allclose(got.double(), expected, atol=2e-5, rtol=1e-4), name
+
+
+def test_compiled_attention_gives_the_same_bits_on_any_thread_count():
+    """Every head's tiles are cut into runs by the shape alone and the runs' gradients summed in a fixed order."""
+    q, k, v = _inputs(1, 3, 1, 300, 16, 16, seed=0)
+    generator = torch.Generator().manual_seed(2)
+    grad_out, grad_weights = torch.randn(1, 3, 300, 16, generator=generator), torch.randn(1, 3, 300, 8, generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            out, weights, index, saved = native_attention_graph.forward(q, k, v, None, 0.25, 8)
+            results.append((out, weights, index, *native_attention_graph.backward(*saved, 0.25, 8, out, grad_out, grad_weights, weights, index)))
+    finally:
+        torch.set_num_threads(threads)
+    assert native_attention_graph.segments(1, 3, 300) > 1  # the runs are exercised
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("used", ["both", "output", "graph"])
+def test_training_uses_the_compiled_attention_and_equals_the_chunked_form(used, monkeypatch):
+    """Through :func:`gin_adapter.joint.attention_with_graph`: the compiled kernel runs (no chunk is scored by ATen)
+    and the values and gradients equal ATen's chunked form, with both results in the loss or one of them."""
+    calls = []
+    monkeypatch.setattr(joint, "_scores", lambda *a, _scores=joint._scores, **kw: calls.append(1) or _scores(*a, **kw))
+    q, k, v = (x.requires_grad_() for x in _inputs(2, 4, 2, 140, 16, 16, seed=5))
+    features = torch.randn(2, 2, 140, 6, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    upstream = torch.randn(2, 4, 140, 16, generator=torch.Generator().manual_seed(7))
+
+    def step():
+        out, graph = attention_with_graph(q, k, v, None, scaling=0.25, top_k=8)
+        sums = graph_sum(graph, features)
+        loss = (out * upstream).sum() * (used != "graph") + (sums * upstream[..., :6]).sum() * (used != "output")
+        return [out.detach(), graph.index, sums.detach(), *torch.autograd.grad(loss, (q, k, v, features), allow_unused=True)]
+
+    compiled = step()
+    assert not calls
+    monkeypatch.setattr(native_attention_graph, "ENABLED", False)
+    chunked = step()
+    assert calls
+    for position, (a, b) in enumerate(zip(compiled, chunked)):
+        if a is None or b is None:
+            assert a is None and b is None or used == "output" and position == 6  # features: no gradient without the graph
+            continue
+        assert torch.equal(a, b) if a.dtype == torch.long else torch.allclose(a, b, atol=2e-5), position
+
+
+@pytest.mark.parametrize("case", ["mask", "keep", "large_k", "disabled", "no_sgemm"])
+def test_the_chunked_form_runs_where_the_compiled_attention_does_not_apply(case, monkeypatch):
+    q, k, v = _inputs(1, 2, 2, 40, 8, 8, seed=3)
+    mask = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril() if case == "mask" else None
+    top_k = 30 if case == "large_k" else 4
+    if case == "disabled":
+        monkeypatch.setattr(native_attention_graph, "ENABLED", False)
+    if case == "no_sgemm":
+        monkeypatch.setattr(native_attention_graph, "blas_sgemm", lambda: None)
+    native_attention_graph._kernels.cache_clear()
+    try:
+        calls = []
+        monkeypatch.setattr(joint, "_scores", lambda *a, _scores=joint._scores, **kw: calls.append(1) or _scores(*a, **kw))
+        q.requires_grad_()
+        out, graph = attention_with_graph(q, k, v, mask, scaling=0.3, top_k=top_k, keep_probabilities=case == "keep")
+        assert calls and out.shape == (1, 2, 40, 8) and graph.index.shape[-1] == top_k
+        if case == "no_sgemm":
+            assert not native_attention_graph.available()
+    finally:
+        monkeypatch.undo()
+        native_attention_graph._kernels.cache_clear()
+    assert native_attention_graph.available()
+
+
+def test_a_wrong_sgemm_is_refused(monkeypatch):
+    """The sgemm found is checked against torch.matmul before use: one that computes something else is not used."""
+    import ctypes
+
+    wrong = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 13)(lambda *args: None)  # leaves C untouched
+    monkeypatch.setattr(native_attention_graph, "blas_sgemm", lambda: ctypes.cast(wrong, ctypes.c_void_p).value)
+    native_attention_graph._kernels.cache_clear()
+    try:
+        assert not native_attention_graph.available()
+    finally:
+        monkeypatch.undo()
+        native_attention_graph._kernels.cache_clear()
+    assert native_attention_graph.available()
+
+
+def test_segments_depend_on_the_shape_only():
+    assert native_attention_graph.segments(4, 9, 256) == 1  # 36 heads: enough units
+    assert native_attention_graph.segments(1, 9, 2048) == 4
+    assert native_attention_graph.segments(1, 1, 64) == 1  # one tile
+    assert native_attention_graph.segments(1, 1, 4096) == 32
+
+
+
+def test_recorded_in_results(monkeypatch):
+    """Benchmark and trial results record whether the compiled attention was in use."""
+    from gin_adapter.compare.machine import machine
+
+    assert machine()["compiled_attention_graph"] is True
+    monkeypatch.setattr(native_attention_graph, "ENABLED", False)
+    assert machine()["compiled_attention_graph"] is False
