@@ -48,7 +48,8 @@ def kernel_cases(inputs: tuple[torch.Tensor, ...], top_k: int = 8, chunks: Itera
     and ``joint_keep`` the chunked form keeping the probabilities for backward (``recompute_adjacency=False``); ``joint_published``: the same for the published
     preset's rule (:func:`gin_adapter.joint_threshold.attention_with_threshold_graph`, ``GinConfig.published(graph="gin")``,
     the graph in the form training picks) summing features shared by the heads of the preset's width (155 on
-    SmolLM2-135M, fixed random ``(B, 1, L, 155)``); compare them with ``sdpa``. Gradients accumulate into
+    SmolLM2-135M, fixed random ``(B, 1, L, 155)``), ``joint_published_chunked`` the same by ATen's query chunks;
+    compare them with ``sdpa``. Gradients accumulate into
     ``inputs``' q, k, v as in training.
     """
     import torch.nn.functional as F
@@ -81,15 +82,7 @@ def kernel_cases(inputs: tuple[torch.Tensor, ...], top_k: int = 8, chunks: Itera
     cases["joint"] = functools.partial(joint_attention, False)
     cases["joint_keep"] = functools.partial(joint_attention, True)
 
-    def joint_chunked() -> None:
-        native_attention_graph.ENABLED = False
-        try:
-            joint_attention(False)
-        finally:
-            native_attention_graph.ENABLED = enabled
-
-    enabled = native_attention_graph.ENABLED
-    cases["joint_chunked"] = joint_chunked
+    cases["joint_chunked"] = functools.partial(_chunked, functools.partial(joint_attention, False))
     published = AdjacencyRule.from_config(GinConfig.published(graph="gin"))
     shared = torch.randn(q.shape[0], 1, length, PUBLISHED_WIDTH, generator=torch.Generator().manual_seed(1), requires_grad=True)
 
@@ -98,7 +91,18 @@ def kernel_cases(inputs: tuple[torch.Tensor, ...], top_k: int = 8, chunks: Itera
         ((out * weights).sum() + threshold_graph_sum(graph, shared, groups).sum()).backward()
 
     cases["joint_published"] = joint_published
+    cases["joint_published_chunked"] = functools.partial(_chunked, joint_published)
     return cases
+
+
+def _chunked(case: Callable[[], Any]) -> None:
+    """Run ``case`` with the compiled attention off (ATen's query chunks, :mod:`gin_adapter.joint`)."""
+    enabled = native_attention_graph.ENABLED
+    native_attention_graph.ENABLED = False
+    try:
+        case()
+    finally:
+        native_attention_graph.ENABLED = enabled
 
 
 def run_kernel(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ logger = logging.getLogger("benchmarks")
 
 
 ALL_VARIANTS = ("base", "lora", "gin", "gin_keep", "gin_separate", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_hidden_reference",
-               "gin_hidden_reference_separate", "gin_published", "gin_published_keep", "gin_published_separate", "gin_onednn_gelu", "gin_aten_topk", "gin_topk_only", "gin_published_topk_only", "gin_chunked", "lora_b")
+               "gin_hidden_reference_separate", "gin_published", "gin_published_keep", "gin_published_separate", "gin_onednn_gelu", "gin_aten_topk", "gin_topk_only", "gin_published_topk_only", "gin_chunked", "gin_published_chunked", "lora_b")
 LABELS = {
     "base": "frozen base (floor)",
     "lora": "LoRA (q_proj, v_proj), matched params",
@@ -50,6 +50,7 @@ LABELS = {
     "gin_topk_only": "GIN, package default, the compiled top-k only: ATen's neighbour sums, mask and softmax backward (native_graph_sum, native_score_rows off)",
     "gin_published_topk_only": "GIN, GinConfig.published(graph='gin'), ATen's neighbour sums, mask and softmax backward (native_graph_sum, native_score_rows off)",
     "gin_chunked": "GIN, package default, ATen's chunked attention with its graph (native_attention_graph off): the package at 2edba61",
+    "gin_published_chunked": "GIN, GinConfig.published(graph='gin'), ATen's chunked attention with its graph (native_attention_graph off)",
     "lora_b": "LoRA (q_proj, v_proj), matched to gin_published",
 }
 GIN_CONFIGS: dict[str, dict] = {
@@ -71,6 +72,7 @@ GIN_CONFIGS: dict[str, dict] = {
     "gin_topk_only": dict(),
     "gin_published_topk_only": dict(preset="published", graph="gin"),
     "gin_chunked": dict(),
+    "gin_published_chunked": dict(preset="published", graph="gin"),
 }
 SEPARATE = ("gin_separate", "gin_hidden_reference_separate", "gin_published_separate", "gin_onednn_gelu")
 """Variants trained with ``gin_adapter.joint.ENABLED`` off: sdpa, then the separate kernel scores the keys again."""
@@ -82,7 +84,7 @@ TOP_K_ONLY = ("gin_topk_only", "gin_published_topk_only")
 """Variants run with ``gin_adapter.native_graph_sum.ENABLED`` and ``native_score_rows.ENABLED`` off (ATen's neighbour
 sums, causal mask and softmax backward; the compiled top-k on): the package as it was before those kernels."""
 NATIVE_ATTENTION_GRAPH_DEFAULT = native_attention_graph.ENABLED
-CHUNKED = ("gin_chunked",) + TOP_K_ONLY
+CHUNKED = ("gin_chunked", "gin_published_chunked") + TOP_K_ONLY
 """Variants run with ``gin_adapter.native_attention_graph.ENABLED`` off: the attention and its graph by ATen's
 query chunks (:mod:`gin_adapter.joint`), as before the compiled kernel."""
 

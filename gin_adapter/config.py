@@ -129,9 +129,11 @@ class GinConfig(PeftConfig):
             "help": "Recompute the adjacency in backward instead of storing it: nothing of size (B, H, L, L) is kept for "
             "backward. False keeps the attention probabilities for backward instead (about B * H * L^2 / 2 floats per "
             "layer): where the graph is built with the attention (training under sdpa, the per-head top-k and the "
-            "published rule) backward then skips scoring the keys again: 3-6 % of a training step for 163 MiB more peak "
-            "memory (+8 % of LoRA's total) at 4 x 256 tokens on SmolLM2 (docs/benchmarks.md); the fused kernels (sdpa + a separate "
-            "kernel, eager) always recompute."
+            "published rule) backward then skips scoring the keys again, in ATen's query chunks. On the CPU the default "
+            "is faster: there the compiled attention with its graph recomputes inside one call per layer (plain causal "
+            "attention; docs/benchmarks.md), which False turns off. Elsewhere (a GPU, padding masks) False saved 3-6 % of a "
+            "training step for 163 MiB more peak memory (+8 % of LoRA's total) at 4 x 256 tokens on SmolLM2 before the compiled "
+            "kernel; the fused kernels (sdpa + a separate kernel, eager) always recompute."
         },
     )
     adjacency_grad: bool = field(

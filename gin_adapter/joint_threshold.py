@@ -26,6 +26,11 @@ With the graph kept as each row's ``K`` largest entries, ``dW`` is non-zero only
 only ``P`` and forms ``dW`` and its terms on those ``K`` entries (:func:`kept_graph_terms`), and the softmax
 backward is the joint top-k path's single pass (:func:`gin_adapter.joint._score_grads`, compiled on the CPU).
 
+On the CPU, for plain causal attention with the graph kept whole or as at most 64 entries a row, all of it runs
+in one compiled call per layer and direction (:func:`gin_adapter.native_attention_graph.threshold_forward`: tiles
+of query rows with every head's probabilities in cache); elsewhere (a mask, ``keep_probabilities``, the diagonal,
+another device) in the query chunks of ATen operators below.
+
 So a layer scores the keys twice (forward, backward) instead of four times (sdpa and the separate kernel, each
 forward and backward), and runs one ``dq``/``dk`` pair instead of two. The values and gradients equal sdpa followed
 by :func:`gin_adapter.threshold_sum.threshold_neighbour_sum` up to float32 rounding (tests). Kept for backward:
@@ -41,7 +46,7 @@ from typing import Literal
 
 import torch
 
-from . import topk_sum
+from . import native_attention_graph, topk_sum
 from .adjacency import AdjacencyRule, float32_region
 from .joint import TopKGraph, _score_grads, attention_output_grads, graph_sum
 from .joint_decode import decode_attention
@@ -126,6 +131,17 @@ class _AttentionWithThresholdGraph(torch.autograd.Function):
     def forward(ctx, query, key, value, mask, spec: ScoreSpec, rule: AdjacencyRule, chunks: list[Chunk], form: Storage, top_k: int, keep: bool):
         layout = _Layout(query, key.shape[1])
         batch, k_len = layout.batch, key.shape[-2]
+        compiled = None if keep else native_attention_graph.threshold_forward(query, key, value, mask, spec.scaling, **_rule_fields(rule), form=form,
+                                                                             top_k=top_k)
+        ctx.compiled = compiled is not None
+        if compiled is not None:  # every tile of the layer in one compiled call
+            out, graph, index, inputs = compiled
+            ctx.save_for_backward(*inputs, out, graph if form == "top_k" else None, index)
+            ctx.spec, ctx.rule, ctx.form = spec, rule, form
+            ctx.set_materialize_grads(False)
+            if index is not None:
+                ctx.mark_non_differentiable(index)
+            return out.view(*query.shape[:-1], value.shape[-1]), graph, index
         query5 = layout.split(query)
         out5 = value.new_empty(batch, layout.kv_heads, layout.groups, layout.q_len, value.shape[-1])
         shape = {"dense": (batch, layout.q_len, k_len), "top_k": (batch, layout.q_len, top_k), "diagonal": (batch, layout.q_len)}[form]
@@ -153,7 +169,16 @@ class _AttentionWithThresholdGraph(torch.autograd.Function):
             return _backward(ctx, None if grad_out is None else grad_out.float(), grad_graph)
 
 
+def _rule_fields(rule: AdjacencyRule) -> dict[str, float]:
+    return dict(alpha=rule.sharpen_alpha, tau=rule.sharpen_tau, threshold=rule.threshold)
+
+
 def _backward(ctx, grad_out, grad_graph):
+    if ctx.compiled:
+        query, key, value, out, graph, index = ctx.saved_tensors
+        grads = native_attention_graph.threshold_backward(query, key, value, ctx.spec.scaling, **_rule_fields(ctx.rule), form=ctx.form, out=out,
+                                                          grad_out=grad_out, grad_graph=grad_graph, graph=graph, index=index)
+        return (*grads, None, None, None, None, None, None, None)
     query, key, value, mask, out5, index, kept_graph, *kept_probs = ctx.saved_tensors
     spec, rule, sparse = ctx.spec, ctx.rule, ctx.form == "top_k"
     layout = _Layout(query, key.shape[1])

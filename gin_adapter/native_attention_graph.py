@@ -1,19 +1,25 @@
-"""Causal attention and its top-k graph in one compiled call per layer and direction (``gin_adapter/native/attention_graph.c``).
+"""Causal attention with the adapter's graph in one compiled call per layer and direction (``gin_adapter/native/``).
 
-The same computation as :class:`gin_adapter.joint._AttentionWithGraph` (its docstring has the formulas), for
-plain causal attention on the CPU: the query rows of each head go in tiles of :data:`TILE_ROWS` whose scores stay
-in the thread's cache from the score product through the softmax, the output product and the top-k (forward),
-or the softmax backward and the three gradient products (backward). The products run on the BLAS ``sgemm`` that
-PyTorch was built with (MKL in PyTorch's x86-64 Linux wheels), found in PyTorch's own library
-(:func:`blas_sgemm`) and checked against ``torch.matmul`` once when first used.
+Two kernels, for plain causal attention on the CPU, on tiles of :data:`TILE_ROWS` query rows whose scores stay
+in the thread's cache from the score product through the softmax, the output product and the graph (forward),
+or the softmax backward and the three gradient products (backward); shared parts in ``tiles.c``:
 
-:func:`forward` and :func:`backward` return ``None`` where the kernel does not apply (:func:`applies`; callers
-keep ATen's chunked form then): the library or an sgemm is missing, :data:`ENABLED` is off
-(``GIN_ADAPTER_NATIVE=0``), another device or dtype, a mask argument, ``k`` above
-:data:`gin_adapter.native_top_k.MAX_K`, or ``torch.compile`` tracing. The values equal ATen's form up to float32
-rounding (the exp polynomial, the order of the sums; tests), and do not depend on the thread count: every head's
-tiles are cut into :func:`segments` runs of equal work whatever the thread count, and the runs' key and value
-gradients are summed in a fixed order.
+* :func:`forward` / :func:`backward` (``attention_graph.c``): the per-head top-k graph of
+  :class:`gin_adapter.joint._AttentionWithGraph` (its docstring has the formulas); tiles of one head.
+* :func:`threshold_forward` / :func:`threshold_backward` (``threshold_graph.c``): the published rule's graph of
+  :class:`gin_adapter.joint_threshold._AttentionWithThresholdGraph`, kept whole or as each row's ``K`` largest
+  entries; tiles of every head of a batch row (the rule sums the heads).
+
+The products run on the BLAS ``sgemm`` that PyTorch was built with (MKL in PyTorch's x86-64 Linux wheels), found
+in PyTorch's own library (:func:`blas_sgemm`) and checked against ``torch.matmul`` once when first used.
+
+They return ``None`` where they do not apply (:func:`applies`, :func:`threshold_applies`; callers keep ATen's
+chunked form then): the library or an sgemm is missing, :data:`ENABLED` is off (``GIN_ADAPTER_NATIVE=0``),
+another device or dtype, a mask argument, ``k`` above :data:`gin_adapter.native_top_k.MAX_K` (``K`` above 64
+for the published rule), or ``torch.compile`` tracing. The values equal ATen's form up to float32 rounding (the
+exp polynomial, the order of the sums; tests), and do not depend on the thread count: the tiles are cut into
+:func:`segments` runs of equal work whatever the thread count, and the runs' key and value gradients are summed
+in a fixed order.
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ def blas_sgemm() -> int | None:
 
 @functools.cache
 def _kernels():
-    """``(forward, backward)`` C functions with an sgemm set and checked, or ``None`` (logged once)."""
+    """``(forward, backward, threshold forward, threshold backward)`` C functions with an sgemm set and checked,
+    or ``None`` (logged once)."""
     forward = native_library.function("gin_attention_graph_forward_f32", _PROBLEM + [_POINTER] * 3 + [_INT])
     if forward is None:
         return None
@@ -77,7 +84,10 @@ def _kernels():
         native_library.function("gin_set_sgemm", [_POINTER], None)(None)
         return None
     backward = native_library.function("gin_attention_graph_backward_f32", _PROBLEM + [_POINTER] * 5 + [_POINTER] * 5 + [_INT])
-    return forward, backward
+    rule = [_FLOAT] * 3 + [_INT]
+    threshold_forward = native_library.function("gin_threshold_graph_forward_f32", _PROBLEM + rule + [_POINTER] * 3 + [_INT])
+    threshold_backward = native_library.function("gin_threshold_graph_backward_f32", _PROBLEM + rule + [_POINTER] * 5 + [_POINTER] * 5 + [_INT])
+    return forward, backward, threshold_forward, threshold_backward
 
 
 def _sgemm_agrees() -> bool:
@@ -113,7 +123,8 @@ def applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
 
 def segments(batch: int, heads: int, length: int) -> int:
     """Runs of tiles each head is cut into: enough for :data:`UNITS_PER_CALL` units, at most half the tiles.
-    Depends on the shape only, so the result does not depend on the thread count."""
+    Depends on the shape only, so the result does not depend on the thread count. The published rule's kernel
+    takes ``heads=1`` (its units are batch rows: every head of a tile together)."""
     tiles = math.ceil(length / TILE_ROWS)
     return max(1, min(math.ceil(UNITS_PER_CALL / (batch * heads)), tiles // 2))
 
@@ -122,12 +133,19 @@ def _rows_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _problem(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, top_k: int) -> list:
+def _problem(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, top_k: int, runs: int) -> list:
     batch, heads, length, dim = query.shape
     arguments = []
     for x in (query, key, value):
         arguments += [x.data_ptr(), x.stride(0), x.stride(1), x.stride(2)]
-    return arguments + [batch, heads, key.shape[1], length, dim, value.shape[-1], scaling, TILE_ROWS, segments(batch, heads, length), top_k]
+    return arguments + [batch, heads, key.shape[1], length, dim, value.shape[-1], scaling, TILE_ROWS, runs, top_k]
+
+
+def _key_value_grads(key: torch.Tensor, value: torch.Tensor, runs: int, partial_heads: int) -> list[torch.Tensor]:
+    """``dk``, ``dv`` (contiguous, written whole by the kernel) and the runs' partial sums ``(runs, B, heads, L, .)``."""
+    batch, length = key.shape[0], key.shape[2]
+    return [torch.empty_like(key, memory_format=torch.contiguous_format), torch.empty_like(value, memory_format=torch.contiguous_format),
+            torch.empty(runs, batch, partial_heads, length, key.shape[-1]), torch.empty(runs, batch, partial_heads, length, value.shape[-1])]
 
 
 def _check(status: int, what: str) -> None:
@@ -151,8 +169,8 @@ def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     weights = query.new_empty(batch, heads, length, top_k)
     index = torch.empty(batch, heads, length, top_k, dtype=torch.long)
     with torch.profiler.record_function(FORWARD_LABEL):
-        _check(_kernels()[0](*_problem(query, key, value, scaling, top_k), out.data_ptr(), weights.data_ptr(), index.data_ptr(),
-                             torch.get_num_threads()), "forward")
+        _check(_kernels()[0](*_problem(query, key, value, scaling, top_k, segments(batch, heads, length)), out.data_ptr(), weights.data_ptr(),
+                             index.data_ptr(), torch.get_num_threads()), "forward")
     return out, weights, index, (query, key, value)
 
 
@@ -165,13 +183,60 @@ def backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scalin
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     graph = [grad_weights.contiguous(), weights, index] if grad_weights is not None else [None] * 3
     grad_query = torch.empty(batch, heads, length, dim)
-    grad_key, grad_value = torch.empty_like(key, memory_format=torch.contiguous_format), torch.empty_like(value, memory_format=torch.contiguous_format)
     runs = segments(batch, heads, length)
-    partial_key = torch.empty(runs, batch, heads, length, dim)
-    partial_value = torch.empty(runs, batch, heads, length, value.shape[-1])
+    grads = _key_value_grads(key, value, runs, heads)
     pointers = [None if t is None else t.data_ptr() for t in graph]
     with torch.profiler.record_function(BACKWARD_LABEL):
-        _check(_kernels()[1](*_problem(query, key, value, scaling, top_k), out.data_ptr(), grad_out.data_ptr(), *pointers, grad_query.data_ptr(),
-                             grad_key.data_ptr(), grad_value.data_ptr(), partial_key.data_ptr(), partial_value.data_ptr(), torch.get_num_threads()),
-               "backward")
-    return grad_query, grad_key, grad_value
+        _check(_kernels()[1](*_problem(query, key, value, scaling, top_k, runs), out.data_ptr(), grad_out.data_ptr(), *pointers, grad_query.data_ptr(),
+                             *(t.data_ptr() for t in grads), torch.get_num_threads()), "backward")
+    return grad_query, grads[0], grads[1]
+
+
+def threshold_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, form: str, top_k: int) -> bool:
+    """Whether :func:`threshold_forward` runs: :func:`applies`' conditions with the graph kept whole (``"dense"``)
+    or as each row's ``top_k <= 64`` largest entries (``"top_k"``)."""
+    return form in ("dense", "top_k") and applies(query, key, value, mask, 1) and (form == "dense" or 1 <= top_k <= min(query.shape[2], 64, TILE_ROWS))
+
+
+def _rule_arguments(alpha: float, tau: float, threshold: float, form: str) -> list:
+    return [alpha, tau, threshold, int(form == "top_k")]
+
+
+def threshold_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float, *, alpha: float,
+                      tau: float, threshold: float, form: str, top_k: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]] | None:
+    """``(O (B, H, L, Dv), graph, idx, inputs)`` of causal attention and the published rule's graph
+    (:class:`gin_adapter.joint_threshold._AttentionWithThresholdGraph`): the graph ``(B, L, L)`` for
+    ``form="dense"``, or ``(B, L, top_k)`` with its key positions ``idx`` for ``"top_k"``; ``None`` where the
+    kernel does not apply (:func:`threshold_applies`)."""
+    if not threshold_applies(query, key, value, mask, form, top_k):
+        return None
+    query, key, value = (_rows_last(x) for x in (query, key, value))
+    batch, heads, length, _ = query.shape
+    top_k = top_k if form == "top_k" else 1
+    out = value.new_empty(batch, heads, length, value.shape[-1])
+    graph = query.new_empty(batch, length, top_k if form == "top_k" else length)
+    index = torch.empty(batch, length, top_k, dtype=torch.long) if form == "top_k" else None
+    with torch.profiler.record_function(FORWARD_LABEL):
+        _check(_kernels()[2](*_problem(query, key, value, scaling, top_k, segments(batch, 1, length)), *_rule_arguments(alpha, tau, threshold, form),
+                             out.data_ptr(), graph.data_ptr(), None if index is None else index.data_ptr(), torch.get_num_threads()), "forward")
+    return out, graph, index, (query, key, value)
+
+
+def threshold_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, *, alpha: float, tau: float,
+                       threshold: float, form: str, out: torch.Tensor, grad_out: torch.Tensor | None, grad_graph: torch.Tensor | None,
+                       graph: torch.Tensor, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` from what :func:`threshold_forward` returned and saved and the gradients of its output and
+    graph (either may be ``None``)."""
+    batch, heads, length, dim = query.shape
+    top_k = graph.shape[-1] if form == "top_k" else 1
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
+    grad_graph = None if grad_graph is None else grad_graph.contiguous()
+    grad_query = torch.empty(batch, heads, length, dim)
+    runs = segments(batch, 1, length)
+    grads = _key_value_grads(key, value, runs, key.shape[1])
+    pointers = [None if t is None else t.data_ptr() for t in (grad_graph, graph, index)]
+    with torch.profiler.record_function(BACKWARD_LABEL):
+        _check(_kernels()[3](*_problem(query, key, value, scaling, top_k, runs), *_rule_arguments(alpha, tau, threshold, form), out.data_ptr(),
+                             grad_out.data_ptr(), *pointers, grad_query.data_ptr(), *(t.data_ptr() for t in grads), torch.get_num_threads()), "backward")
+    return grad_query, grads[0], grads[1]

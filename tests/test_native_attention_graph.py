@@ -173,3 +173,66 @@ def test_recorded_in_results(monkeypatch):
     assert machine()["compiled_attention_graph"] is True
     monkeypatch.setattr(native_attention_graph, "ENABLED", False)
     assert machine()["compiled_attention_graph"] is False
+
+
+def _published_rule(threshold: float = 0.6):
+    from gin_adapter import GinConfig
+    from gin_adapter.adjacency import AdjacencyRule
+
+    return AdjacencyRule.from_config(GinConfig.published(hidden_dim=6, graph="gin", threshold=threshold))
+
+
+def _threshold_step(q, k, v, features, upstream, rule, form, used):
+    from gin_adapter.joint_threshold import attention_with_threshold_graph, threshold_graph_sum
+
+    q, k, v, features = (x.detach().requires_grad_() for x in (q, k, v, features))
+    out, graph = attention_with_threshold_graph(q, k, v, None, scaling=0.25, rule=rule, form=form)
+    sums = threshold_graph_sum(graph, features, groups=q.shape[1] // k.shape[1])
+    loss = (out * upstream).sum() * (used != "graph") + (sums * upstream[..., :1, :, : sums.shape[-1]]).sum() * (used != "output")
+    return [out.detach(), sums.detach(), *torch.autograd.grad(loss, (q, k, v, features), allow_unused=True)]
+
+
+@pytest.mark.parametrize("used", ["both", "output", "graph"])
+@pytest.mark.parametrize("form", ["dense", "top_k"])
+def test_compiled_published_rule_equals_the_chunked_form(form, used, monkeypatch):
+    """The published rule's graph with the attention (:mod:`gin_adapter.joint_threshold`) over several tiles and
+    runs: values and gradients equal ATen's chunked form with the graph kept whole or as each row's K largest
+    entries (head sums above 1 occur: peaked rows), and the compiled kernel runs (no chunk scored by ATen)."""
+    from gin_adapter import joint_threshold, threshold_sum
+
+    calls = []
+    for module in (joint_threshold, threshold_sum):  # backward's and forward's chunk scores
+        monkeypatch.setattr(module, "_scores", lambda *a, _scores=module._scores, **kw: calls.append(1) or _scores(*a, **kw))
+    q, k, v = _inputs(2, 4, 2, 200, 16, 16, seed=8)
+    q = 3 * q  # peaked rows
+    features = torch.randn(2, 1, 200, 6, generator=torch.Generator().manual_seed(9))
+    upstream = torch.randn(2, 4, 200, 16, generator=torch.Generator().manual_seed(10))
+    rule = _published_rule()
+    compiled = _threshold_step(q, k, v, features, upstream, rule, form, used)
+    assert not calls
+    monkeypatch.setattr(native_attention_graph, "ENABLED", False)
+    chunked = _threshold_step(q, k, v, features, upstream, rule, form, used)
+    assert calls
+    for position, (a, b) in enumerate(zip(compiled, chunked)):
+        if a is None or b is None:
+            assert a is None and b is None, position
+            continue
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), position
+
+
+def test_compiled_published_rule_gives_the_same_bits_on_any_thread_count():
+    q, k, v = _inputs(1, 4, 2, 300, 16, 16, seed=11)
+    features = torch.randn(1, 1, 300, 6, generator=torch.Generator().manual_seed(12))
+    upstream = torch.randn(1, 4, 300, 16, generator=torch.Generator().manual_seed(13))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(_threshold_step(3 * q, k, v, features, upstream, _published_rule(), "top_k", "both"))
+    finally:
+        torch.set_num_threads(threads)
+    assert native_attention_graph.segments(1, 1, 300) > 1  # the runs are exercised
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
