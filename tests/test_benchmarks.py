@@ -225,28 +225,29 @@ def test_kernel_suite_times_every_way_and_they_agree():
     args = rb.parse_args(["--kernel-shapes", "2x40", "--kernel-chunks", "16,0", "--kernel-reps", "1"])
     rows = run_kernel(args)
     assert set(rows[0]["ms"]) == {"sdpa", "generic", "fused_dense_c16", "fused_dense_c0", "fused_gather_c16", "fused_gather_c0", "joint", "joint_keep",
-                               "joint_published"}
+                               "joint_chunked", "joint_published", "joint_published_chunked"}
     assert all(t > 0 for t in rows[0]["ms"].values())
     assert "forward + backward" in markdown_tables({"kernel": rows})
     # the timed cases compute the same gradients to q, k, v
     grads = {}
-    for name in ("generic", "fused_dense_c16", "fused_gather_c16", "fused_dense_c0", "fused_gather_c0", "sdpa", "joint", "joint_keep"):
+    for name in ("generic", "fused_dense_c16", "fused_gather_c16", "fused_dense_c0", "fused_gather_c0", "sdpa", "joint", "joint_keep", "joint_chunked"):
         inputs = kernel_inputs(1, 40)
         kernel_cases(inputs, chunks=(16, 0))[name]()
         grads[name] = torch.cat([t.grad.flatten() for t in inputs[:3]])
-    joint = {name: grads.pop(name) for name in ("sdpa", "joint", "joint_keep")}
+    joint = {name: grads.pop(name) for name in ("sdpa", "joint", "joint_keep", "joint_chunked")}
     for name, grad in grads.items():
         assert torch.allclose(grad, grads["generic"], atol=1e-5), name
     # the joint cases stand for sdpa and the sum together: their gradients are the sum of the two
-    for name in ("joint", "joint_keep"):
+    for name in ("joint", "joint_keep", "joint_chunked"):
         assert torch.allclose(joint[name], joint["sdpa"] + grads["generic"], atol=1e-5), name
-    # the published rule's case: the attention's gradients plus its graph's (which reach q and k, not v)
-    inputs = kernel_inputs(1, 40)
-    kernel_cases(inputs, chunks=(16, 0))["joint_published"]()
-    published = [t.grad for t in inputs[:3]]
+    # the published rule's cases: the attention's gradients plus its graph's (which reach q and k, not v)
     sdpa_grads = joint["sdpa"].split([t.numel() for t in inputs[:3]])
-    assert torch.allclose(published[2].flatten(), sdpa_grads[2], atol=1e-5)
-    assert not torch.allclose(published[0].flatten(), sdpa_grads[0], atol=1e-3)
+    for name in ("joint_published", "joint_published_chunked"):
+        inputs = kernel_inputs(1, 40)
+        kernel_cases(inputs, chunks=(16, 0))[name]()
+        published = [t.grad for t in inputs[:3]]
+        assert torch.allclose(published[2].flatten(), sdpa_grads[2], atol=1e-5), name
+        assert not torch.allclose(published[0].flatten(), sdpa_grads[0], atol=1e-3), name
 
 
 def test_report_rerenders_saved_results(tmp_path):
