@@ -24,14 +24,25 @@ typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, c
                          const float *, const int *, const float *, float *, const int *);
 static sgemm_fn sgemm;
 
-/* the Fortran-ABI sgemm (LP64) to use, or NULL for none */
+/* the Fortran-ABI sgemm to use, or NULL for none */
 void gin_set_sgemm(void *function) { sgemm = (sgemm_fn)function; }
 
 int tiles_have_sgemm(void) { return sgemm != NULL; }
 
+/* The sgemm's integer arguments: 64-bit on little-endian machines, so that both a 32-bit (LP64) and a 64-bit
+   (ILP64) BLAS read the right value (the low half comes first); a wrong result is then caught by the check at
+   load time rather than a read past a 32-bit integer. */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+typedef int64_t blas_int;
+#else
+typedef int blas_int;
+#endif
+
 /* row-major C = op(A) op(B): the column-major call on the transposes */
 void tiles_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc) {
-    sgemm(trans_b ? "T" : "N", trans_a ? "T" : "N", &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+    blas_int rows = n, columns = m, inner = k, ld_b = ldb, ld_a = lda, ld_c = ldc;
+    sgemm(trans_b ? "T" : "N", trans_a ? "T" : "N", (const int *)&rows, (const int *)&columns, (const int *)&inner, &alpha, b, (const int *)&ld_b, a,
+          (const int *)&ld_a, &beta, c, (const int *)&ld_c);
 }
 
 /* row-major C = alpha op(A) op(B) + beta C through the sgemm set, for the check at load time (native_attention_graph.py) */
