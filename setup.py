@@ -16,5 +16,5 @@ from setuptools import Extension, setup
 compile_flags = {"win32": [], "darwin": ["-O3"]}.get(sys.platform, ["-O3", "-fopenmp"])
 link_flags = ["-fopenmp"] if "-fopenmp" in compile_flags else []
 sources = [f"gin_adapter/native/{name}.c" for name in ("module", "row_topk", "graph_sum", "score_rows", "tiles", "attention_graph", "threshold_graph")]
-setup(ext_modules=[Extension("gin_adapter._native", sources=sources, depends=["gin_adapter/native/parallel.h", "gin_adapter/native/row_topk.h", "gin_adapter/native/tiles.h"], libraries=[] if sys.platform == "win32" else ["m"],
+setup(ext_modules=[Extension("gin_adapter._native", sources=sources, depends=[f"gin_adapter/native/{name}.h" for name in ("parallel", "row_topk", "softmax_grad", "tiles", "vectors")], libraries=[] if sys.platform == "win32" else ["m"],
                              extra_compile_args=compile_flags, extra_link_args=link_flags, optional=True)])

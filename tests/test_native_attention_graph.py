@@ -71,24 +71,33 @@ def test_compiled_attention_equals_a_float64_reference(shape, graph_grad):
         assert torch.allclose(got.double(), expected, atol=2e-5, rtol=1e-4), name
 
 
-def test_compiled_attention_gives_the_same_bits_on_any_thread_count():
-    """Every head's tiles are cut into runs by the shape alone and the runs' gradients summed in a fixed order."""
-    q, k, v = _inputs(1, 3, 1, 300, 16, 16, seed=0)
-    generator = torch.Generator().manual_seed(2)
-    grad_out, grad_weights = torch.randn(1, 3, 300, 16, generator=generator), torch.randn(1, 3, 300, 8, generator=generator)
+def _assert_same_bits_on_1_2_3_threads(step) -> None:
+    """``step()`` returns tensors; they are bitwise equal whether torch runs 1, 2 or 3 threads."""
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            out, weights, index, saved = native_attention_graph.forward(q, k, v, None, 0.25, 8)
-            results.append((out, weights, index, *native_attention_graph.backward(*saved, 0.25, 8, out, grad_out, grad_weights, weights, index)))
+            results.append(step())
     finally:
         torch.set_num_threads(threads)
-    assert native_attention_graph.segments(1, 3, 300) > 1  # the runs are exercised
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_compiled_attention_gives_the_same_bits_on_any_thread_count():
+    """Every head's tiles are cut into runs by the shape alone and the runs' gradients summed in a fixed order."""
+    q, k, v = _inputs(1, 3, 1, 300, 16, 16, seed=0)
+    generator = torch.Generator().manual_seed(2)
+    grad_out, grad_weights = torch.randn(1, 3, 300, 16, generator=generator), torch.randn(1, 3, 300, 8, generator=generator)
+
+    def step():
+        out, weights, index, saved = native_attention_graph.forward(q, k, v, None, 0.25, 8)
+        return out, weights, index, *native_attention_graph.backward(*saved, 0.25, 8, out, grad_out, grad_weights, weights, index)
+
+    assert native_attention_graph.segments(1, 3, 300) > 1  # the runs are exercised
+    _assert_same_bits_on_1_2_3_threads(step)
 
 
 @pytest.mark.parametrize("used", ["both", "output", "graph"])
@@ -224,15 +233,5 @@ def test_compiled_published_rule_gives_the_same_bits_on_any_thread_count():
     q, k, v = _inputs(1, 4, 2, 300, 16, 16, seed=11)
     features = torch.randn(1, 1, 300, 6, generator=torch.Generator().manual_seed(12))
     upstream = torch.randn(1, 4, 300, 16, generator=torch.Generator().manual_seed(13))
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            results.append(_threshold_step(3 * q, k, v, features, upstream, _published_rule(), "top_k", "both"))
-    finally:
-        torch.set_num_threads(threads)
     assert native_attention_graph.segments(1, 1, 300) > 1  # the runs are exercised
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+    _assert_same_bits_on_1_2_3_threads(lambda: _threshold_step(3 * q, k, v, features, upstream, _published_rule(), "top_k", "both"))

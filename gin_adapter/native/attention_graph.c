@@ -100,14 +100,6 @@ int gin_attention_graph_backward_f32(PROBLEM_ARGUMENTS, const float *out, const 
             if (s) backward_unit(&p, unit, out, grad, kept, weights, index, graph_k, grad_q, partial_k, partial_v, s, s + tile * length);
         free(s);
     }
-    if (status) return status;
-    int64_t keys_end[64];
-    for (int64_t run = 0; run < segments; ++run) {
-        int64_t t0, t1;
-        segment_tiles(&p, run, &t0, &t1);
-        keys_end[run] = t1 * tile;
-    }
-    sum_partials(&p, partial_k, heads / kv_heads, keys_end, dim, grad_k, threads);
-    sum_partials(&p, partial_v, heads / kv_heads, keys_end, dim_v, grad_v, threads);
-    return 0;
+    if (!status) sum_runs(&p, partial_k, partial_v, heads / kv_heads, grad_k, grad_v, threads);
+    return status;
 }

@@ -29,25 +29,13 @@
 #include <stdint.h>
 
 #include "parallel.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MULTIVERSION
-#endif
-
+#include "vectors.h"
 
 static int positions_valid(const int64_t *idx, int64_t count, int64_t keys) {
     int64_t bad = 0;
     for (int64_t i = 0; i < count; ++i) bad |= (uint64_t)idx[i] >= (uint64_t)keys;
     return !bad;
 }
-
-#define LANES 16
-typedef float vf __attribute__((vector_size(4 * LANES)));
-
-static inline __attribute__((always_inline)) vf load(const float *x) { vf v; __builtin_memcpy(&v, x, sizeof v); return v; }
-static inline __attribute__((always_inline)) void store(float *x, vf v) { __builtin_memcpy(x, &v, sizeof v); }
 
 /* one strip of `blocks` (a constant after inlining) vectors of a row of N: the accumulators stay in registers
    while the k picked rows are added, independent FMAs side by side */

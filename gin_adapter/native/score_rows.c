@@ -27,18 +27,8 @@
 #include <stdint.h>
 
 #include "parallel.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MULTIVERSION
-#endif
-
-#define LANES 16
-typedef float vf __attribute__((vector_size(4 * LANES)));
-
-static inline __attribute__((always_inline)) vf load(const float *x) { vf v; __builtin_memcpy(&v, x, sizeof v); return v; }
-static inline __attribute__((always_inline)) void store(float *x, vf v) { __builtin_memcpy(x, &v, sizeof v); }
+#include "softmax_grad.h"
+#include "vectors.h"
 
 /* the first column of row r that its query cannot see (n when it sees them all) */
 static inline __attribute__((always_inline)) int64_t first_hidden(int64_t r, int64_t n, int64_t rows, int64_t q0, int64_t k0) {
@@ -60,25 +50,8 @@ static void softmax_grad_rows(float *restrict d, const float *restrict p, int64_
     int64_t groups = R / rows;
     for (int64_t r = r0; r < r1; ++r) {
         int64_t b = r / R, within = r % R;
-        const float *o = out + ((b * groups + within / rows) * q_len + q0 + within % rows) * dv, *g = grad + r * dv;
-        vf partial = {0};
-        int64_t e = 0;
-        for (; e + LANES <= dv; e += LANES) partial += load(g + e) * load(o + e);
-        float c = 0.0f;
-        for (int i = 0; i < LANES; ++i) c += partial[i];
-        for (; e < dv; ++e) c += g[e] * o[e];
-        const float *kr = kept + r * k, *wr = weights + r * k;
-        for (int64_t m = 0; m < k; ++m) c += kr[m] * wr[m];
-        float *dr = d + r * n;
-        const float *pr = p + r * n;
-        int64_t j = 0;
-        for (; j + LANES <= n; j += LANES) store(dr + j, load(pr + j) * (load(dr + j) - c));
-        for (; j < n; ++j) dr[j] = pr[j] * (dr[j] - c);
-        const int64_t *ir = index + r * k;
-        for (int64_t m = 0; m < k; ++m) {
-            int64_t col = ir[m] - k0;
-            if (col >= 0 && col < n) dr[col] += wr[m] * kr[m];
-        }
+        const float *o = out + ((b * groups + within / rows) * q_len + q0 + within % rows) * dv;
+        softmax_grad_row(d + r * n, p + r * n, n, grad + r * dv, o, dv, kept + r * k, weights + r * k, index + r * k, k, k0);
     }
 }
 

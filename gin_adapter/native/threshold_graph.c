@@ -168,14 +168,6 @@ int gin_threshold_graph_backward_f32(PROBLEM_ARGUMENTS, float alpha, float tau, 
                                  s + (heads + 1) * area, s + (heads + 2) * area, s + (heads + 3) * area, s + (heads + 4) * area);
         free(s);
     }
-    if (status) return status;
-    int64_t keys_end[64];
-    for (int64_t run = 0; run < segments; ++run) {
-        int64_t t0, t1;
-        segment_tiles(&p, run, &t0, &t1);
-        keys_end[run] = t1 * tile;
-    }
-    sum_partials(&p, partial_k, 1, keys_end, dim, grad_k, threads);
-    sum_partials(&p, partial_v, 1, keys_end, dim_v, grad_v, threads);
-    return 0;
+    if (!status) sum_runs(&p, partial_k, partial_v, 1, grad_k, grad_v, threads);
+    return status;
 }

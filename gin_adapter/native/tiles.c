@@ -8,17 +8,10 @@
 
 #include "row_topk.h"
 #include "tiles.h"
+#include "softmax_grad.h"
+#include "vectors.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MULTIVERSION
-#endif
-
-#define LANES 16
 #define MAX_SEGMENTS 64
-typedef float vf __attribute__((vector_size(4 * LANES)));
-typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 
 typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *, const float *, const int *,
                          const float *, const int *, const float *, float *, const int *);
@@ -89,8 +82,6 @@ int team_size(int threads, int64_t units) {
     return units < threads ? (units < 2 ? 2 : (int)units) : threads;
 }
 
-static inline __attribute__((always_inline)) vf load(const float *x) { vf v; __builtin_memcpy(&v, x, sizeof v); return v; }
-static inline __attribute__((always_inline)) void store(float *x, vf v) { __builtin_memcpy(x, &v, sizeof v); }
 static inline __attribute__((always_inline)) vf splat(float x) { return (vf){0} + x; }
 
 /* exp(x) for x <= 0 (0 below -87.3), Cephes' expf: x = n ln2 + r, exp(r) by a degree-6 polynomial, times 2^n */
@@ -149,33 +140,11 @@ void tile_probabilities(const problem *p, int64_t b, int64_t h, int64_t r0, int6
     softmax_rows(s, rows, n, r0);
 }
 
-static inline __attribute__((always_inline)) float dot(const float *a, const float *b, int64_t length) {
-    vf partial = {0};
-    int64_t e = 0;
-    for (; e + LANES <= length; e += LANES) partial += load(a + e) * load(b + e);
-    float c = 0.0f;
-    for (int i = 0; i < LANES; ++i) c += partial[i];
-    for (; e < length; ++e) c += a[e] * b[e];
-    return c;
-}
-
 MULTIVERSION
 void softmax_grad_tile(float *d, const float *p, int64_t rows, int64_t n, const float *grad, const float *out, int64_t dv,
                        const float *kept, const float *weights, const int64_t *index, int64_t k) {
-    for (int64_t r = 0; r < rows; ++r) {
-        float c = dot(grad + r * dv, out + r * dv, dv);
-        for (int64_t m = 0; m < k; ++m) c += kept[r * k + m] * weights[r * k + m];
-        float *dr = d + r * n;
-        const float *pr = p + r * n;
-        vf cv = splat(c);
-        int64_t j = 0;
-        for (; j + LANES <= n; j += LANES) store(dr + j, load(pr + j) * (load(dr + j) - cv));
-        for (; j < n; ++j) dr[j] = pr[j] * (dr[j] - c);
-        for (int64_t m = 0; m < k; ++m) {
-            int64_t col = index[r * k + m];
-            if (col >= 0 && col < n) dr[col] += weights[r * k + m] * kept[r * k + m];
-        }
-    }
+    for (int64_t r = 0; r < rows; ++r)
+        softmax_grad_row(d + r * n, p + r * n, n, grad + r * dv, out + r * dv, dv, kept + r * k, weights + r * k, index + r * k, k, 0);
 }
 
 MULTIVERSION
@@ -190,7 +159,7 @@ void softmax_grad_dense_tile(float *d, const float *p, int64_t rows, int64_t n, 
     }
 }
 
-void sum_partials(const problem *p, const float *partial, int64_t groups, const int64_t *keys_end, int64_t width, float *dst, int threads) {
+static void sum_partials(const problem *p, const float *partial, int64_t groups, const int64_t *keys_end, int64_t width, float *dst, int threads) {
     int64_t rows = p->batch * p->kv_heads * p->length, heads = p->kv_heads * groups;
 #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
@@ -232,4 +201,15 @@ void sharpen_tile(const float *w, float *a, int64_t rows, int64_t n, int64_t fir
         }
         if (seen < n) memset(ar + seen, 0, (n - seen) * sizeof(float));
     }
+}
+
+void sum_runs(const problem *p, const float *partial_k, const float *partial_v, int64_t groups, float *grad_k, float *grad_v, int threads) {
+    int64_t keys_end[MAX_SEGMENTS];
+    for (int64_t run = 0; run < p->segments; ++run) {
+        int64_t t0, t1;
+        segment_tiles(p, run, &t0, &t1);
+        keys_end[run] = t1 * p->tile;
+    }
+    sum_partials(p, partial_k, groups, keys_end, p->dim, grad_k, threads);
+    sum_partials(p, partial_v, groups, keys_end, p->dim_v, grad_v, threads);
 }

@@ -55,9 +55,10 @@ void softmax_grad_tile(float *d, const float *p, int64_t rows, int64_t n, const 
    dS[r, j] = P[r, j] (dP[r, j] + dW[r, j] - c_r) */
 void softmax_grad_dense_tile(float *d, const float *p, int64_t rows, int64_t n, const float *grad, const float *out, int64_t dv, const float *dw);
 
-/* dst (B, Hkv, L, width) = sum over the `groups` partial heads of each key/value head, then the runs, of
-   partial (segments, B, Hkv * groups, L, width), run s holding keys below keys_end[s] (the rest unwritten) */
-void sum_partials(const problem *p, const float *partial, int64_t groups, const int64_t *keys_end, int64_t width, float *dst, int threads);
+/* dK (B, Hkv, L, D), dV (B, Hkv, L, Dv) = the sums over the `groups` partial heads of each key/value head, then
+   the runs, of partial_k (segments, B, Hkv * groups, L, D) and partial_v (likewise), run s holding the keys its
+   tiles see (the rest unwritten); a fixed order of additions, whatever the thread count */
+void sum_runs(const problem *p, const float *partial_k, const float *partial_v, int64_t groups, float *grad_k, float *grad_v, int threads);
 
 /* the published rule's graph of one tile from its head-summed probabilities w (rows x n), into a:
    S = sigmoid(alpha (min(1, w) - tau)),   A = S [S > threshold] [j <= first + r]  */
