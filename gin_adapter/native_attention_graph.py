@@ -71,7 +71,11 @@ def blas_sgemm() -> int | None:
 def _kernels():
     """``(forward, backward, threshold forward, threshold backward)`` C functions with an sgemm set and checked,
     or ``None`` (logged once)."""
-    forward = native_library.function("gin_attention_graph_forward_f32", _PROBLEM + [_POINTER] * 3 + [_INT])
+    try:
+        forward = native_library.function("gin_attention_graph_forward_f32", _PROBLEM + [_POINTER] * 3 + [_INT])
+    except AttributeError:  # a library built before these kernels: reinstall to rebuild it
+        logger.warning("gin_adapter's compiled library predates the attention kernels; reinstall (pip install -e .) to build them. Using ATen's chunked form.")
+        return None
     if forward is None:
         return None
     address = blas_sgemm()
@@ -111,14 +115,21 @@ def available() -> bool:
     return _kernels() is not None
 
 
+_MAX_INT32 = 2**31 - 1
+
+
 def applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, top_k: int) -> bool:
-    """Whether :func:`forward` runs: float32 CPU ``query (B, H, L, D)``, ``key``/``value (B, Hkv, L, .)``, no
-    mask argument (plain causal), ``1 <= top_k <= min(L, 24, TILE_ROWS)``, not while ``torch.compile`` traces."""
+    """Whether :func:`forward` runs: float32 CPU ``query (B, H, L, D)``, ``key (B, Hkv, L, D)``, ``value (B, Hkv,
+    L, Dv)`` (none empty; ``H`` a multiple of ``Hkv``; a tile's rows within 32-bit offsets), no mask argument
+    (plain causal), ``1 <= top_k <= min(L, 24, TILE_ROWS)``, not while ``torch.compile`` traces."""
     tensors = (query, key, value)
-    return (ENABLED and mask is None and not torch.compiler.is_compiling()
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 for t in tensors)
-            and query.shape[2] == key.shape[2] == value.shape[2] and query.shape[1] % key.shape[1] == 0
-            and 1 <= top_k <= min(query.shape[2], native_top_k.MAX_K, TILE_ROWS) and available())
+    if not (ENABLED and mask is None and not torch.compiler.is_compiling()
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 and t.numel() > 0 for t in tensors)):
+        return False
+    (batch, heads, length, dim), dim_v = query.shape, value.shape[-1]
+    return (key.shape == (batch, key.shape[1], length, dim) and value.shape == (batch, key.shape[1], length, dim_v)
+            and heads % key.shape[1] == 0 and length < _MAX_INT32 // max(TILE_ROWS, dim)
+            and 1 <= top_k <= min(length, native_top_k.MAX_K, TILE_ROWS) and available())
 
 
 def segments(batch: int, heads: int, length: int) -> int:
@@ -130,7 +141,8 @@ def segments(batch: int, heads: int, length: int) -> int:
 
 
 def _rows_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """``x`` where its rows are contiguous and apart by at least their width (what sgemm takes), else a copy."""
+    return x if x.stride(-1) == 1 and x.stride(-2) >= x.shape[-1] else x.contiguous()
 
 
 def _problem(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, top_k: int, runs: int) -> list:
@@ -145,7 +157,7 @@ def _key_value_grads(key: torch.Tensor, value: torch.Tensor, runs: int, partial_
     """``dk``, ``dv`` (contiguous, written whole by the kernel) and the runs' partial sums ``(runs, B, heads, L, .)``."""
     batch, length = key.shape[0], key.shape[2]
     return [torch.empty_like(key, memory_format=torch.contiguous_format), torch.empty_like(value, memory_format=torch.contiguous_format),
-            torch.empty(runs, batch, partial_heads, length, key.shape[-1]), torch.empty(runs, batch, partial_heads, length, value.shape[-1])]
+            key.new_empty(runs, batch, partial_heads, length, key.shape[-1]), value.new_empty(runs, batch, partial_heads, length, value.shape[-1])]
 
 
 def _check(status: int, what: str) -> None:
@@ -167,7 +179,7 @@ def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     batch, heads, length, _ = query.shape
     out = value.new_empty(batch, heads, length, value.shape[-1])
     weights = query.new_empty(batch, heads, length, top_k)
-    index = torch.empty(batch, heads, length, top_k, dtype=torch.long)
+    index = torch.empty(batch, heads, length, top_k, dtype=torch.long, device=query.device)
     with torch.profiler.record_function(FORWARD_LABEL):
         _check(_kernels()[0](*_problem(query, key, value, scaling, top_k, segments(batch, heads, length)), out.data_ptr(), weights.data_ptr(),
                              index.data_ptr(), torch.get_num_threads()), "forward")
@@ -182,7 +194,7 @@ def backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scalin
     batch, heads, length, dim = query.shape
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     graph = [grad_weights.contiguous(), weights, index] if grad_weights is not None else [None] * 3
-    grad_query = torch.empty(batch, heads, length, dim)
+    grad_query = query.new_empty(batch, heads, length, dim)
     runs = segments(batch, heads, length)
     grads = _key_value_grads(key, value, runs, heads)
     pointers = [None if t is None else t.data_ptr() for t in graph]
@@ -192,10 +204,12 @@ def backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scalin
     return grad_query, grads[0], grads[1]
 
 
-def threshold_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, form: str, top_k: int) -> bool:
+def threshold_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, form: str, top_k: int,
+                      alpha: float = 1.0) -> bool:
     """Whether :func:`threshold_forward` runs: :func:`applies`' conditions with the graph kept whole (``"dense"``)
-    or as each row's ``top_k <= 64`` largest entries (``"top_k"``)."""
-    return form in ("dense", "top_k") and applies(query, key, value, mask, 1) and (form == "dense" or 1 <= top_k <= min(query.shape[2], 64, TILE_ROWS))
+    or as each row's ``top_k <= 64`` largest entries (``"top_k"``), and a sharpening ``alpha`` above 0 in float32."""
+    return (form in ("dense", "top_k") and ctypes.c_float(alpha).value > 0 and applies(query, key, value, mask, 1)
+            and (form == "dense" or 1 <= top_k <= min(query.shape[2], 64, TILE_ROWS)))
 
 
 def _rule_arguments(alpha: float, tau: float, threshold: float, form: str) -> list:
@@ -209,14 +223,14 @@ def threshold_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     (:class:`gin_adapter.joint_threshold._AttentionWithThresholdGraph`): the graph ``(B, L, L)`` for
     ``form="dense"``, or ``(B, L, top_k)`` with its key positions ``idx`` for ``"top_k"``; ``None`` where the
     kernel does not apply (:func:`threshold_applies`)."""
-    if not threshold_applies(query, key, value, mask, form, top_k):
+    if not threshold_applies(query, key, value, mask, form, top_k, alpha):
         return None
     query, key, value = (_rows_last(x) for x in (query, key, value))
     batch, heads, length, _ = query.shape
     top_k = top_k if form == "top_k" else 1
     out = value.new_empty(batch, heads, length, value.shape[-1])
     graph = query.new_empty(batch, length, top_k if form == "top_k" else length)
-    index = torch.empty(batch, length, top_k, dtype=torch.long) if form == "top_k" else None
+    index = torch.empty(batch, length, top_k, dtype=torch.long, device=query.device) if form == "top_k" else None
     with torch.profiler.record_function(FORWARD_LABEL):
         _check(_kernels()[2](*_problem(query, key, value, scaling, top_k, segments(batch, 1, length)), *_rule_arguments(alpha, tau, threshold, form),
                              out.data_ptr(), graph.data_ptr(), None if index is None else index.data_ptr(), torch.get_num_threads()), "forward")
@@ -232,7 +246,7 @@ def threshold_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     top_k = graph.shape[-1] if form == "top_k" else 1
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     grad_graph = None if grad_graph is None else grad_graph.contiguous()
-    grad_query = torch.empty(batch, heads, length, dim)
+    grad_query = query.new_empty(batch, heads, length, dim)
     runs = segments(batch, 1, length)
     grads = _key_value_grads(key, value, runs, key.shape[1])
     pointers = [None if t is None else t.data_ptr() for t in (grad_graph, graph, index)]

@@ -14,11 +14,14 @@ pytestmark = pytest.mark.skipif(not native_attention_graph.available(), reason="
 
 def _inputs(batch: int, heads: int, kv_heads: int, length: int, dim: int, dim_v: int, seed: int, strided: bool = True):
     generator = torch.Generator().manual_seed(seed)
-    # query (B, L, H, D) transposed, as attention modules pass it: rows of one head are H * D apart
-    q = torch.randn(batch, length, heads, dim, generator=generator).transpose(1, 2) if strided else torch.randn(batch, heads, length, dim, generator=generator)
-    k = torch.randn(batch, kv_heads, length, dim, generator=generator)
-    v = torch.randn(batch, kv_heads, length, dim_v, generator=generator)
-    return q, k, v
+    # (B, L, heads, D) transposed, as attention modules pass them: rows of one head are heads * D apart
+
+    def make(heads_: int, width: int) -> torch.Tensor:
+        if strided:
+            return torch.randn(batch, length, heads_, width, generator=generator).transpose(1, 2)
+        return torch.randn(batch, heads_, length, width, generator=generator)
+
+    return make(heads, dim), make(kv_heads, dim), make(kv_heads, dim_v)
 
 
 def _reference(q, k, v, scaling, index, grad_out, grad_weights):
@@ -113,7 +116,8 @@ def test_training_uses_the_compiled_attention_and_equals_the_chunked_form(used, 
     def step():
         out, graph = attention_with_graph(q, k, v, None, scaling=0.25, top_k=8)
         sums = graph_sum(graph, features)
-        loss = (out * upstream).sum() * (used != "graph") + (sums * upstream[..., :6]).sum() * (used != "output")
+        terms = {"output": (out * upstream).sum(), "graph": (sums * upstream[..., :6]).sum()}
+        loss = sum(terms.values()) if used == "both" else terms[used]  # one term only: the other result gets no gradient
         return [out.detach(), graph.index, sums.detach(), *torch.autograd.grad(loss, (q, k, v, features), allow_unused=True)]
 
     compiled = step()
@@ -197,7 +201,8 @@ def _threshold_step(q, k, v, features, upstream, rule, form, used):
     q, k, v, features = (x.detach().requires_grad_() for x in (q, k, v, features))
     out, graph = attention_with_threshold_graph(q, k, v, None, scaling=0.25, rule=rule, form=form)
     sums = threshold_graph_sum(graph, features, groups=q.shape[1] // k.shape[1])
-    loss = (out * upstream).sum() * (used != "graph") + (sums * upstream[..., :1, :, : sums.shape[-1]]).sum() * (used != "output")
+    terms = {"output": (out * upstream).sum(), "graph": (sums * upstream[..., :1, :, : sums.shape[-1]]).sum()}
+    loss = sum(terms.values()) if used == "both" else terms[used]  # one term only: the other result gets no gradient
     return [out.detach(), sums.detach(), *torch.autograd.grad(loss, (q, k, v, features), allow_unused=True)]
 
 
@@ -235,3 +240,39 @@ def test_compiled_published_rule_gives_the_same_bits_on_any_thread_count():
     upstream = torch.randn(1, 4, 300, 16, generator=torch.Generator().manual_seed(13))
     assert native_attention_graph.segments(1, 1, 300) > 1  # the runs are exercised
     _assert_same_bits_on_1_2_3_threads(lambda: _threshold_step(3 * q, k, v, features, upstream, _published_rule(), "top_k", "both"))
+
+
+def test_the_kernels_write_float32_on_the_cpu_whatever_the_default_dtype():
+    """Its results are allocated as the inputs (float32, CPU), not by torch's default dtype."""
+    q, k, v = _inputs(1, 2, 1, 70, 8, 8, seed=14)
+    expected = native_attention_graph.forward(q, k, v, None, 0.3, 4)
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        got = native_attention_graph.forward(q, k, v, None, 0.3, 4)
+        grads = native_attention_graph.backward(*got[3], 0.3, 4, got[0], torch.ones_like(got[0]), None, got[1], got[2])
+    finally:
+        torch.set_default_dtype(default)
+    assert all(torch.equal(a, b) for a, b in zip(got[:3], expected[:3]))
+    assert all(g.dtype == torch.float32 for g in grads)
+    reference = native_attention_graph.backward(*expected[3], 0.3, 4, expected[0], torch.ones_like(expected[0]), None, expected[1], expected[2])
+    assert all(torch.equal(a, b) for a, b in zip(grads, reference))
+
+
+@pytest.mark.parametrize("case", ["batch", "head_dim", "kv_heads", "empty", "alpha"])
+def test_mismatched_inputs_fall_back_instead_of_reaching_the_kernel(case):
+    """Shapes the kernel cannot take (ATen would broadcast or raise) and a rule it refuses are not handed to it."""
+    q, k, v = _inputs(2, 4, 2, 70, 8, 8, seed=15)
+    if case == "batch":
+        k, v = k[:1], v[:1]
+    elif case == "head_dim":
+        k = k[..., :4]
+    elif case == "kv_heads":
+        v = v[:, :1]
+    elif case == "empty":
+        q, k, v = q[:0], k[:0], v[:0]
+    assert native_attention_graph.threshold_applies(q, k, v, None, "dense", 1, alpha=1.0) == (case == "alpha")
+    if case == "alpha":
+        assert not native_attention_graph.threshold_applies(q, k, v, None, "dense", 1, alpha=1e-50)  # 0 as a float32
+    else:
+        assert not native_attention_graph.applies(q, k, v, None, 4)

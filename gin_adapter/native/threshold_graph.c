@@ -136,7 +136,10 @@ static void backward_unit(const problem *p, const rule *g, int64_t unit, const f
             } else if (g->top_k_form) {
                 const int64_t *ix = index + (b * p->length + r0) * k;
                 for (int64_t r = 0; r < rows; ++r)
-                    for (int64_t m = 0; m < k; ++m) picked[r * k + m] = s[r * n + ix[r * k + m]];
+                    for (int64_t m = 0; m < k; ++m) {
+                        int64_t j = ix[r * k + m];
+                        picked[r * k + m] = j >= 0 && j < n ? s[r * n + j] : 0.0f;
+                    }
                 softmax_grad_tile(d, s, rows, n, gr, o, p->dim_v, dw, picked, ix, k);
             } else {
                 softmax_grad_dense_tile(d, s, rows, n, gr, o, p->dim_v, dw);
