@@ -1,6 +1,7 @@
 """Build step for the compiled CPU kernels in gin_adapter/native/: the per-row top-k (row_topk.c), the top-k
-graph's neighbour sum with its backward (graph_sum.c) and the causal mask and softmax backward of a query chunk's
-scores (score_rows.c), one library ``gin_adapter._native`` called through ctypes.
+graph's neighbour sum with its backward (graph_sum.c), the causal mask and softmax backward of a query chunk's
+scores (score_rows.c) and the attention with either graph, forward and backward (tiles.c, attention_graph.c,
+threshold_graph.c), one library ``gin_adapter._native`` called through ctypes.
 
 Optional: where no C compiler is found, or the build fails (MSVC, say: the kernels use GCC vector extensions),
 the package installs without it and the kernels use ATen's operators instead (``gin_adapter.native_library``).

@@ -222,7 +222,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
         lines.append(f"\n`c<rows>`: query rows per chunk, `c0`: one chunk; the package default is `fused_dense_c{QUERY_CHUNK_ROWS}` below "
                      f"{GATHER_MIN_KEYS_PER_NEIGHBOUR * 8} keys and `fused_gather_c{QUERY_CHUNK_ROWS}` from there (beside sdpa: evaluation, eager). "
                      "`joint` (`joint_keep`: probabilities kept for backward) is what training under sdpa runs instead of sdpa and the sum "
-                     "together: compare it with `sdpa`; `joint_published` the same for the published preset's rule and 155-wide shared node features.\n")
+                     "together: compare it with `sdpa`; `joint_published` the same for the published preset's rule and 155-wide shared node features; `*_chunked`: the same in ATen's query chunks (the compiled attention off).\n")
     if results.get("top_k"):
         names = list(results["top_k"][0]["ms"])
         lines += ["### Per-row top-k of one query chunk's probabilities (ms per call, 2,304 rows; in brackets: / torch.topk)", "",

@@ -131,9 +131,10 @@ class GinConfig(PeftConfig):
             "layer): where the graph is built with the attention (training under sdpa, the per-head top-k and the "
             "published rule) backward then skips scoring the keys again, in ATen's query chunks. On the CPU the default "
             "is faster: there the compiled attention with its graph recomputes inside one call per layer (plain causal "
-            "attention; docs/benchmarks.md), which False turns off. Elsewhere (a GPU, padding masks) False saved 3-6 % of a "
-            "training step for 163 MiB more peak memory (+8 % of LoRA's total) at 4 x 256 tokens on SmolLM2 before the compiled "
-            "kernel; the fused kernels (sdpa + a separate kernel, eager) always recompute."
+            "attention; docs/benchmarks.md), which False turns off. Before that kernel False saved 3-6 % of a CPU training step "
+            "for 163 MiB more peak memory (+8 % of LoRA's total) at 4 x 256 tokens on SmolLM2, the trade-off that remains where "
+            "it does not apply (padding masks; other devices, not measured); the fused kernels (sdpa + a separate kernel, "
+            "eager) always recompute."
         },
     )
     adjacency_grad: bool = field(

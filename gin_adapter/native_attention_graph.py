@@ -82,10 +82,11 @@ def _kernels():
     if address is None:
         logger.info("PyTorch's library exports no sgemm; gin_adapter's compiled attention uses ATen's chunked form.")
         return None
-    native_library.function("gin_set_sgemm", [_POINTER], None)(address)
+    set_sgemm = native_library.function("gin_set_sgemm", [_POINTER], None)
+    set_sgemm(address)
     if not _sgemm_agrees():
         logger.warning("the sgemm found in PyTorch's library disagrees with torch.matmul; gin_adapter's compiled attention is off.")
-        native_library.function("gin_set_sgemm", [_POINTER], None)(None)
+        set_sgemm(None)
         return None
     backward = native_library.function("gin_attention_graph_backward_f32", _PROBLEM + [_POINTER] * 5 + [_POINTER] * 5 + [_INT])
     rule = [_FLOAT] * 3 + [_INT]

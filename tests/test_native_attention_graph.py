@@ -171,7 +171,7 @@ def test_a_wrong_sgemm_is_refused(monkeypatch):
     assert native_attention_graph.available()
 
 
-def test_segments_depend_on_the_shape_only():
+def test_segments_give_enough_units_and_at_most_half_the_tiles():
     assert native_attention_graph.segments(4, 9, 256) == 1  # 36 heads: enough units
     assert native_attention_graph.segments(1, 9, 2048) == 4
     assert native_attention_graph.segments(1, 1, 64) == 1  # one tile

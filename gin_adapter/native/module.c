@@ -1,5 +1,5 @@
 /* An importable module, gin_adapter._native, so that Python finds the built library (editable installs too);
- * its functions (row_topk.c, causal_softmax.c) are called through ctypes (gin_adapter/native_library.py). */
+ * its functions (the other .c files here) are called through ctypes (gin_adapter/native_library.py). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 

@@ -32,13 +32,15 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "row_topk.h"
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
 #define MULTIVERSION
 #endif
 
-#define MAX_K 64
+#define MAX_K ROW_TOPK_MAX_K
 #define MAX_COLUMNS 1024
 #define PARALLEL_MIN_ELEMENTS 65536
 #define RANKED_CANDIDATES 32

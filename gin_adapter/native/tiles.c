@@ -1,7 +1,7 @@
 /* The pieces the tiled attention kernels share (declared and explained in tiles.h).
  *
  * The products go to the BLAS sgemm PyTorch was built with (passed in by gin_set_sgemm; MKL in PyTorch's x86-64
- * wheels), the rest is vectorised C (GCC vector extensions) with an exp of about 2 ulp (Cephes' polynomial).
+ * wheels), the rest is vectorised C (GCC vector extensions) with Cephes' exp polynomial (vexp below).
  */
 #include <stdint.h>
 #include <string.h>
@@ -19,8 +19,6 @@ static sgemm_fn sgemm;
 
 /* the Fortran-ABI sgemm to use, or NULL for none */
 void gin_set_sgemm(void *function) { sgemm = (sgemm_fn)function; }
-
-int tiles_have_sgemm(void) { return sgemm != NULL; }
 
 /* The sgemm's integer arguments: 64-bit on little-endian machines, so that both a 32-bit (LP64) and a 64-bit
    (ILP64) BLAS read the right value (the low half comes first); a wrong result is then caught by the check at
@@ -87,6 +85,7 @@ static inline __attribute__((always_inline)) vf splat(float x) { return (vf){0} 
 /* exp(x) for x <= 0 (0 below -87.3), Cephes' expf: x = n ln2 + r, exp(r) by a degree-6 polynomial, times 2^n */
 static inline __attribute__((always_inline)) vf vexp(vf x) {
     vi under = x < splat(-87.3f);
+    x = (vf)(((vi)x & ~under) | ((vi)splat(-87.3f) & under));  /* in range, so 2^n below stays finite */
     vf fx = x * splat(1.44269504088896341f) + splat(0.5f);
     vi n = __builtin_convertvector(fx, vi);
     vf nf = __builtin_convertvector(n, vf);
@@ -102,7 +101,8 @@ static inline __attribute__((always_inline)) vf vexp(vf x) {
     y = y * r + splat(5.0000001201e-1f);
     y = y * r * r + r + splat(1.0f);
     vf two_n = (vf)((n + 127) << 23);  /* 2^n from its exponent bits */
-    return (vf)((vi)(y * two_n) & ~under);  /* 0 where x < -87.3 */
+    return y * two_n * (vf)((vi)splat(1.0f) & ~under);  /* 0 where x < -87.3 (a product: GCC 12 fails on the bitwise form
+                                                             in the AVX2 clone under -march=native) */
 }
 
 /* P from S in place: row r sees its first `first + r + 1` columns (the rest set 0) */

@@ -27,7 +27,6 @@ typedef struct {
 
 /* row-major C (m x n, ldc) = alpha op(A) op(B) + beta C on the sgemm set by gin_set_sgemm */
 void tiles_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc);
-int tiles_have_sgemm(void);
 
 /* 0, 1 for a bad problem (top_k up to 64 and the tile's rows; segments up to the tiles and 64), 3 without an sgemm */
 int tiles_check(const problem *p);
