@@ -16,6 +16,6 @@ from setuptools import Extension, setup
 # Apple's clang has no -fopenmp (single-threaded there), MSVC takes none of these flags (the build is skipped).
 compile_flags = {"win32": [], "darwin": ["-O3"]}.get(sys.platform, ["-O3", "-fopenmp"])
 link_flags = ["-fopenmp"] if "-fopenmp" in compile_flags else []
-sources = [f"gin_adapter/native/{name}.c" for name in ("module", "row_topk", "graph_sum", "score_rows", "tiles", "attention_graph", "threshold_graph")]
-setup(ext_modules=[Extension("gin_adapter._native", sources=sources, depends=[f"gin_adapter/native/{name}.h" for name in ("parallel", "row_topk", "softmax_grad", "tiles", "vectors")], libraries=[] if sys.platform == "win32" else ["m"],
+sources = [f"gin_adapter/native/{name}.c" for name in ("module", "row_topk", "graph_sum", "score_rows", "tiles", "attention_graph", "threshold_graph", "block_forward", "decode_graph")]
+setup(ext_modules=[Extension("gin_adapter._native", sources=sources, depends=[f"gin_adapter/native/{name}.h" for name in ("parallel", "row_topk", "softmax_grad", "tiles", "vectors", "weighted_rows")], libraries=[] if sys.platform == "win32" else ["m"],
                              extra_compile_args=compile_flags, extra_link_args=link_flags, optional=True)])

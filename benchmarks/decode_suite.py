@@ -25,8 +25,8 @@ from transformers import DynamicCache
 
 from benchmarks.in_model_parts import in_model_parts_us
 from benchmarks.measure import Timings, interleaved_times, median, synchronizer
-from benchmarks.variants import LABELS, build_variants
-from gin_adapter import gin_layers, joint
+from benchmarks.variants import LABELS, Variant, build_variants, reset_switches
+from gin_adapter import gin_layers
 from gin_adapter.aggregate import graph_neighbour_sum
 
 logger = logging.getLogger("benchmarks")
@@ -40,15 +40,18 @@ def _set_scales(model: torch.nn.Module, value: float) -> None:
                 block.scale.fill_(value)
 
 
-def _decode_call(model: torch.nn.Module, prompt: torch.Tensor, token: torch.Tensor, joint_on: bool = True):
-    """A function decoding ``token`` after the cached ``prompt`` (the cache is restored after each call);
-    ``joint_on``: :data:`gin_adapter.joint.ENABLED` during the call (off: sdpa, then the separate decode step)."""
+def _decode_call(model: torch.nn.Module, prompt: torch.Tensor, token: torch.Tensor, variant: Variant | None = None):
+    """A function decoding ``token`` after the cached ``prompt`` (the cache is restored after each call), with
+    ``variant``'s switches of the package (joint path, compiled kernels; the defaults without one)."""
     cache = DynamicCache()
     with torch.inference_mode():
         model(input_ids=prompt, cache=cache, use_cache=True)
 
     def call() -> None:
-        joint.ENABLED = joint_on
+        if variant is None:
+            reset_switches()
+        else:
+            variant.use_switches()
         with torch.inference_mode():
             model(input_ids=token, cache=cache, use_cache=True)
             cache.crop(-token.shape[-1])
@@ -123,7 +126,7 @@ def run_decode(base, prompt: torch.Tensor, names: list[str], *, warmup: int, ste
     for name, variant in variants.items():
         model = variant.model.eval()
         _set_scales(model, 0.5)
-        fns[name] = _decode_call(model, prompt[:, :-1], token, variant.joint)
+        fns[name] = _decode_call(model, prompt[:, :-1], token, variant)
         fns[name]()  # first call outside the timing
         calls[name] = _aten_calls(fns[name])
     rounds = 20 * steps  # one call is a few ms: many rounds for a stable median
@@ -135,7 +138,7 @@ def run_decode(base, prompt: torch.Tensor, names: list[str], *, warmup: int, ste
                          aten_calls=calls[name], overhead_us_per_layer=per_token[name][1],
                          aten_calls_per_layer=(calls[name] - calls["base"]) / layers, timer=times.primary))
     in_model = {name: in_model_parts_us(variant.model, fns[name], calls=in_model_calls) for name, variant in variants.items()}
-    joint.ENABLED = True
+    reset_switches()
     parts = gin_parts_us(variants["gin"].model, prompt[:, :-1], token) if "gin" in variants else {}
     del variants, fns
     gc.collect()

@@ -19,15 +19,16 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from benchmarks.published import build_published_model
-from gin_adapter import (GinConfig, count_trainable_parameters, get_gin_model, gin_layers, joint, native_attention_graph, native_graph_sum, native_score_rows,
-                         native_top_k)
+from gin_adapter import (GinConfig, count_trainable_parameters, get_gin_model, gin_layers, joint, native_attention_graph, native_block, native_decode,
+                         native_graph_sum, native_score_rows, native_top_k)
 from gin_adapter.activations import GELU
 
 logger = logging.getLogger("benchmarks")
 
 
 ALL_VARIANTS = ("base", "lora", "gin", "gin_keep", "gin_separate", "gin_generic", "gin_pyg", "gin_detached", "gin_thr", "published", "gin_hidden", "gin_hidden_reference",
-               "gin_hidden_reference_separate", "gin_published", "gin_published_keep", "gin_published_separate", "gin_onednn_gelu", "gin_aten_topk", "gin_topk_only", "gin_published_topk_only", "gin_chunked", "gin_published_chunked", "lora_b")
+               "gin_hidden_reference_separate", "gin_published", "gin_published_keep", "gin_published_separate", "gin_onednn_gelu", "gin_aten_topk", "gin_topk_only", "gin_published_topk_only", "gin_chunked", "gin_published_chunked", "gin_aten_decode",
+               "gin_hidden_aten_decode", "gin_published_aten_decode", "lora_b")
 LABELS = {
     "base": "frozen base (floor)",
     "lora": "LoRA (q_proj, v_proj), matched params",
@@ -51,6 +52,9 @@ LABELS = {
     "gin_published_topk_only": "GIN, GinConfig.published(graph='gin'), ATen's neighbour sums, mask and softmax backward (native_graph_sum, native_score_rows off)",
     "gin_chunked": "GIN, package default, ATen's chunked attention with its graph (native_attention_graph off): the package at 2edba61",
     "gin_published_chunked": "GIN, GinConfig.published(graph='gin'), ATen's chunked attention with its graph (native_attention_graph off)",
+    "gin_aten_decode": "GIN, package default, decoding by ATen's operators and the block's modules (native_decode, native_block off): the package at 5525722",
+    "gin_hidden_aten_decode": "GIN, node_features='hidden', hidden_dim 27, decoding by ATen's operators and the block's modules (native_decode, native_block off)",
+    "gin_published_aten_decode": "GIN, GinConfig.published(graph='gin'), decoding with the block's modules (native_block off)",
     "lora_b": "LoRA (q_proj, v_proj), matched to gin_published",
 }
 GIN_CONFIGS: dict[str, dict] = {
@@ -73,6 +77,9 @@ GIN_CONFIGS: dict[str, dict] = {
     "gin_published_topk_only": dict(preset="published", graph="gin"),
     "gin_chunked": dict(),
     "gin_published_chunked": dict(preset="published", graph="gin"),
+    "gin_aten_decode": dict(),
+    "gin_hidden_aten_decode": dict(node_features="hidden", hidden_dim=27),
+    "gin_published_aten_decode": dict(preset="published", graph="gin"),
 }
 SEPARATE = ("gin_separate", "gin_hidden_reference_separate", "gin_published_separate", "gin_onednn_gelu")
 """Variants trained with ``gin_adapter.joint.ENABLED`` off: sdpa, then the separate kernel scores the keys again."""
@@ -84,6 +91,10 @@ TOP_K_ONLY = ("gin_topk_only", "gin_published_topk_only")
 """Variants run with ``gin_adapter.native_graph_sum.ENABLED`` and ``native_score_rows.ENABLED`` off (ATen's neighbour
 sums, causal mask and softmax backward; the compiled top-k on): the package as it was before those kernels."""
 NATIVE_ATTENTION_GRAPH_DEFAULT = native_attention_graph.ENABLED
+NATIVE_DECODE_DEFAULT, NATIVE_BLOCK_DEFAULT = native_decode.ENABLED, native_block.ENABLED
+ATEN_DECODE = ("gin_aten_decode", "gin_hidden_aten_decode", "gin_published_aten_decode")
+"""Variants run with ``gin_adapter.native_decode.ENABLED`` and ``native_block.ENABLED`` off: a decoded token's
+attention, graph and block by ATen's operators and the block's modules, as before those kernels."""
 CHUNKED = ("gin_chunked", "gin_published_chunked") + TOP_K_ONLY
 """Variants run with ``gin_adapter.native_attention_graph.ENABLED`` off: the attention and its graph by ATen's
 query chunks (:mod:`gin_adapter.joint`), as before the compiled kernel."""
@@ -166,6 +177,8 @@ class Variant:
     native_graph_sum: bool = True  # gin_adapter.native_graph_sum.ENABLED while this variant runs
     native_score_rows: bool = True  # gin_adapter.native_score_rows.ENABLED while this variant runs
     native_attention_graph: bool = True  # gin_adapter.native_attention_graph.ENABLED while this variant runs
+    native_decode: bool = True  # gin_adapter.native_decode.ENABLED while this variant runs
+    native_block: bool = True  # gin_adapter.native_block.ENABLED while this variant runs
 
     def use_switches(self) -> None:
         """Set the package's module switches (joint path, compiled kernels) as this variant runs."""
@@ -174,6 +187,8 @@ class Variant:
         native_graph_sum.ENABLED = self.native_graph_sum
         native_score_rows.ENABLED = self.native_score_rows
         native_attention_graph.ENABLED = self.native_attention_graph
+        native_decode.ENABLED = self.native_decode
+        native_block.ENABLED = self.native_block
 
     @property
     def forward(self) -> Callable:
@@ -233,7 +248,8 @@ def build_variants(base: torch.nn.Module, names: list[str], *, compile_: bool = 
         variant = Variant(name, model, sum(p.numel() for p in params), joint=name not in SEPARATE, native_top_k=NATIVE_TOP_K_DEFAULT and name not in ATEN_TOP_K,
                           native_graph_sum=NATIVE_GRAPH_SUM_DEFAULT and name not in TOP_K_ONLY,
                           native_score_rows=NATIVE_SCORE_ROWS_DEFAULT and name not in TOP_K_ONLY,
-                          native_attention_graph=NATIVE_ATTENTION_GRAPH_DEFAULT and name not in CHUNKED)
+                          native_attention_graph=NATIVE_ATTENTION_GRAPH_DEFAULT and name not in CHUNKED,
+                          native_decode=NATIVE_DECODE_DEFAULT and name not in ATEN_DECODE, native_block=NATIVE_BLOCK_DEFAULT and name not in ATEN_DECODE)
         if params:
             variant.optimizer = torch.optim.AdamW(params, lr=1e-4)
         if compile_ and name not in ("gin_pyg", "published"):
@@ -249,3 +265,5 @@ def reset_switches() -> None:
     native_graph_sum.ENABLED = NATIVE_GRAPH_SUM_DEFAULT
     native_score_rows.ENABLED = NATIVE_SCORE_ROWS_DEFAULT
     native_attention_graph.ENABLED = NATIVE_ATTENTION_GRAPH_DEFAULT
+    native_decode.ENABLED = NATIVE_DECODE_DEFAULT
+    native_block.ENABLED = NATIVE_BLOCK_DEFAULT

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import native_block
 from .activations import ACTIVATIONS
 from .config import GinConfig
 from .out_norm import inverse_rms, project_and_norm
@@ -97,6 +98,7 @@ class _Block(nn.Module):
         # c - eps as a 0-dim tensor (not saved): no Python scalar is wrapped into a tensor on every call
         offset = 1.0 if config.self_weight == "one_plus_eps" else 0.0
         self.register_buffer("self_weight_offset", torch.tensor(offset), persistent=False)
+        self.self_weight_offset_value = offset  # the same, for the compiled decode step (gin_adapter.native_block)
 
     def reset_parameters(self) -> None:
         """Default init of every linear map (and PReLU slope), ``eps = 0``, unit norm weight, ``scale = scale_init``."""
@@ -106,6 +108,26 @@ class _Block(nn.Module):
         with torch.no_grad():
             self.eps.zero_()
             self.scale.fill_(self.scale_init)
+
+    def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """``delta (B, L, d)`` from ``x_self (B, Hs, L, F)`` and ``neighbours (B, Hn, L, F)`` (:meth:`gin_input`), or
+        ``add_to + delta`` in ``add_to``'s dtype when given. A few token rows without gradient (decoding) take one
+        compiled call (:mod:`gin_adapter.native_block`), everything else the modules (:meth:`delta`)."""
+        fused = native_block.block_forward(self, x_self, neighbours, add_to=add_to)
+        if fused is not None:
+            return fused
+        delta = self.delta(x_self, neighbours)
+        if add_to is None:
+            return delta
+        return add_to + (delta if delta.dtype == add_to.dtype else delta.to(add_to.dtype))
+
+    def delta(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_layers(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Module, bool] | None:
+        """``(W1, W2, W_out, act, skip)`` for the compiled forward (``skip``: ``z`` added before the second
+        activation), or ``None`` while dropout is active."""
+        raise NotImplementedError
 
     def project(self, u: torch.Tensor) -> torch.Tensor:
         """Node features of model width ``(B, L, d)`` -> GIN width ``(B, L, hidden_dim)`` (hidden/input modes)."""
@@ -148,8 +170,13 @@ class GinBlock(_Block):
         self.out_proj = nn.Linear(config.hidden_dim, dims.model_dim, bias=False)
         self.reset_parameters()
 
-    def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    def delta(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         return project_and_norm(self.mlp(self.gin_input(x_self, neighbours)), self.out_proj, self.norm, self.scale)
+
+    def decode_layers(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Module, bool] | None:
+        if self.training and isinstance(self.mlp[2], nn.Dropout) and self.mlp[2].p > 0:
+            return None
+        return self.mlp[0], self.mlp[3], self.out_proj, self.mlp[1], False
 
 
 class PublishedGinBlock(_Block):
@@ -168,10 +195,15 @@ class PublishedGinBlock(_Block):
         self.out_proj = nn.Linear(width, dims.model_dim)
         self.reset_parameters()
 
-    def forward(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    def delta(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         z = self.gin_input(x_self, neighbours)  # (B, L, F)
         y = self.dropout(self.act(self.lin2(self.act(self.lin1(z))) + z))
         return project_and_norm(y, self.out_proj, self.norm, self.scale)
+
+    def decode_layers(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Module, bool] | None:
+        if self.training and isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0:
+            return None
+        return self.lin1, self.lin2, self.out_proj, self.act, True
 
 
 BLOCKS = {"compact": GinBlock, "published": PublishedGinBlock}

@@ -22,16 +22,31 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native_decode, native_graph_sum
 from .chunk_sums import scatter_adjacency
 
 
 @dataclass
 class DecodeGraph:
-    """The graph :func:`attention_with_graph` built for one decoded token: ``adjacency (B, Hkv, G, Lk)``, float32,
-    the top-k probabilities of each query head and zeros elsewhere."""
+    """The graph :func:`attention_with_graph` built for one decoded token, in one of two forms: ``adjacency (B, Hkv,
+    G, Lk)``, float32, the top-k probabilities of each query head and zeros elsewhere (ATen's operators), or the picks
+    alone, ``weights`` and key positions ``index (B, Hkv, G, k)``, with ``value_sums (B, H, 1, Dv)``, the neighbour
+    sum of ``value`` (the compiled step, :mod:`gin_adapter.native_decode`)."""
 
-    adjacency: torch.Tensor
+    adjacency: torch.Tensor | None
     top_k: int
+    weights: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    value_sums: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        """The graph as ``adjacency (B, Hkv, G, Lk)`` whatever its form."""
+        if self.adjacency is not None:
+            return self.adjacency
+        *lead, _ = self.weights.shape
+        keys = self.value.shape[-2]
+        return scatter_adjacency(self.weights.new_empty(*lead, keys), self.index, self.weights)
 
 
 def decode_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> bool:
@@ -74,7 +89,13 @@ def top_k_adjacency(scores: torch.Tensor, probs: torch.Tensor, top_k: int) -> to
 def attention_with_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling: float, top_k: int
                          ) -> tuple[torch.Tensor, DecodeGraph]:
     """``(attention output (B, 1, H, Dv) in sdpa's layout, the top-k graph)`` for ``query (B, H, 1, D)`` and the
-    cached ``key``/``value (B, Hkv, Lk, .)``, all float32 (:func:`decode_applies`). See the module docstring."""
+    cached ``key``/``value (B, Hkv, Lk, .)``, all float32 (:func:`decode_applies`). See the module docstring; one
+    compiled call where :mod:`gin_adapter.native_decode` applies (the graph as its picks, with the values'
+    neighbour sum), else ATen's operators (the graph dense)."""
+    compiled = native_decode.attention_with_graph(query, key, value, scaling=scaling, top_k=top_k)
+    if compiled is not None:
+        out, weights, index, sums = compiled
+        return out, DecodeGraph(None, top_k, weights, index, value, sums)
     batch, heads = query.shape[:2]
     kv_heads, k_len = key.shape[1], key.shape[2]
     out, scores, probs = decode_attention(query, key, value, scaling)
@@ -97,13 +118,21 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 def decode_graph_sum(graph: DecodeGraph, features: torch.Tensor, *, reference: bool = False) -> torch.Tensor:
     """The neighbour sum over one decoded token's graph: features ``(B, Hkv or 1, Lk, F)`` -> ``(B, H, 1, F)`` float32.
 
-    ``graph="gin"``: ``n[b, h] = sum_j A[b, h, j] x[b, h // G, j]`` (one ``bmm``; features shared by the heads
-    are multiplied once for all ``H`` rows). ``reference`` (``graph="reference"``, self-loops only):
-    ``n[b, h] = A[b, h, Lk - 1] x[b, h // G, Lk - 1]``, the new token being the last key.
+    ``graph="gin"``: ``n[b, h] = sum_j A[b, h, j] x[b, h // G, j]`` (features shared by the heads are multiplied
+    once for all ``H`` rows): the compiled step's own sums when ``features`` are its values, the compiled sum over
+    the picks (:mod:`gin_adapter.native_graph_sum`) for other features, else one ``bmm`` with the dense graph.
+    ``reference`` (``graph="reference"``, self-loops only): ``n[b, h] = A[b, h, Lk - 1] x[b, h // G, Lk - 1]``, the
+    new token being the last key.
     """
-    adjacency = graph.adjacency  # (B, Hkv, G, Lk)
-    batch, kv_heads, groups, k_len = adjacency.shape
     x = features if features.dtype == torch.float32 else features.float()
+    if graph.adjacency is None and not reference:
+        if features is graph.value and graph.value_sums is not None:
+            return graph.value_sums
+        picked = _picks_sum(graph, x)
+        if picked is not None:
+            return picked
+    adjacency = graph.dense()  # (B, Hkv, G, Lk)
+    batch, kv_heads, groups, k_len = adjacency.shape
     width = x.shape[-1]
     if reference:
         out = adjacency[..., -1:] * x[..., -1:, :]  # (B, Hkv, G, 1) * (B, Hkv or 1, 1, F) -> (B, Hkv, G, F)
@@ -112,3 +141,16 @@ def decode_graph_sum(graph: DecodeGraph, features: torch.Tensor, *, reference: b
     else:
         out = torch.bmm(adjacency.view(batch * kv_heads, groups, k_len), x.reshape(batch * kv_heads, k_len, width))
     return out.view(batch, kv_heads * groups, 1, width)
+
+
+def _picks_sum(graph: DecodeGraph, x: torch.Tensor) -> torch.Tensor | None:
+    """``sum_m W[m] x[idx[m]]`` per query head by the compiled neighbour sum, ``(B, H, 1, F)``; ``None`` where it
+    does not apply."""
+    batch, kv_heads, groups, picks = graph.weights.shape
+    k_len, width = x.shape[-2:]
+    if x.shape[1] == 1:  # shared by the heads: one graph per batch element, every head's picks its rows
+        out = native_graph_sum.graph_sum(graph.weights.view(batch, kv_heads * groups, picks), graph.index.view(batch, kv_heads * groups, picks),
+                                         x.reshape(batch, k_len, width))
+    else:
+        out = native_graph_sum.graph_sum(graph.weights, graph.index, x)  # (B, Hkv, G, F)
+    return None if out is None else out.view(batch, kv_heads * groups, 1, width)

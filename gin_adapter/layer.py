@@ -121,14 +121,22 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         if cache is not None:  # refuse caches the adapter cannot follow; keep projected features beside the KV cache
             needs_features = any(self.gin_node_features[name] != "values" for name in active)
             cache_layer = (feature_cache_layer if needs_features else check_supported)(cache, self.layer_index, type(self.base_layer).__name__)
-        delta = None
-        for name in active:
-            x_self, features = self._node_features(name, graph, hidden_states, attn_output, cache_layer)
-            neighbours = graph_neighbour_sum(graph, features, self.gin_rules[name])
-            update = self.gin_blocks[name](x_self, neighbours)
-            delta = update if delta is None else delta + update
-        attn_output = attn_output + (delta if delta.dtype == attn_output.dtype else delta.to(attn_output.dtype))
+        if len(active) == 1:  # the block adds its delta itself (one call fewer; the whole step one call when decoding)
+            attn_output = self._adapter_update(active[0], graph, hidden_states, attn_output, cache_layer, add_to=attn_output)
+        else:
+            delta = None
+            for name in active:
+                update = self._adapter_update(name, graph, hidden_states, attn_output, cache_layer)
+                delta = update if delta is None else delta + update
+            attn_output = attn_output + (delta if delta.dtype == attn_output.dtype else delta.to(attn_output.dtype))
         return (attn_output, *output[1:]) if isinstance(output, tuple) else attn_output
+
+    def _adapter_update(self, name: str, graph: GraphInputs, hidden_states, attn_output, cache_layer, *, add_to: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """Adapter ``name``'s ``delta (B, Lq, d)``, or ``add_to + delta`` when given: node features, neighbour sum, block."""
+        x_self, features = self._node_features(name, graph, hidden_states, attn_output, cache_layer)
+        neighbours = graph_neighbour_sum(graph, features, self.gin_rules[name])
+        return self.gin_blocks[name](x_self, neighbours, add_to)
 
     def attend(self, hidden_states: torch.Tensor, *args: Any, joint_rule: AdjacencyRule | None = None, **kwargs: Any) -> tuple[Any, GraphInputs]:
         """Run the wrapped attention module unchanged; return its output and the graph inputs it recorded (q, k, v,

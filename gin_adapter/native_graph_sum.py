@@ -79,9 +79,8 @@ def graph_sum(weights: torch.Tensor, index: torch.Tensor, features: torch.Tensor
     graphs, rows, k, keys, width = _shapes(weights, index, features)
     weights, index, features = weights.contiguous(), index.contiguous(), features.contiguous()
     out = features.new_empty(*weights.shape[:-1], width)
-    with torch.profiler.record_function(SUM_LABEL):
-        _check(_kernels()[0](weights.data_ptr(), index.data_ptr(), features.data_ptr(), out.data_ptr(), graphs, rows, k, keys, width,
-                             torch.get_num_threads()), "neighbour sum", keys)
+    _check(native_library.run(SUM_LABEL, _kernels()[0], weights.data_ptr(), index.data_ptr(), features.data_ptr(), out.data_ptr(), graphs, rows, k,
+                              keys, width, torch.get_num_threads()), "neighbour sum", keys)
     return out
 
 

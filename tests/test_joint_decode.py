@@ -10,7 +10,7 @@ from conftest import perturb_adapter, tiny_model
 
 from gin_adapter import GinConfig, get_gin_model
 from gin_adapter import joint as joint_module
-from gin_adapter import joint_decode
+from gin_adapter import joint_decode, native_decode
 from gin_adapter.adjacency import AdjacencyRule
 from gin_adapter.aggregate import neighbour_sums
 from gin_adapter.joint_decode import attention_with_graph, decode_applies, decode_graph_sum
@@ -27,22 +27,32 @@ def _decode_inputs(keys: int = 20, seed: int = 0):
     return query, key, value, shared
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "aten"])
 @pytest.mark.parametrize("keys", [3, 20])  # fewer keys than k: every key is a neighbour
-def test_decode_attention_equals_sdpa_and_its_sums_equal_the_separate_decode_step(keys):
+def test_decode_attention_equals_sdpa_and_its_sums_equal_the_separate_decode_step(keys, compiled, monkeypatch):
+    """Both forms of the step: one compiled call (the graph as its picks, gin_adapter.native_decode) and ATen's."""
+    if compiled and not native_decode.available():
+        pytest.skip("gin_adapter's compiled kernels are not built")
+    monkeypatch.setattr(native_decode, "ENABLED", compiled)
     query, key, value, shared = _decode_inputs(keys)
     out, graph = attention_with_graph(query, key, value, scaling=SCALING, top_k=4)
+    assert (graph.adjacency is None) == compiled
     expected = F.scaled_dot_product_attention(query, key, value, enable_gqa=True).transpose(1, 2)  # sdpa's layout (B, 1, H, D)
     assert out.shape == expected.shape == (2, 1, 6, 8)
     assert torch.allclose(out, expected, atol=1e-6)
     for features in (value, shared):
         separate = topk_neighbour_sum(query, key, features.expand(2, 3, keys, features.shape[-1]), None, top_k=4, scaling=SCALING)
         assert torch.allclose(decode_graph_sum(graph, features), separate, atol=1e-6)
-    assert (graph.adjacency > 0).sum(-1).eq(min(4, keys)).all()
+    assert (graph.dense() > 0).sum(-1).eq(min(4, keys)).all()
 
 
 @pytest.mark.parametrize("shared_features", [False, True])
-def test_decode_reference_sum_equals_the_generic_chain_self_loops(shared_features):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "aten"])
+def test_decode_reference_sum_equals_the_generic_chain_self_loops(shared_features, compiled, monkeypatch):
     """``graph="reference"``: the new token's own weight times its own features (zero when it is not in its top k)."""
+    if compiled and not native_decode.available():
+        pytest.skip("gin_adapter's compiled kernels are not built")
+    monkeypatch.setattr(native_decode, "ENABLED", compiled)
     query, key, value, shared = _decode_inputs()
     features = shared if shared_features else value
     _, graph = attention_with_graph(query, key, value, scaling=SCALING, top_k=4)
@@ -50,7 +60,7 @@ def test_decode_reference_sum_equals_the_generic_chain_self_loops(shared_feature
     expected = neighbour_sums(query, key, features, None, rule, SCALING, groups=2)
     got = decode_graph_sum(graph, features, reference=True)
     assert torch.allclose(got, expected.expand_as(got), atol=1e-6)
-    own = graph.adjacency[..., -1]  # (B, Hkv, G): some heads keep the token itself, some do not
+    own = graph.dense()[..., -1]  # (B, Hkv, G): some heads keep the token itself, some do not
     assert (own > 0).any() and (own == 0).any()
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .. import native_attention_graph, native_graph_sum, native_score_rows, native_top_k
+from .. import native_attention_graph, native_block, native_decode, native_graph_sum, native_score_rows, native_top_k
 from .allocator import cpu_allocator
 
 
@@ -67,13 +67,16 @@ def source_commit() -> str | None:
 def machine(device: torch.device | None = None) -> dict[str, Any]:
     """CPU model and features, torch threads, logical CPUs, the CPU allocator setting
     (:mod:`gin_adapter.compare.allocator`), whether the compiled kernels are in use (:mod:`gin_adapter.native_top_k`,
-    :mod:`gin_adapter.native_graph_sum`, :mod:`gin_adapter.native_score_rows`, :mod:`gin_adapter.native_attention_graph`), the
+    :mod:`gin_adapter.native_graph_sum`, :mod:`gin_adapter.native_score_rows`, :mod:`gin_adapter.native_attention_graph`,
+    :mod:`gin_adapter.native_decode`, :mod:`gin_adapter.native_block`), the
     device and (on CUDA) its name, the library versions and the source commit."""
     info: dict[str, Any] = {"cpu_model": cpu_model(), **cpu_features(), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                             "cpu_allocator": cpu_allocator(), "compiled_top_k": native_top_k.ENABLED and native_top_k.available(),
                             "compiled_graph_sum": native_graph_sum.ENABLED and native_graph_sum.available(),
                             "compiled_score_rows": native_score_rows.ENABLED and native_score_rows.available(),
                             "compiled_attention_graph": native_attention_graph.ENABLED and native_attention_graph.available(),
+                            "compiled_decode_attention": native_decode.ENABLED and native_decode.available(),
+                            "compiled_block_forward": native_block.ENABLED and native_block.available(),
                             "versions": versions(), "commit": source_commit()}
     if device is not None:
         info["device"] = str(device)

@@ -30,6 +30,7 @@
 
 #include "parallel.h"
 #include "vectors.h"
+#include "weighted_rows.h"
 
 static int positions_valid(const int64_t *idx, int64_t count, int64_t keys) {
     int64_t bad = 0;
@@ -37,53 +38,15 @@ static int positions_valid(const int64_t *idx, int64_t count, int64_t keys) {
     return !bad;
 }
 
-/* one strip of `blocks` (a constant after inlining) vectors of a row of N: the accumulators stay in registers
-   while the k picked rows are added, independent FMAs side by side */
-static inline __attribute__((always_inline)) void sum_strip(const float *graph_x, const float *wr, const int64_t *ir, int64_t k,
-                                                            int64_t width, int64_t e0, const int blocks, float *o) {
-    vf acc[8] = {{0}};
-    for (int64_t m = 0; m < k; ++m) {
-        const float *xr = graph_x + ir[m] * width + e0;
-        for (int b = 0; b < blocks; ++b) acc[b] += wr[m] * load(xr + b * LANES);
-    }
-    for (int b = 0; b < blocks; ++b) store(o + e0 + b * LANES, acc[b]);
-}
-
-/* N rows [r0, r1), in strips of up to 8 vectors of features, then the features left over one at a time */
+/* N rows [r0, r1) (weighted_rows.h: strips of up to 8 vectors of features, then the features left over one at a time) */
 MULTIVERSION
 static void sum_rows(const float *restrict w, const int64_t *restrict idx, const float *restrict x, float *restrict out,
                      int64_t r0, int64_t r1, int64_t rows, int64_t k, int64_t keys, int64_t width) {
-    int64_t body = width - width % LANES;
     for (int64_t r = r0; r < r1; ++r) {
         const float *graph_x = x + (r / rows) * keys * width, *wr = w + r * k;
         const int64_t *ir = idx + r * k;
-        float *o = out + r * width;
-        for (int64_t e0 = 0; e0 < body; e0 += 8 * LANES) {
-            switch ((body - e0) / LANES) {
-                case 1: sum_strip(graph_x, wr, ir, k, width, e0, 1, o); break;
-                case 2: sum_strip(graph_x, wr, ir, k, width, e0, 2, o); break;
-                case 3: sum_strip(graph_x, wr, ir, k, width, e0, 3, o); break;
-                case 4: sum_strip(graph_x, wr, ir, k, width, e0, 4, o); break;
-                case 5: sum_strip(graph_x, wr, ir, k, width, e0, 5, o); break;
-                case 6: sum_strip(graph_x, wr, ir, k, width, e0, 6, o); break;
-                case 7: sum_strip(graph_x, wr, ir, k, width, e0, 7, o); break;
-                default: sum_strip(graph_x, wr, ir, k, width, e0, 8, o); break;
-            }
-        }
-        for (int64_t e = body; e < width; ++e) {
-            float acc = 0.0f;
-            for (int64_t m = 0; m < k; ++m) acc += wr[m] * graph_x[ir[m] * width + e];
-            o[e] = acc;
-        }
+        weighted_row(graph_x, width, wr, ir, k, width, out + r * width);
     }
-}
-
-static inline __attribute__((always_inline)) float lane_sum(vf v) {
-    typedef float half_vf __attribute__((vector_size(2 * LANES)));
-    typedef float quarter_vf __attribute__((vector_size(LANES)));
-    half_vf h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    quarter_vf q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-    return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
 /* dW of one row over the feature strip [e0, e0 + blocks * LANES) (`blocks` a constant after inlining): the strip

@@ -135,6 +135,8 @@ static void softmax_rows(float *s, int64_t rows, int64_t n, int64_t first) {
     }
 }
 
+void tiles_softmax(float *s, int64_t rows, int64_t n, int64_t first) { softmax_rows(s, rows, n, first); }
+
 void tile_probabilities(const problem *p, int64_t b, int64_t h, int64_t r0, int64_t rows, int64_t n, float *s) {
     tiles_gemm(0, 1, (int)rows, (int)n, (int)p->dim, p->scaling, q_rows(p, b, h, r0), (int)p->q_l, k_rows(p, b, h), (int)p->k_l, 0.0f, s, (int)n);
     softmax_rows(s, rows, n, r0);

@@ -28,6 +28,10 @@ typedef struct {
 /* row-major C (m x n, ldc) = alpha op(A) op(B) + beta C on the sgemm set by gin_set_sgemm */
 void tiles_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc);
 
+/* softmax of each of `rows` rows of n scores in place, row r over its first `first + r + 1` (at most n) columns, the
+   rest set 0 (`first = n - 1`: every column) */
+void tiles_softmax(float *s, int64_t rows, int64_t n, int64_t first);
+
 /* 0, 1 for a bad problem (top_k up to 64 and the tile's rows; segments up to the tiles and 64), 3 without an sgemm */
 int tiles_check(const problem *p);
 int64_t tiles_of(const problem *p);

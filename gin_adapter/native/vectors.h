@@ -19,4 +19,13 @@ typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 static inline __attribute__((always_inline)) vf load(const float *x) { vf v; __builtin_memcpy(&v, x, sizeof v); return v; }
 static inline __attribute__((always_inline)) void store(float *x, vf v) { __builtin_memcpy(x, &v, sizeof v); }
 
+/* the sum of v's 16 lanes as a tree of halves (a lane-by-lane loop is 15 dependent additions) */
+static inline __attribute__((always_inline)) float lane_sum(vf v) {
+    typedef float half_vf __attribute__((vector_size(2 * LANES)));
+    typedef float quarter_vf __attribute__((vector_size(LANES)));
+    half_vf h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    quarter_vf q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
 #endif

@@ -1,0 +1,148 @@
+"""The GIN block's forward in one compiled call for decoding (gin_adapter/native/block_forward.c through
+gin_adapter.native_block): the values of the modules for every block, activation and node-feature layout, the
+delta added to the attention output in the same pass, taken by every layer of a decoded token and only where it
+applies, and the same generated tokens and logits as the modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import perturb_adapter, tiny_model
+from torch import nn
+
+from gin_adapter import GinConfig, get_gin_model, native_block
+from gin_adapter.blocks import AttentionDims, make_block
+
+pytestmark = pytest.mark.skipif(not native_block.available(), reason="gin_adapter's compiled kernels are not built")
+
+DIMS = AttentionDims(heads=6, head_dim=8, model_dim=48)
+
+
+def _block(config: GinConfig, seed: int = 0) -> nn.Module:
+    """A block of ``config`` in eval mode with every parameter moved off its initial value (scale, eps, slope too)."""
+    torch.manual_seed(seed)
+    block = make_block(config, DIMS, scale_init=0.5).eval()
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return block
+
+
+def _inputs(block: nn.Module, *, batch: int = 2, length: int = 1, self_heads: int | None = None, shared_graph: bool = False, seed: int = 1):
+    """``x_self (B, Hs, L, F)`` as the last ``L`` rows of a longer cache (strided, as decoding passes the values) and
+    ``neighbours (B, Hn, L, F)``."""
+    generator = torch.Generator().manual_seed(seed)
+    heads = block.heads_in
+    self_heads = self_heads or heads
+    cache = torch.randn(batch, self_heads, length + 5, block.width_in, generator=generator)
+    neighbours = torch.randn(batch, 1 if shared_graph else heads, length, block.width_in, generator=generator)
+    return cache[:, :, -length:, :], neighbours
+
+
+CASES = [
+    ("values, GELU, 3 KV heads", GinConfig(), dict(self_heads=3)),
+    ("values, GELU, every head its own", GinConfig(), {}),
+    ("values, PReLU, eps self weight", GinConfig(activation="prelu", self_weight="eps"), dict(self_heads=2)),
+    ("values, ReLU", GinConfig(activation="relu"), dict(self_heads=3)),
+    ("hidden, SiLU, one graph", GinConfig(node_features="hidden", activation="silu", head_reduction="sum"), dict(shared_graph=True)),
+    ("hidden, per-head graphs", GinConfig(node_features="hidden"), dict(self_heads=1)),
+    ("published", GinConfig.published(), dict(shared_graph=True)),
+    ("published, two tokens, batch 3", GinConfig.published(), dict(shared_graph=True, batch=3, length=2)),
+]
+
+
+@pytest.mark.parametrize("name, config, layout", CASES, ids=[case[0] for case in CASES])
+def test_compiled_forward_equals_the_modules(name, config, layout):
+    block = _block(config)
+    x_self, neighbours = _inputs(block, **layout)
+    with torch.no_grad():
+        expected = block.delta(x_self, neighbours)
+        got = native_block.block_forward(block, x_self, neighbours)
+        base = torch.randn_like(expected)
+        added = native_block.block_forward(block, x_self, neighbours, add_to=base)
+    assert got is not None and got.shape == expected.shape == (x_self.shape[0], x_self.shape[2], DIMS.model_dim)
+    assert expected.abs().max() > 0.1  # far from the zero delta of a fresh block
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(added, base + expected, rtol=1e-5, atol=1e-5)
+
+
+def test_block_call_takes_the_compiled_forward_and_adds_in_the_same_pass(monkeypatch):
+    block = _block(GinConfig())
+    x_self, neighbours = _inputs(block, self_heads=3)
+    base = torch.randn(2, 1, DIMS.model_dim)
+    calls = []
+    monkeypatch.setattr(block, "delta", lambda *args: calls.append(args) or torch.zeros(2, 1, DIMS.model_dim))
+    with torch.no_grad():
+        out = block(x_self, neighbours, base)
+    assert not calls and not torch.equal(out, base)  # the modules never ran, and the delta was added
+    monkeypatch.setattr(native_block, "ENABLED", False)
+    with torch.no_grad():
+        assert torch.equal(block(x_self, neighbours, base), base) and len(calls) == 1  # the modules' (stubbed) zero delta
+
+
+@pytest.mark.parametrize("case", ["training dropout", "gradient", "too many rows", "float64", "tanh GELU", "Tanh", "disabled"])
+def test_modules_run_where_the_kernel_does_not_apply(case, monkeypatch):
+    config = GinConfig(dropout=0.2) if case == "training dropout" else GinConfig()
+    block = _block(config)
+    x_self, neighbours = _inputs(block, self_heads=3, length=40 if case == "too many rows" else 1)
+    if case == "training dropout":
+        block.train()
+    elif case == "float64":
+        block.double()
+        x_self, neighbours = x_self.double(), neighbours.double()
+    elif case == "tanh GELU":
+        block.mlp[1] = block.mlp[4] = nn.GELU(approximate="tanh")
+    elif case == "Tanh":
+        block.mlp[1] = block.mlp[4] = nn.Tanh()
+    elif case == "disabled":
+        monkeypatch.setattr(native_block, "ENABLED", False)
+    with torch.set_grad_enabled(case == "gradient"):
+        assert native_block.block_forward(block, x_self, neighbours) is None
+        if case != "disabled":  # and the module call still gives the modules' values (the same dropout mask)
+            torch.manual_seed(5)
+            called = block(x_self, neighbours)
+            torch.manual_seed(5)
+            torch.testing.assert_close(called, block.delta(x_self, neighbours), rtol=0, atol=0)
+    with torch.no_grad():  # a plain block on plain inputs still takes the kernel (while it is enabled)
+        monkeypatch.setattr(native_block, "ENABLED", True)
+        plain = _block(GinConfig())
+        assert native_block.block_forward(plain, *_inputs(plain, self_heads=3)) is not None
+
+
+def test_compiled_forward_is_taken_for_every_layer_of_a_decoded_token_and_generates_the_same(monkeypatch):
+    """Greedy decoding with the published preset and with the default: the same tokens and logits (to float32
+    rounding) with the compiled block as with the modules, and the kernel ran once per layer and decoded token."""
+    original = native_block.block_forward
+    for config in (GinConfig(top_k=4), GinConfig.published()):
+        model = get_gin_model(tiny_model("llama"), config)
+        perturb_adapter(model)
+        model.eval()
+        prompt = torch.randint(0, 100, (1, native_block.MAX_ROWS + 8), generator=torch.Generator().manual_seed(0))  # prefill: modules
+        runs, counted = {}, []
+
+        def counting(*args, **kwargs):
+            out = original(*args, **kwargs)
+            counted.append(out is not None)
+            return out
+
+        monkeypatch.setattr(native_block, "block_forward", counting)
+        for enabled in (True, False):
+            monkeypatch.setattr(native_block, "ENABLED", enabled)
+            counted.clear()
+            runs[enabled] = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5,
+                                           do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+            if enabled:
+                layers = model.config.num_hidden_layers
+                assert counted == [False] * layers + [True] * 4 * layers  # the prompt's pass, then every decoded token
+        assert torch.equal(runs[True].sequences, runs[False].sequences)
+        for with_kernel, without in zip(runs[True].logits, runs[False].logits):
+            torch.testing.assert_close(with_kernel, without, rtol=1e-4, atol=1e-4)
+
+
+def test_recorded_in_results(monkeypatch):
+    """Benchmark and trial results record whether the compiled block forward was in use."""
+    from gin_adapter.compare.machine import machine
+
+    assert machine()["compiled_block_forward"] is True
+    monkeypatch.setattr(native_block, "ENABLED", False)
+    assert machine()["compiled_block_forward"] is False
