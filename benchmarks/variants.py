@@ -53,8 +53,8 @@ LABELS = {
     "gin_chunked": "GIN, package default, ATen's chunked attention with its graph (native_attention_graph off): the package at 2edba61",
     "gin_published_chunked": "GIN, GinConfig.published(graph='gin'), ATen's chunked attention with its graph (native_attention_graph off)",
     "gin_aten_decode": "GIN, package default, decoding by ATen's operators and the block's modules (native_decode, native_block off): the package at 5525722",
-    "gin_hidden_aten_decode": "GIN, node_features='hidden', hidden_dim 27, decoding by ATen's operators and the block's modules (native_decode, native_block off)",
-    "gin_published_aten_decode": "GIN, GinConfig.published(graph='gin'), decoding with the block's modules (native_block off)",
+    "gin_hidden_aten_decode": "GIN, node_features='hidden', hidden_dim 27, decoding by ATen's operators and the block's modules (native_decode, native_block off): the package at 5525722",
+    "gin_published_aten_decode": "GIN, GinConfig.published(graph='gin'), decoding by ATen's operators and the block's modules (native_decode, native_block off): the package at 5525722",
     "lora_b": "LoRA (q_proj, v_proj), matched to gin_published",
 }
 GIN_CONFIGS: dict[str, dict] = {

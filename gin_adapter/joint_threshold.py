@@ -46,7 +46,7 @@ from typing import Literal
 
 import torch
 
-from . import native_attention_graph, topk_sum
+from . import native_attention_graph, native_decode, topk_sum
 from .adjacency import AdjacencyRule, float32_region
 from .joint import TopKGraph, _score_grads, attention_output_grads, graph_sum
 from .joint_decode import decode_attention
@@ -275,12 +275,18 @@ def decode_attention_with_threshold_graph(query: torch.Tensor, key: torch.Tensor
 
     kept as ``"dense"`` ``(B, 1, Lk)`` for ``graph="gin"`` or ``"diagonal"`` ``(B, 1)`` (the new token's own entry,
     the last key) for ``"reference"``, the forms :func:`threshold_graph_sum` takes. The same operations as the
-    separate kernel's (:func:`gin_adapter.threshold_sum.threshold_neighbour_sum`) for one row."""
-    batch, heads, k_len = query.shape[0], query.shape[1], key.shape[2]
-    out, _, probs = decode_attention(query, key, value, scaling)
-    summed = probs.view(batch, heads, k_len).sum(dim=1)  # heads h = kv * G + g
-    sharpened = torch.sigmoid(summed.clamp_(max=1.0).sub_(rule.sharpen_tau).mul_(rule.sharpen_alpha))
-    adjacency = sharpened * (sharpened > rule.threshold)
+    separate kernel's (:func:`gin_adapter.threshold_sum.threshold_neighbour_sum`) for one row; on the CPU in one
+    compiled call (:func:`gin_adapter.native_decode.threshold_attention`: the same values up to float32 rounding)."""
+    compiled = native_decode.threshold_attention(query, key, value, scaling=scaling, alpha=rule.sharpen_alpha, tau=rule.sharpen_tau,
+                                                 threshold=rule.threshold)
+    if compiled is not None:  # one call (gin_adapter.native_decode)
+        out, adjacency = compiled
+    else:
+        batch, heads, k_len = query.shape[0], query.shape[1], key.shape[2]
+        out, _, probs = decode_attention(query, key, value, scaling)
+        summed = probs.view(batch, heads, k_len).sum(dim=1)  # heads h = kv * G + g
+        sharpened = torch.sigmoid(summed.clamp_(max=1.0).sub_(rule.sharpen_tau).mul_(rule.sharpen_alpha))
+        adjacency = sharpened * (sharpened > rule.threshold)
     if rule.graph == "reference":
         return out, ThresholdGraph(adjacency[:, -1:], rule, "diagonal")
     return out, ThresholdGraph(adjacency.unsqueeze(1), rule, "dense")

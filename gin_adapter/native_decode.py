@@ -10,7 +10,8 @@ the cached ``k (B, Hkv, Lk, D)`` and ``v (B, Hkv, Lk, Dv)``, with ``R = B * Hkv`
     n = sum_m W[m] v[idx[m]]                      (R, G, Dv)   the neighbour sum of the values (node_features="values")
 
 by ATen's operators (about ten calls, each costing more than its arithmetic at this size); :func:`attention_with_graph`
-here does all four in one call, one head at a time. The same values up to float32 rounding (the exp polynomial,
+here does all four in one call, one head at a time. :func:`threshold_attention` does the same for the published
+rule's graph (``A = S [S > threshold]``, ``S = sigmoid(alpha (min(1, sum_h P_h) - tau))``, shared by the heads). The same values up to float32 rounding (the exp polynomial,
 the order of the sums; tests), and the same picks up to ties. It returns ``None`` where it does not apply
 (:func:`applies`) and the caller keeps ATen's operators.
 """
@@ -23,7 +24,7 @@ import threading
 
 import torch
 
-from . import native_library
+from . import native_graph_sum, native_library
 
 ENABLED = native_library.ENABLED_BY_ENVIRONMENT
 """Use the compiled decode step where it applies; ``False`` (or ``GIN_ADAPTER_NATIVE=0``) gives ATen's operators."""
@@ -31,30 +32,30 @@ ENABLED = native_library.ENABLED_BY_ENVIRONMENT
 MAX_K = 64
 """The most picks per row the kernel keeps (``row_topk.h``)."""
 
-LABEL = "gin_adapter::decode_attention"
-"""What ``torch.profiler`` calls the kernel's time."""
+LABEL, THRESHOLD_LABEL = "gin_adapter::decode_attention", "gin_adapter::decode_threshold_attention"
+"""What ``torch.profiler`` calls the kernels' time."""
 
 _ARRAYS = threading.local()  # each thread's argument arrays, rewritten per call
 
 
 @functools.cache
-def _kernel():
-    """The C function, or ``None`` without the library (or a library built before this kernel)."""
+def _kernels():
+    """``(top-k step, threshold step)`` C functions, or ``None`` without the library (or one built before them)."""
     loaded = native_library.library()
-    if loaded is None or not hasattr(loaded, "gin_decode_attention_f32"):
+    if loaded is None or not hasattr(loaded, "gin_decode_threshold_f32"):
         return None
-    return native_library.function("gin_decode_attention_f32", [ctypes.c_void_p] * 3)
+    return tuple(native_library.function(name, [ctypes.c_void_p] * 3) for name in ("gin_decode_attention_f32", "gin_decode_threshold_f32"))
 
 
 def available() -> bool:
     """Whether the compiled decode step was built and loads (whatever :data:`ENABLED` says)."""
-    return _kernel() is not None
+    return _kernels() is not None
 
 
 def _arrays() -> tuple:
     arrays = getattr(_ARRAYS, "value", None)
     if arrays is None:
-        arrays = _ARRAYS.value = ((ctypes.c_void_p * 7)(), (ctypes.c_int64 * 15)(), (ctypes.c_float * 1)())
+        arrays = _ARRAYS.value = ((ctypes.c_void_p * 7)(), (ctypes.c_int64 * 15)(), (ctypes.c_float * 4)())
     return arrays
 
 
@@ -82,16 +83,61 @@ def attention_with_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     weights = query.new_empty(batch, kv_heads, heads // kv_heads, picks)
     index = torch.empty(weights.shape, dtype=torch.int64)
     sums = query.new_empty(batch, heads, 1, dim_v)
+    tensors, sizes, scalars = _arguments(query, key, value, out)
+    tensors[4], tensors[5], tensors[6] = weights.data_ptr(), index.data_ptr(), sums.data_ptr()
+    sizes[14], scalars[0] = picks, scaling
+    _check(native_library.run(LABEL, _kernels()[0], tensors, sizes, scalars))
+    return out, weights, index, sums
+
+
+def threshold_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling: float, alpha: float, tau: float,
+                        threshold: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(O (B, 1, H, Dv), A (B, Lk))`` for one decoded token with the published rule's graph, shared by the heads:
+    ``A = S [S > threshold]``, ``S = sigmoid(alpha (min(1, sum_h P_h) - tau))``
+    (:func:`gin_adapter.joint_threshold.decode_attention_with_threshold_graph`), where
+    :func:`gin_adapter.joint_decode.decode_applies` holds; ``None`` where the kernel does not apply."""
+    if not applies(query, key, value, 1):
+        return None
+    out = query.new_empty(query.shape[0], 1, query.shape[1], value.shape[-1])
+    adjacency = query.new_empty(query.shape[0], key.shape[2])
+    tensors, sizes, scalars = _arguments(query, key, value, out)
+    tensors[4], tensors[5], tensors[6] = adjacency.data_ptr(), None, None
+    scalars[0], scalars[1], scalars[2], scalars[3] = scaling, alpha, tau, threshold
+    _check(native_library.run(THRESHOLD_LABEL, _kernels()[1], tensors, sizes, scalars))
+    return out, adjacency
+
+
+def picks_sum(weights: torch.Tensor, index: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
+    """``n[g, r] = sum_m W[g, r, m] x[g, idx[g, r, m]]``: ``(M, R, F)`` from the picks ``W``/``idx (M, R, k)`` of
+    :func:`attention_with_graph` and features ``x (M, Lk, F)`` (graph_sum.c's forward, called without
+    :func:`gin_adapter.native_graph_sum.graph_sum`'s checks, which cost more than a decoded token's sum); ``None``
+    where it does not apply (either module switched off, other devices or dtypes, gradients, ``torch.compile`` tracing)."""
+    if (not ENABLED or not native_graph_sum.ENABLED or torch.compiler.is_compiling() or not native_graph_sum.available() or features.dtype != torch.float32
+            or features.device.type != "cpu" or (torch.is_grad_enabled() and features.requires_grad)):
+        return None
+    graphs, rows, picks = weights.shape
+    keys, width = features.shape[-2:]
+    features = features.contiguous()
+    out = features.new_empty(graphs, rows, width)
+    status = native_library.run(native_graph_sum.SUM_LABEL, native_graph_sum._kernels()[0], weights.data_ptr(), index.data_ptr(), features.data_ptr(),
+                                out.data_ptr(), graphs, rows, picks, keys, width, 1)
+    if status:
+        raise IndexError(f"gin_adapter's compiled neighbour sum got a key position outside [0, {keys}) or bad sizes (status {status}).")
+    return out
+
+
+def _arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> tuple:
+    """This thread's argument arrays with the inputs' addresses, strides and sizes and the output's address set."""
     tensors, sizes, scalars = _arrays()
     tensors[0], tensors[1], tensors[2], tensors[3] = query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr()
-    tensors[4], tensors[5], tensors[6] = weights.data_ptr(), index.data_ptr(), sums.data_ptr()
     sizes[0], sizes[1] = query.stride(0), query.stride(1)
     sizes[2], sizes[3], sizes[4] = key.stride()[:3]
     sizes[5], sizes[6], sizes[7] = value.stride()[:3]
-    sizes[8], sizes[9], sizes[10], sizes[11], sizes[12], sizes[13], sizes[14] = batch, heads, kv_heads, keys, query.shape[-1], dim_v, picks
-    scalars[0] = scaling
-    status = native_library.run(LABEL, _kernel(), tensors, sizes, scalars)
+    sizes[8], sizes[9], sizes[10], sizes[11], sizes[12], sizes[13] = query.shape[0], query.shape[1], key.shape[1], key.shape[2], query.shape[-1], value.shape[-1]
+    return tensors, sizes, scalars
+
+
+def _check(status: int) -> None:
     if status:
         raise RuntimeError(f"gin_adapter's compiled decode attention refused its arguments (status {status}); set GIN_ADAPTER_NATIVE=0 to use "
                            "ATen's operators and report this.")
-    return out, weights, index, sums

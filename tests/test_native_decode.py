@@ -96,3 +96,34 @@ def test_aten_operators_where_the_kernel_does_not_apply(case, monkeypatch):
     out, graph = joint_decode.attention_with_graph(query, key, value, scaling=SCALING, top_k=top_k)
     assert graph.adjacency is not None  # ATen's dense graph
     torch.testing.assert_close(out.double(), _reference(query, key, value, top_k)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["GQA 9 over 3, 130 keys (SmolLM2)", "batch 2, strided cache", "value width 20 != key width 24"])
+def test_compiled_threshold_step_equals_the_float64_reference_and_atens(layout, monkeypatch):
+    """The published rule's decode graph: ``S [S > threshold]``, ``S = sigmoid(alpha (min(1, sum_h P_h) - tau))``,
+    with peaked attention so that some keys pass the threshold, some do not, and some sums reach the cap of 1."""
+    from gin_adapter import GinConfig
+    from gin_adapter.adjacency import AdjacencyRule
+    from gin_adapter.joint_threshold import decode_attention_with_threshold_graph
+
+    batch, heads, kv_heads, keys, dim, dim_v, strided = LAYOUTS[layout]
+    query, key, value = _inputs(batch, heads, kv_heads, keys, dim, dim_v, strided=strided)
+    query = query * 4
+    rule = AdjacencyRule.from_config(GinConfig.published())
+    out, adjacency = native_decode.threshold_attention(query, key, value, scaling=SCALING, alpha=rule.sharpen_alpha, tau=rule.sharpen_tau,
+                                                       threshold=rule.threshold)
+    q, k, v = query.double(), key.double(), value.double()
+    groups = heads // kv_heads
+    probs = torch.softmax(SCALING * q @ k.repeat_interleave(groups, 1).transpose(-1, -2), dim=-1)[:, :, 0]  # (B, H, Lk)
+    summed = probs.sum(1)
+    sharpened = torch.sigmoid(rule.sharpen_alpha * (summed.clamp(max=1.0) - rule.sharpen_tau))
+    expected = sharpened * (sharpened > rule.threshold)
+    assert 0 < (expected > 0).sum() < expected.numel()
+    assert (summed > 1).any() or heads < 9  # the cap reached where 9 heads are summed
+    torch.testing.assert_close(adjacency.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.double(), _reference(query, key, value, 1)[0], rtol=1e-5, atol=1e-6)
+    built_out, built = decode_attention_with_threshold_graph(query, key, value, scaling=SCALING, rule=rule)
+    monkeypatch.setattr(native_decode, "ENABLED", False)
+    aten_out, aten = decode_attention_with_threshold_graph(query, key, value, scaling=SCALING, rule=rule)
+    torch.testing.assert_close(built_out, aten_out, rtol=1e-4, atol=1e-5)  # two float32 computations
+    torch.testing.assert_close(built.adjacency, aten.adjacency, rtol=1e-4, atol=1e-5)
