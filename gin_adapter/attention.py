@@ -15,7 +15,8 @@ sdpa asks for the per-head top-k graph or the published rule's graph and the cal
 graph (:mod:`gin_adapter.joint`, :mod:`gin_adapter.joint_threshold`; equal to sdpa's output up to float32
 rounding, or the autocast dtype's); so it does for one decoded float32 token with the per-head top-k rule
 (:mod:`gin_adapter.joint_decode`) or the published rule
-(:func:`gin_adapter.joint_threshold.decode_attention_with_threshold_graph`). The mask interface is registered too, or no mask is built.
+(:func:`gin_adapter.joint_threshold.decode_attention_with_threshold_graph`), on the CPU in one compiled call
+(:mod:`gin_adapter.native_decode`). The mask interface is registered too, or no mask is built.
 """
 
 from __future__ import annotations

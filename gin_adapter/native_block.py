@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import torch
 from torch import nn
@@ -82,10 +83,11 @@ class _Plan:
     kernel cannot run this block (dropout active, an activation it lacks, a parameter not float32, contiguous and on
     the CPU)."""
 
-    __slots__ = ("training", "generation", "parameters", "addresses", "tensors", "sizes", "scalars", "heads", "width", "model_dim")
+    __slots__ = ("training", "generation", "parameters", "addresses", "tensors", "sizes", "scalars", "heads", "width", "model_dim", "lock")
 
     def __init__(self, block: nn.Module) -> None:
         self.training, self.generation, self.tensors = block.training, _GENERATION[0], None
+        self.lock = threading.Lock()  # the arrays are rewritten per call: one call at a time (ctypes releases the GIL)
         self.parameters = list(block.parameters())
         self.addresses = [t.data_ptr() for t in self.parameters]
         self.heads, self.width = block.heads_in, block.width_in
@@ -147,11 +149,13 @@ def block_forward(block: nn.Module, x_self: torch.Tensor, neighbours: torch.Tens
     add_to = None if add_to is None else add_to.contiguous()
     out = x_self.new_empty(batch, length, plan.model_dim)
     tensors, sizes = plan.tensors, plan.sizes
-    tensors[X], tensors[N], tensors[ADD_TO], tensors[OUT] = x_self.data_ptr(), neighbours.data_ptr(), None if add_to is None else add_to.data_ptr(), out.data_ptr()
-    sizes[0], sizes[1], sizes[2] = x_self.stride()[:3]
-    sizes[3], sizes[4], sizes[5] = neighbours.stride(0), neighbours.stride(1) if heads > 1 else 0, neighbours.stride(2)
-    sizes[6], sizes[7], sizes[8] = batch, length, self_heads
-    status = native_library.run(LABEL, _kernel(), tensors, sizes, plan.scalars)
+    with plan.lock:
+        tensors[X], tensors[N], tensors[OUT] = x_self.data_ptr(), neighbours.data_ptr(), out.data_ptr()
+        tensors[ADD_TO] = None if add_to is None else add_to.data_ptr()
+        sizes[0], sizes[1], sizes[2] = x_self.stride()[:3]
+        sizes[3], sizes[4], sizes[5] = neighbours.stride(0), neighbours.stride(1) if heads > 1 else 0, neighbours.stride(2)
+        sizes[6], sizes[7], sizes[8] = batch, length, self_heads
+        status = native_library.run(LABEL, _kernel(), tensors, sizes, plan.scalars)
     if status:
         raise RuntimeError(f"gin_adapter's compiled block forward refused its arguments (status {status}); set GIN_ADAPTER_NATIVE=0 "
                            "to use the modules and report this.")

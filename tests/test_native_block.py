@@ -146,3 +146,31 @@ def test_recorded_in_results(monkeypatch):
     assert machine()["compiled_block_forward"] is True
     monkeypatch.setattr(native_block, "ENABLED", False)
     assert machine()["compiled_block_forward"] is False
+
+
+def test_kept_arguments_follow_the_parameters():
+    """The kernel's arguments, kept per block, follow in-place updates (an optimizer step), parameters replaced by
+    new objects (``load_state_dict(assign=True)``), moved storage (``.to()`` and back) and the train flag."""
+    block = _block(GinConfig(dropout=0.1))
+    x_self, neighbours = _inputs(block, self_heads=3)
+
+    def check() -> None:
+        with torch.no_grad():
+            got = native_block.block_forward(block, x_self, neighbours)
+            assert got is not None
+            torch.testing.assert_close(got, block.delta(x_self, neighbours), rtol=1e-5, atol=1e-5)
+
+    check()
+    with torch.no_grad():
+        block.mlp[0].weight.mul_(-2.0)  # in place
+    check()
+    replaced = {name: 1.5 * value.clone() for name, value in block.state_dict().items()}
+    block.load_state_dict(replaced, assign=True)  # new Parameter objects
+    check()
+    block.double().float()  # new storage, same objects
+    check()
+    block.train()
+    with torch.no_grad():
+        assert native_block.block_forward(block, x_self, neighbours) is None  # dropout active
+    block.eval()
+    check()
