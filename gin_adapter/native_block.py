@@ -13,7 +13,8 @@ It returns ``None`` where it does not apply, and the block runs its modules then
 :data:`ENABLED` is off (``GIN_ADAPTER_NATIVE=0``), more than :data:`MAX_ROWS` token rows (a training or eval batch:
 ATen's matrix products are faster there), a gradient to record, dropout active, another device or dtype, autocast,
 ``torch.compile`` tracing, or an activation the kernel lacks. The same values as the modules up to float32 rounding
-(the order of the additions; tests).
+(the order of the additions; tests), the same on any thread count: the published preset's larger block splits each
+layer's output rows over PyTorch's threads, each output one thread's dot product.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ LABEL = "gin_adapter::block_forward"
 
 _ACTIVATION_CODES = {nn.Identity: 0, nn.ReLU: 2, nn.SiLU: 3, nn.PReLU: 4}
 
-_TENSORS, _SIZES = 14, 15  # the C function's three arrays (block_forward.c)
+_TENSORS, _SIZES = 14, 16  # the C function's three arrays (block_forward.c)
 X, N, ADD_TO, OUT = range(4)
 
 
@@ -103,7 +104,7 @@ class _Plan:
             return
         self.model_dim = out_proj.weight.shape[0]
         self.tensors = (ctypes.c_void_p * _TENSORS)(None, None, None, None, *(None if t is None else t.data_ptr() for t in used))
-        self.sizes = (ctypes.c_int64 * _SIZES)(0, 0, 0, 0, 0, 0, 0, 0, 0, self.heads, self.width, lin1.weight.shape[0], self.model_dim, int(skip), code)
+        self.sizes = (ctypes.c_int64 * _SIZES)(0, 0, 0, 0, 0, 0, 0, 0, 0, self.heads, self.width, lin1.weight.shape[0], self.model_dim, int(skip), code, 1)
         self.scalars = (ctypes.c_float * 2)(block.self_weight_offset_value, block.norm.eps)
 
     def current(self, block: nn.Module) -> bool:
@@ -154,7 +155,7 @@ def block_forward(block: nn.Module, x_self: torch.Tensor, neighbours: torch.Tens
         tensors[ADD_TO] = None if add_to is None else add_to.data_ptr()
         sizes[0], sizes[1], sizes[2] = x_self.stride()[:3]
         sizes[3], sizes[4], sizes[5] = neighbours.stride(0), neighbours.stride(1) if heads > 1 else 0, neighbours.stride(2)
-        sizes[6], sizes[7], sizes[8] = batch, length, self_heads
+        sizes[6], sizes[7], sizes[8], sizes[15] = batch, length, self_heads, torch.get_num_threads()
         status = native_library.run(LABEL, _kernel(), tensors, sizes, plan.scalars)
     if status:
         raise RuntimeError(f"gin_adapter's compiled block forward refused its arguments (status {status}); set GIN_ADAPTER_NATIVE=0 "

@@ -55,7 +55,7 @@ def available() -> bool:
 def _arrays() -> tuple:
     arrays = getattr(_ARRAYS, "value", None)
     if arrays is None:
-        arrays = _ARRAYS.value = ((ctypes.c_void_p * 7)(), (ctypes.c_int64 * 15)(), (ctypes.c_float * 4)())
+        arrays = _ARRAYS.value = ((ctypes.c_void_p * 7)(), (ctypes.c_int64 * 16)(), (ctypes.c_float * 4)())
     return arrays
 
 
@@ -134,6 +134,7 @@ def _arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out:
     sizes[2], sizes[3], sizes[4] = key.stride()[:3]
     sizes[5], sizes[6], sizes[7] = value.stride()[:3]
     sizes[8], sizes[9], sizes[10], sizes[11], sizes[12], sizes[13] = query.shape[0], query.shape[1], key.shape[1], key.shape[2], query.shape[-1], value.shape[-1]
+    sizes[15] = torch.get_num_threads()
     return tensors, sizes, scalars
 
 

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.skipif(not native_block.available(), reason="gin_adapte
 DIMS = AttentionDims(heads=6, head_dim=8, model_dim=48)
 
 
-def _block(config: GinConfig, seed: int = 0) -> nn.Module:
+def _block(config: GinConfig, seed: int = 0, dims: AttentionDims = DIMS) -> nn.Module:
     """A block of ``config`` in eval mode with every parameter moved off its initial value (scale, eps, slope too)."""
     torch.manual_seed(seed)
-    block = make_block(config, DIMS, scale_init=0.5).eval()
+    block = make_block(config, dims, scale_init=0.5).eval()
     with torch.no_grad():
         for parameter in block.parameters():
             parameter.add_(0.3 * torch.randn_like(parameter))
@@ -174,3 +174,21 @@ def test_kept_arguments_follow_the_parameters():
         assert native_block.block_forward(block, x_self, neighbours) is None  # dropout active
     block.eval()
     check()
+
+
+def test_same_bits_on_any_thread_count():
+    """The published preset's block (above the kernel's threshold for splitting its layers over threads) gives the
+    same bits on 1, 2 and 3 threads: each output is one thread's dot product whatever the split."""
+    block = _block(GinConfig.published(), dims=AttentionDims(heads=9, head_dim=64, model_dim=576))  # SmolLM2's sizes
+    x_self, neighbours = _inputs(block, shared_graph=True, batch=3, length=2)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                results.append(native_block.block_forward(block, x_self, neighbours))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(results[0], other) for other in results[1:])
+    torch.testing.assert_close(results[0], block.delta(x_self, neighbours), rtol=1e-5, atol=1e-5)

@@ -127,3 +127,20 @@ def test_compiled_threshold_step_equals_the_float64_reference_and_atens(layout, 
     aten_out, aten = decode_attention_with_threshold_graph(query, key, value, scaling=SCALING, rule=rule)
     torch.testing.assert_close(built_out, aten_out, rtol=1e-4, atol=1e-5)  # two float32 computations
     torch.testing.assert_close(built.adjacency, aten.adjacency, rtol=1e-4, atol=1e-5)
+
+
+def test_same_bits_on_any_thread_count():
+    """Both decode kernels split the heads over threads from 65,536 multiply-adds (SmolLM2's 9 heads over 130 keys
+    are above it): each head's results are one thread's, the published rule's head sum runs in head order."""
+    query, key, value = _inputs(*LAYOUTS["GQA 9 over 3, 130 keys (SmolLM2)"][:6])
+    before = torch.get_num_threads()
+    top_k, threshold = [], []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            top_k.append(native_decode.attention_with_graph(query, key, value, scaling=SCALING, top_k=8))
+            threshold.append(native_decode.threshold_attention(query * 4, key, value, scaling=SCALING, alpha=10.0, tau=0.5, threshold=0.1))
+    finally:
+        torch.set_num_threads(before)
+    for results in (top_k, threshold):
+        assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))

@@ -25,3 +25,21 @@ def test_pinned_versions_lie_in_the_ranges_pyproject_allows():
     assert {"transformers", "peft", "accelerate", "torch-geometric", "datasets", "evaluate"} <= set(pins)
     outside = {name: version for name, version in pins.items() if name in ranges and not ranges[name].contains(version)}
     assert not outside, f"scripts/constraints.txt pins versions pyproject.toml excludes: {outside}"
+
+
+def test_compiled_kernels_are_built_where_a_c_compiler_is_present():
+    """The C library is optional at install (no compiler: ATen's operators), so a source that stops compiling would
+    only make the kernels' tests skip. On Linux with a C compiler (this project's CI) every kernel must load."""
+    import shutil
+    import sys
+
+    import pytest
+
+    from gin_adapter import native_attention_graph, native_block, native_decode, native_graph_sum, native_library, native_score_rows, native_top_k
+
+    if sys.platform != "linux" or not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on Linux here: the package installs without its compiled kernels")
+    assert native_library.library() is not None, "gin_adapter._native did not build: run `pip install -e .` and read the compiler's errors"
+    missing = [module.__name__ for module in (native_top_k, native_graph_sum, native_score_rows, native_attention_graph, native_decode, native_block)
+               if not module.available()]
+    assert not missing, f"compiled library built without {missing}: reinstall (pip install -e .) and read the compiler's errors"

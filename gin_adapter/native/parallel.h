@@ -17,7 +17,7 @@ static inline int thread_count(int threads, int64_t parts, int64_t work) {
     return threads > parts ? (int)(parts > 0 ? parts : 1) : threads;
 }
 
-/* run `body` with p0, p1 set to each of `threads` contiguous ranges of [0, parts), one per thread */
+/* run `body` with p0, p1 set to each of `threads` contiguous ranges of [0, parts), one per thread, t_ the range's number */
 #ifdef _OPENMP
 #define SPLIT(parts, threads, body)                                                           \
     do {                                                                                      \
@@ -30,7 +30,7 @@ static inline int thread_count(int threads, int64_t parts, int64_t work) {
         }                                                                                     \
     } while (0)
 #else
-#define SPLIT(parts, threads, body) do { int64_t p0 = 0, p1 = (parts); (void)(threads); body; } while (0)
+#define SPLIT(parts, threads, body) do { int t_ = 0; int64_t p0 = 0, p1 = (parts); (void)(threads); (void)t_; body; } while (0)
 #endif
 
 #endif
