@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import BaseQuantizedLayer, Cache, DynamicLayer
+from transformers.cache_utils import BaseQuantizedLayer, Cache, DynamicLayer, EncoderDecoderCache
 
 
 class FeatureCacheMixin:
@@ -121,6 +121,8 @@ def find_cache(kwargs: dict[str, Any]) -> Cache | None:
     before; GPT-2 style ``layer_past`` too)."""
     for name in ("cache", "past_key_values", "past_key_value", "layer_past"):
         value = kwargs.get(name)
+        if isinstance(value, EncoderDecoderCache):  # a decoder with cross-attention (RoCBert, ...): its self-attention
+            return value.self_attention_cache
         if isinstance(value, Cache):
             return value
     return None

@@ -207,7 +207,8 @@ def sdpa_layout(out: torch.Tensor) -> torch.Tensor:
     ``(B, L, H, Dv)`` contiguous, in the autocast dtype under ``torch.autocast`` (float32 otherwise)."""
     device_type = out.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else out.dtype
-    return out.transpose(1, 2).to(dtype=dtype, memory_format=torch.contiguous_format)
+    out = out.transpose(1, 2)  # Tensor.to(memory_format=...) leaves this view as it is: contiguous() copies it
+    return (out if out.dtype == dtype else out.to(dtype)).contiguous()
 
 
 class _GraphSum(torch.autograd.Function):

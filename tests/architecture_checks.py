@@ -6,6 +6,7 @@ For one model type: build it tiny (:mod:`tiny_models`), wrap it with the default
 * identity at init: logits equal the base model's within ``ATOL``;
 * the adapter acts: with every block's ``scale`` at 0.5 the logits move by more than ``MOVES``;
 * causality: changing the later tokens leaves the earlier logits unchanged within ``ATOL``;
+* training step: train mode, a loss with labels and its backward: finite, every block's scale gets a gradient;
 * cached == uncached: each greedy step's logits with the KV cache equal a full uncached forward over the same
   tokens within ``ATOL_GENERATE``, and the cached tokens are that forward's argmax wherever the top two logits are
   further apart than the tolerance (a tiny random model has near-ties; tolerances, never exact float equality).
@@ -153,6 +154,43 @@ def generation_difference(model: torch.nn.Module) -> str:
     return ""
 
 
+class BaseCannotTrain(Exception):
+    """The tiny base model's own training step fails (a transformers limitation, not the adapter's)."""
+
+
+def _training_loss(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.cat([prompt(0), prompt(1)])  # a batch of two, the model's own cache setting (as a Trainer calls it)
+    with _quiet():
+        loss = model(input_ids=ids, labels=ids).loss
+    if loss.requires_grad:  # the base alone (adapter disabled) has nothing to train
+        loss.backward()
+    return loss
+
+
+def check_training_step(case: Case) -> None:
+    """A training step in train mode (where sdpa's call allows, the graph built with the attention, on the CPU in
+    the compiled kernel): a finite loss and a finite gradient for every block's scale. Skipped (``BaseCannotTrain``)
+    where the base model's own step fails with the adapter disabled."""
+    model = case.model
+    set_scale(model, 0.5)
+    model.train()
+    try:
+        with model.disable_adapter():
+            try:
+                _training_loss(model)
+            except Exception as error:  # noqa: BLE001
+                raise BaseCannotTrain(f"the tiny base model's own training step fails: {type(error).__name__}: {' '.join(str(error).split())[:150]}") from error
+        model.zero_grad(set_to_none=True)
+        loss = _training_loss(model)
+        scales = [block.scale for layer in gin_layers(model) for block in layer.gin_blocks.values() if block.scale.requires_grad]
+        assert torch.isfinite(loss), f"{case.model_type}: training loss {loss.item()}"
+        assert scales and all(s.grad is not None and torch.isfinite(s.grad).all() for s in scales), (
+            f"{case.model_type}: a GIN block's scale got no finite gradient")
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
 def check_cached_generation(case: Case) -> None:
     set_scale(case.model, 0.5)
     problem = generation_difference(case.model)
@@ -179,5 +217,6 @@ CHECKS = {
     "adapter changes the output": check_adapter_acts,
     "causal": check_causality,
     "cached == uncached generation": check_cached_generation,
+    "training step": check_training_step,
     "hidden-state features": check_hidden_features,
 }

@@ -241,3 +241,24 @@ def test_hiding_future_keys_follows_the_causal_rule(q_len, k_len, chunk_rows):
         hidden = torch.zeros(2, 3, chunk.rows, chunk.k1 - chunk.k0, dtype=torch.bool)
         hide_future_keys(hidden, chunk, True)
         assert torch.equal(hidden, ~_causal_visible(chunk, None, hidden.device).expand_as(hidden)), chunk
+
+
+def test_training_output_is_contiguous_for_modules_that_view_it():
+    """The joint path returns the attention output contiguous in sdpa's layout, as sdpa does: JetMoE's attention
+    ``.view``s it (its training step failed on a transposed view), and ``Tensor.to(memory_format=...)`` alone
+    leaves a transposed view as it is."""
+    from tiny_models import build
+
+    from gin_adapter.joint import sdpa_layout
+
+    out = sdpa_layout(torch.randn(2, 3, 5, 4))
+    assert out.shape == (2, 5, 3, 4) and out.is_contiguous()
+    base, why = build("jetmoe")
+    if base is None:
+        pytest.skip(why)
+    model = get_gin_model(base, GinConfig())
+    model.train()
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
