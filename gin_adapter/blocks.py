@@ -124,9 +124,10 @@ class _Block(nn.Module):
     def delta(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode_layers(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Module, bool] | None:
-        """``(W1, W2, W_out, act, skip)`` for the compiled forward (``skip``: ``z`` added before the second
-        activation), or ``None`` while dropout is active."""
+    def decode_layers(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, tuple[nn.Module, nn.Module], bool] | None:
+        """``(W1, W2, W_out, (first, second activation), skip)`` for the compiled forward (``skip``: ``z`` added
+        before the second activation), or ``None`` while dropout is active. Looked up in ``_modules`` (this runs
+        on every decoded token's call)."""
         raise NotImplementedError
 
     def project(self, u: torch.Tensor) -> torch.Tensor:
@@ -173,10 +174,11 @@ class GinBlock(_Block):
     def delta(self, x_self: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         return project_and_norm(self.mlp(self.gin_input(x_self, neighbours)), self.out_proj, self.norm, self.scale)
 
-    def decode_layers(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Module, bool] | None:
-        if self.training and isinstance(self.mlp[2], nn.Dropout) and self.mlp[2].p > 0:
+    def decode_layers(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, tuple[nn.Module, nn.Module], bool] | None:
+        mlp = self._modules["mlp"]._modules
+        if self.training and isinstance(mlp["2"], nn.Dropout) and mlp["2"].p > 0:
             return None
-        return self.mlp[0], self.mlp[3], self.out_proj, self.mlp[1], False
+        return mlp["0"], mlp["3"], self._modules["out_proj"], (mlp["1"], mlp["4"]), False
 
 
 class PublishedGinBlock(_Block):
@@ -200,10 +202,11 @@ class PublishedGinBlock(_Block):
         y = self.dropout(self.act(self.lin2(self.act(self.lin1(z))) + z))
         return project_and_norm(y, self.out_proj, self.norm, self.scale)
 
-    def decode_layers(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Module, bool] | None:
-        if self.training and isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0:
+    def decode_layers(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, tuple[nn.Module, nn.Module], bool] | None:
+        modules = self._modules
+        if self.training and isinstance(modules["dropout"], nn.Dropout) and modules["dropout"].p > 0:
             return None
-        return self.lin1, self.lin2, self.out_proj, self.act, True
+        return modules["lin1"], modules["lin2"], modules["out_proj"], (modules["act"], modules["act"]), True
 
 
 BLOCKS = {"compact": GinBlock, "published": PublishedGinBlock}

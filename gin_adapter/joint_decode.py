@@ -12,7 +12,8 @@ per-head top-k rule, the attention function computes both from one ``baddbmm``. 
 
 and :func:`decode_graph_sum` forms any node features' neighbour sum ``n = A X`` once they are known (the hidden
 state after attention needs ``O`` first). ``s``, ``P`` and ``A`` are the ones the separate decode step
-(:func:`gin_adapter.topk_sum.topk_neighbour_sum`) builds, so the neighbour sums are its sums. Against sdpa
+(:func:`gin_adapter.topk_sum.topk_neighbour_sum`) builds (on the compiled path up to float32 rounding, and ties
+broken to the lower key), so the neighbour sums are its sums. Against sdpa
 followed by that step, one decoded token makes one attention-sized call fewer per layer. On the CPU the four lines
 are one compiled call (:mod:`gin_adapter.native_decode`), which also forms the values' neighbour sum and keeps
 the graph as its picks (``k`` weights and key positions a row) instead of the dense ``A``.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
+import weakref
 
 import torch
 from torch import nn
@@ -66,40 +67,58 @@ def activation_code(act: nn.Module) -> int | None:
     return _ACTIVATION_CODES.get(type(act))
 
 
-_GENERATION = [0]
-"""Counts parameter registrations anywhere in the process (a parameter replaced by a new object: ``setattr``,
-``load_state_dict(assign=True)``); a block's plan is rebuilt when it changed since the plan was made."""
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Each block's :class:`_Plan`, beside the block rather than in it (ctypes arrays cannot be copied or pickled:
+``copy.deepcopy(model)`` and ``torch.save(model)`` keep working)."""
 
 
-def _parameter_registered(module: nn.Module, name: str, parameter: nn.Parameter | None) -> None:
-    _GENERATION[0] += 1
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, name, {}) for name in ("_global_forward_hooks", "_global_forward_pre_hooks"))
+"""PyTorch's dictionaries of hooks registered for every module (private; mutated in place, so bound once)."""
 
 
-torch.nn.modules.module.register_module_parameter_registration_hook(_parameter_registered)
+def _hooked(modules: tuple) -> bool:
+    """Whether calling ``modules`` would run something the kernel skips: a forward hook or pre-hook (global or on
+    one of them, ``torch.nn.utils.prune``'s mask included) or a parametrization (a weight computed on access)."""
+    return any(_GLOBAL_HOOKS) or any(m._forward_hooks or m._forward_pre_hooks or "parametrizations" in m._modules for m in modules)
+
+
+def _state(block: nn.Module) -> tuple | None:
+    """``(layers, tensors the kernel reads, key)`` for the block as it is now, or ``None`` where the kernel cannot
+    stand in for its modules (dropout active, hooks, parametrizations, two activations that differ). ``key`` names
+    every tensor read by object, address and strides: a parameter replaced (``setattr``, ``load_state_dict(assign=
+    True)``, ``torch.func.functional_call``), moved (``.to()``) or re-strided (a new ``.data``) changes it."""
+    layers = block.decode_layers()
+    if layers is None:
+        return None
+    lin1, lin2, out_proj, acts, skip = layers
+    if _hooked((lin1, lin2, out_proj, block._modules["norm"], *acts)):
+        return None
+    codes = {activation_code(act) for act in acts}
+    if len(codes) != 1 or None in codes or (isinstance(acts[0], nn.PReLU) and any(act is not acts[0] for act in acts)):
+        return None
+    # straight from the parameter dictionaries (no parametrization here: _hooked): each Module.__getattr__ costs ~0.5 us
+    own, first, second, out = block._parameters, lin1._parameters, lin2._parameters, out_proj._parameters
+    slope = acts[0]._parameters["weight"] if isinstance(acts[0], nn.PReLU) else None
+    used = (own["eps"], first["weight"], first.get("bias"), second["weight"], second.get("bias"), slope, out["weight"], out.get("bias"),
+            block._modules["norm"]._parameters["weight"], own["scale"])
+    key = (block.training, *(None if t is None else (id(t), t.data_ptr(), t.stride()) for t in used))
+    return layers, used, key
 
 
 class _Plan:
     """One block's arguments for the kernel: its parameters' storage, sizes and constants, worked out once and kept
-    while they hold (:meth:`current`); a call rewrites only its own inputs' slots. ``tensors`` is ``None`` where the
-    kernel cannot run this block (dropout active, an activation it lacks, a parameter not float32, contiguous and on
-    the CPU)."""
+    while its :func:`_state` key holds; a call rewrites only its own inputs' slots. ``tensors`` is ``None`` where the
+    kernel cannot run this block (a parameter not float32, contiguous and on the CPU, an activation it lacks)."""
 
-    __slots__ = ("training", "generation", "parameters", "addresses", "tensors", "sizes", "scalars", "heads", "width", "model_dim", "lock")
+    __slots__ = ("key", "used", "tensors", "sizes", "scalars", "heads", "width", "model_dim", "lock")
 
-    def __init__(self, block: nn.Module) -> None:
-        self.training, self.generation, self.tensors = block.training, _GENERATION[0], None
+    def __init__(self, block: nn.Module, layers: tuple, used: tuple, key: tuple) -> None:
+        self.key, self.used, self.tensors = key, used, None  # `used` keeps the tensors alive: ids in the key stay theirs
         self.lock = threading.Lock()  # the arrays are rewritten per call: one call at a time (ctypes releases the GIL)
-        self.parameters = list(block.parameters())
-        self.addresses = [t.data_ptr() for t in self.parameters]
         self.heads, self.width = block.heads_in, block.width_in
-        layers = block.decode_layers()
-        if layers is None:
-            return
-        lin1, lin2, out_proj, act, skip = layers
-        code = activation_code(act)
-        slope = act.weight if code == 4 else None
-        used = [block.eps, lin1.weight, lin1.bias, lin2.weight, lin2.bias, slope, out_proj.weight, out_proj.bias, block.norm.weight, block.scale]
-        if (code is None or block.norm.eps_t.dtype != torch.float32 or lin1.weight.shape[1] != self.heads * self.width
+        lin1, lin2, out_proj, acts, skip = layers
+        code = activation_code(acts[0])
+        if (block.norm.eps_t.dtype != torch.float32 or lin1.weight.shape[1] != self.heads * self.width
                 or not all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()) for t in used)):
             return
         self.model_dim = out_proj.weight.shape[0]
@@ -107,18 +126,16 @@ class _Plan:
         self.sizes = (ctypes.c_int64 * _SIZES)(0, 0, 0, 0, 0, 0, 0, 0, 0, self.heads, self.width, lin1.weight.shape[0], self.model_dim, int(skip), code, 1)
         self.scalars = (ctypes.c_float * 2)(block.self_weight_offset_value, block.norm.eps)
 
-    def current(self, block: nn.Module) -> bool:
-        """Whether the block is still as planned: the same mode, no parameter replaced, every one at its address
-        (``.to()``, a new ``.data`` move it)."""
-        return (block.training == self.training and _GENERATION[0] == self.generation
-                and all(t.data_ptr() == address for t, address in zip(self.parameters, self.addresses)))
 
-
-def _plan(block: nn.Module) -> _Plan:
-    """``block``'s :class:`_Plan`, rebuilt when it no longer holds."""
-    plan = block.__dict__.get("_native_plan")
-    if plan is None or not plan.current(block):
-        plan = block.__dict__["_native_plan"] = _Plan(block)
+def _plan(block: nn.Module) -> _Plan | None:
+    """``block``'s :class:`_Plan`, rebuilt when its key changed; ``None`` where the kernel cannot stand in."""
+    state = _state(block)
+    if state is None:
+        return None
+    layers, used, key = state
+    plan = _PLANS.get(block)
+    if plan is None or plan.key != key:
+        plan = _PLANS[block] = _Plan(block, layers, used, key)
     return plan
 
 
@@ -140,8 +157,9 @@ def block_forward(block: nn.Module, x_self: torch.Tensor, neighbours: torch.Tens
             or torch.is_autocast_enabled("cpu")):
         return None
     plan = _plan(block)
-    if (plan.tensors is None or width != plan.width or x_width != width or heads not in (1, plan.heads) or plan.heads % self_heads
-            or (torch.is_grad_enabled() and (x_self.requires_grad or neighbours.requires_grad or any(t.requires_grad for t in plan.parameters)))):
+    if (plan is None or plan.tensors is None or width != plan.width or x_width != width or heads not in (1, plan.heads) or plan.heads % self_heads
+            or (torch.is_grad_enabled() and (x_self.requires_grad or neighbours.requires_grad or (add_to is not None and add_to.requires_grad)
+                                             or any(t is not None and t.requires_grad for t in plan.used)))):
         return None
     if add_to is not None and (add_to.shape != (batch, length, plan.model_dim) or not _usable(add_to)):
         return None

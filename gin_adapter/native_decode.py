@@ -62,11 +62,14 @@ def _arrays() -> tuple:
 def applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, top_k: int) -> bool:
     """Whether :func:`attention_with_graph` runs on a call that
     :func:`gin_adapter.joint_decode.decode_applies` accepted (one float32 query row, nothing autograd tracks): CPU
-    tensors with contiguous last dimensions, ``H`` a multiple of ``Hkv``, ``1 <= top_k <= 64``, not while
-    ``torch.compile`` traces."""
-    return (ENABLED and 1 <= top_k <= MAX_K and not torch.compiler.is_compiling() and available()
-            and query.device.type == key.device.type == value.device.type == "cpu"
-            and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1 and query.shape[1] % key.shape[1] == 0 and key.shape[2] > 0)
+    tensors with contiguous last dimensions and matching sizes (none empty, ``H`` a multiple of ``Hkv``), ``1 <=
+    top_k <= 64``, not while ``torch.compile`` traces."""
+    if not (ENABLED and 1 <= top_k <= MAX_K and not torch.compiler.is_compiling() and available()
+            and query.device.type == key.device.type == value.device.type == "cpu"):
+        return False
+    (batch, heads, _, dim), (kv_batch, kv_heads, keys, key_dim) = query.shape, key.shape
+    return (query.stride(-1) == key.stride(-1) == value.stride(-1) == 1 and batch > 0 and keys > 0 and kv_heads > 0 and heads % kv_heads == 0
+            and key_dim == dim and kv_batch == batch and value.shape[:3] == key.shape[:3])
 
 
 def attention_with_graph(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling: float, top_k: int

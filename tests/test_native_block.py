@@ -192,3 +192,76 @@ def test_same_bits_on_any_thread_count():
         torch.set_num_threads(before)
     assert all(torch.equal(results[0], other) for other in results[1:])
     torch.testing.assert_close(results[0], block.delta(x_self, neighbours), rtol=1e-5, atol=1e-5)
+
+
+def test_modules_run_where_the_kernel_would_skip_something():
+    """A gradient wanted through ``add_to`` (a frozen block on a trainable base), parameters swapped in by
+    ``torch.func.functional_call``, a weight re-strided in place (same storage), hooks on a layer (pruning's mask
+    among them) and parametrized weights: the kernel steps aside (or re-plans) and the values are the modules'."""
+    import torch.nn.utils.parametrize as parametrize
+
+    block = _block(GinConfig())
+    x_self, neighbours = _inputs(block, self_heads=3)
+    base = torch.randn(2, 1, DIMS.model_dim, requires_grad=True)
+    block.requires_grad_(False)
+    out = block(x_self, neighbours, base)
+    assert out.requires_grad  # the gradient to the attention output is kept
+    out.sum().backward()
+    assert torch.equal(base.grad, torch.ones_like(base))
+    block.requires_grad_(True)
+
+    def modules_value(module=block, inputs=(x_self, neighbours)):
+        with torch.no_grad():
+            return module.delta(*inputs)
+
+    swapped = {name: 2.0 * value.detach() for name, value in block.named_parameters()}
+    with torch.no_grad():
+        native_block.block_forward(block, x_self, neighbours)  # a plan for the block's own parameters
+        got = torch.func.functional_call(block, swapped, (x_self, neighbours))  # the kernel, on the swapped tensors
+        native_block.ENABLED = False
+        try:
+            expected = torch.func.functional_call(block, swapped, (x_self, neighbours))  # the modules
+        finally:
+            native_block.ENABLED = True
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(native_block.block_forward(block, x_self, neighbours), modules_value(), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, modules_value())
+
+    square = _block(GinConfig.published(hidden_dim=16), dims=AttentionDims(heads=6, head_dim=8, model_dim=48))
+    xs, ns = _inputs(square, shared_graph=True)
+    with torch.no_grad():
+        native_block.block_forward(square, xs, ns)
+        square.lin2.weight.data = square.lin2.weight.data.t()  # same storage, transposed strides
+        assert native_block.block_forward(square, xs, ns) is None  # a non-contiguous weight: the modules
+        torch.testing.assert_close(square(xs, ns), modules_value(square, (xs, ns)), rtol=0, atol=0)
+
+    handle = block.mlp[0].register_forward_hook(lambda module, args, output: output * 0)
+    with torch.no_grad():
+        assert native_block.block_forward(block, x_self, neighbours) is None
+        torch.testing.assert_close(block(x_self, neighbours), modules_value(), rtol=0, atol=0)
+    handle.remove()
+
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    parametrize.register_parametrization(block.out_proj, "weight", Doubled())
+    with torch.no_grad():
+        assert native_block.block_forward(block, x_self, neighbours) is None
+        torch.testing.assert_close(block(x_self, neighbours), modules_value(), rtol=0, atol=0)
+
+
+def test_a_block_that_ran_the_kernel_copies_and_pickles():
+    """The kernel's kept arguments live beside the block, not in it: deepcopy and torch.save work after a call."""
+    import copy
+    import io
+
+    block = _block(GinConfig())
+    x_self, neighbours = _inputs(block, self_heads=3)
+    with torch.no_grad():
+        first = native_block.block_forward(block, x_self, neighbours)
+    twin = copy.deepcopy(block)
+    buffer = io.BytesIO()
+    torch.save(block, buffer)
+    with torch.no_grad():
+        torch.testing.assert_close(native_block.block_forward(twin, x_self, neighbours), first, rtol=0, atol=0)

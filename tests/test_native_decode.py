@@ -144,3 +144,20 @@ def test_same_bits_on_any_thread_count():
         torch.set_num_threads(before)
     for results in (top_k, threshold):
         assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
+
+
+def test_threshold_step_keeps_nan_where_atens_does(monkeypatch):
+    """A NaN in the scores reaches the graph as NaN in both steps (ATen's clamp and product keep it)."""
+    from gin_adapter import GinConfig
+    from gin_adapter.adjacency import AdjacencyRule
+    from gin_adapter.joint_threshold import decode_attention_with_threshold_graph
+
+    query, key, value = _inputs(1, 4, 2, 20, 8, 8)
+    key = key.clone()
+    key[0, 0, 3, 0] = float("nan")
+    rule = AdjacencyRule.from_config(GinConfig.published())
+    _, compiled = decode_attention_with_threshold_graph(query, key, value, scaling=SCALING, rule=rule)
+    monkeypatch.setattr(native_decode, "ENABLED", False)
+    _, aten = decode_attention_with_threshold_graph(query, key, value, scaling=SCALING, rule=rule)
+    assert torch.isnan(aten.adjacency).any()
+    assert torch.equal(torch.isnan(compiled.adjacency), torch.isnan(aten.adjacency))

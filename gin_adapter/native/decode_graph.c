@@ -146,9 +146,9 @@ int gin_decode_threshold_f32(const void *const *tensors, const int64_t *sizes, c
         for (int64_t h = 1; h < c.heads; ++h)
             for (int64_t j = 0; j < keys; ++j) summed[j] += pb[h * keys + j];
         for (int64_t j = 0; j < keys; ++j) {
-            float w = summed[j] < 1.0f ? summed[j] : 1.0f;
+            float w = summed[j] > 1.0f ? 1.0f : summed[j];  /* NaN stays NaN, as torch.clamp keeps it */
             float sharpened = 1.0f / (1.0f + expf(-(alpha * (w - tau))));
-            summed[j] = sharpened > threshold ? sharpened : 0.0f;
+            summed[j] = sharpened * (float)(sharpened > threshold);  /* S [S > threshold]: NaN * 0 stays NaN, as ATen's */
         }
     }
     free(c.probabilities);
