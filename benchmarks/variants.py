@@ -83,21 +83,22 @@ GIN_CONFIGS: dict[str, dict] = {
 }
 SEPARATE = ("gin_separate", "gin_hidden_reference_separate", "gin_published_separate", "gin_onednn_gelu")
 """Variants trained with ``gin_adapter.joint.ENABLED`` off: sdpa, then the separate kernel scores the keys again."""
-NATIVE_TOP_K_DEFAULT = native_top_k.ENABLED  # GIN_ADAPTER_NATIVE=0 turns it off for every variant
 ATEN_TOP_K = ("gin_aten_topk",)
 """Variants run with ``gin_adapter.native_top_k.ENABLED`` off: ATen's top-k (the two-stage one) in every kernel."""
-NATIVE_GRAPH_SUM_DEFAULT, NATIVE_SCORE_ROWS_DEFAULT = native_graph_sum.ENABLED, native_score_rows.ENABLED
 TOP_K_ONLY = ("gin_topk_only", "gin_published_topk_only")
 """Variants run with ``gin_adapter.native_graph_sum.ENABLED`` and ``native_score_rows.ENABLED`` off (ATen's neighbour
 sums, causal mask and softmax backward; the compiled top-k on): the package as it was before those kernels."""
-NATIVE_ATTENTION_GRAPH_DEFAULT = native_attention_graph.ENABLED
-NATIVE_DECODE_DEFAULT, NATIVE_BLOCK_DEFAULT = native_decode.ENABLED, native_block.ENABLED
 ATEN_DECODE = ("gin_aten_decode", "gin_hidden_aten_decode", "gin_published_aten_decode")
 """Variants run with ``gin_adapter.native_decode.ENABLED`` and ``native_block.ENABLED`` off: a decoded token's
 attention, graph and block by ATen's operators and the block's modules, as before those kernels."""
 CHUNKED = ("gin_chunked", "gin_published_chunked") + TOP_K_ONLY
 """Variants run with ``gin_adapter.native_attention_graph.ENABLED`` off: the attention and its graph by ATen's
 query chunks (:mod:`gin_adapter.joint`), as before the compiled kernel."""
+SWITCHES = {joint: SEPARATE, native_top_k: ATEN_TOP_K, native_graph_sum: TOP_K_ONLY, native_score_rows: TOP_K_ONLY,
+            native_attention_graph: CHUNKED, native_decode: ATEN_DECODE, native_block: ATEN_DECODE}
+"""Each package module with an ``ENABLED`` switch and the variants that run with it off."""
+SWITCH_DEFAULTS = {module: module.ENABLED for module in SWITCHES}
+"""The switches as the package set them (``GIN_ADAPTER_NATIVE=0`` turns the compiled kernels off for every variant)."""
 
 
 def load_base(name: str, dtype: torch.dtype, device: torch.device):
@@ -172,23 +173,12 @@ class Variant:
     call: Callable | None = None  # compiled forward, when --compile
     optimizer: torch.optim.Optimizer | None = None
     notes: list[str] = field(default_factory=list)
-    joint: bool = True  # gin_adapter.joint.ENABLED while this variant trains
-    native_top_k: bool = True  # gin_adapter.native_top_k.ENABLED while this variant runs
-    native_graph_sum: bool = True  # gin_adapter.native_graph_sum.ENABLED while this variant runs
-    native_score_rows: bool = True  # gin_adapter.native_score_rows.ENABLED while this variant runs
-    native_attention_graph: bool = True  # gin_adapter.native_attention_graph.ENABLED while this variant runs
-    native_decode: bool = True  # gin_adapter.native_decode.ENABLED while this variant runs
-    native_block: bool = True  # gin_adapter.native_block.ENABLED while this variant runs
+    switches: dict = field(default_factory=dict)  # module -> its ENABLED while this variant runs (SWITCHES)
 
     def use_switches(self) -> None:
         """Set the package's module switches (joint path, compiled kernels) as this variant runs."""
-        joint.ENABLED = self.joint
-        native_top_k.ENABLED = self.native_top_k
-        native_graph_sum.ENABLED = self.native_graph_sum
-        native_score_rows.ENABLED = self.native_score_rows
-        native_attention_graph.ENABLED = self.native_attention_graph
-        native_decode.ENABLED = self.native_decode
-        native_block.ENABLED = self.native_block
+        for module, enabled in self.switches.items():
+            module.ENABLED = enabled
 
     @property
     def forward(self) -> Callable:
@@ -245,11 +235,8 @@ def build_variants(base: torch.nn.Module, names: list[str], *, compile_: bool = 
         else:
             raise ValueError(f"unknown variant {name!r}; choose from {ALL_VARIANTS}")
         params = [p for p in model.parameters() if p.requires_grad]
-        variant = Variant(name, model, sum(p.numel() for p in params), joint=name not in SEPARATE, native_top_k=NATIVE_TOP_K_DEFAULT and name not in ATEN_TOP_K,
-                          native_graph_sum=NATIVE_GRAPH_SUM_DEFAULT and name not in TOP_K_ONLY,
-                          native_score_rows=NATIVE_SCORE_ROWS_DEFAULT and name not in TOP_K_ONLY,
-                          native_attention_graph=NATIVE_ATTENTION_GRAPH_DEFAULT and name not in CHUNKED,
-                          native_decode=NATIVE_DECODE_DEFAULT and name not in ATEN_DECODE, native_block=NATIVE_BLOCK_DEFAULT and name not in ATEN_DECODE)
+        switches = {module: SWITCH_DEFAULTS[module] and name not in off for module, off in SWITCHES.items()}
+        variant = Variant(name, model, sum(p.numel() for p in params), switches=switches)
         if params:
             variant.optimizer = torch.optim.AdamW(params, lr=1e-4)
         if compile_ and name not in ("gin_pyg", "published"):
@@ -260,10 +247,5 @@ def build_variants(base: torch.nn.Module, names: list[str], *, compile_: bool = 
 
 def reset_switches() -> None:
     """The package's module switches back to their defaults (after a suite ran variants that changed them)."""
-    joint.ENABLED = True
-    native_top_k.ENABLED = NATIVE_TOP_K_DEFAULT
-    native_graph_sum.ENABLED = NATIVE_GRAPH_SUM_DEFAULT
-    native_score_rows.ENABLED = NATIVE_SCORE_ROWS_DEFAULT
-    native_attention_graph.ENABLED = NATIVE_ATTENTION_GRAPH_DEFAULT
-    native_decode.ENABLED = NATIVE_DECODE_DEFAULT
-    native_block.ENABLED = NATIVE_BLOCK_DEFAULT
+    for module, enabled in SWITCH_DEFAULTS.items():
+        module.ENABLED = enabled

@@ -98,7 +98,6 @@ class _Block(nn.Module):
         # c - eps as a 0-dim tensor (not saved): no Python scalar is wrapped into a tensor on every call
         offset = 1.0 if config.self_weight == "one_plus_eps" else 0.0
         self.register_buffer("self_weight_offset", torch.tensor(offset), persistent=False)
-        self.self_weight_offset_value = offset  # the same, for the compiled decode step (gin_adapter.native_block)
 
     def reset_parameters(self) -> None:
         """Default init of every linear map (and PReLU slope), ``eps = 0``, unit norm weight, ``scale = scale_init``."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import native_decode
+from . import native_decode, native_graph_sum
 from .chunk_sums import scatter_adjacency
 
 
@@ -123,7 +123,7 @@ def decode_graph_sum(graph: DecodeGraph, features: torch.Tensor, *, reference: b
 
     ``graph="gin"``: ``n[b, h] = sum_j A[b, h, j] x[b, h // G, j]`` (features shared by the heads are multiplied
     once for all ``H`` rows): the compiled step's own sums when ``features`` are its values, the compiled sum over
-    the picks (:func:`gin_adapter.native_decode.picks_sum`) for other features, else one ``bmm`` with the dense graph.
+    the picks (:func:`gin_adapter.native_graph_sum.small_graph_sum`) for other features, else one ``bmm`` with the dense graph.
     ``reference`` (``graph="reference"``, self-loops only): ``n[b, h] = A[b, h, Lk - 1] x[b, h // G, Lk - 1]``, the
     new token being the last key.
     """
@@ -152,9 +152,9 @@ def _picks_sum(graph: DecodeGraph, x: torch.Tensor) -> torch.Tensor | None:
     batch, kv_heads, groups, picks = graph.weights.shape
     k_len, width = x.shape[-2:]
     if x.shape[1] == 1:  # shared by the heads: one graph per batch element, every head's picks its rows
-        out = native_decode.picks_sum(graph.weights.view(batch, kv_heads * groups, picks), graph.index.view(batch, kv_heads * groups, picks),
-                                      x.view(batch, k_len, width) if x.is_contiguous() else x.reshape(batch, k_len, width))
+        out = native_graph_sum.small_graph_sum(graph.weights.view(batch, kv_heads * groups, picks), graph.index.view(batch, kv_heads * groups, picks),
+                                               x.reshape(batch, k_len, width))
     else:
-        out = native_decode.picks_sum(graph.weights.view(batch * kv_heads, groups, picks), graph.index.view(batch * kv_heads, groups, picks),
-                                      x.reshape(batch * kv_heads, k_len, width))
+        out = native_graph_sum.small_graph_sum(graph.weights.view(batch * kv_heads, groups, picks), graph.index.view(batch * kv_heads, groups, picks),
+                                               x.reshape(batch * kv_heads, k_len, width))
     return None if out is None else out.view(batch, kv_heads * groups, 1, width)

@@ -71,12 +71,8 @@ def blas_sgemm() -> int | None:
 def _kernels():
     """``(forward, backward, threshold forward, threshold backward)`` C functions with an sgemm set and checked,
     or ``None`` (logged once)."""
-    try:
-        forward = native_library.function("gin_attention_graph_forward_f32", _PROBLEM + [_POINTER] * 3 + [_INT])
-    except AttributeError:  # a library built before these kernels: reinstall to rebuild it
-        logger.warning("gin_adapter's compiled library predates the attention kernels; reinstall (pip install -e .) to build them. Using ATen's chunked form.")
-        return None
-    if forward is None:
+    forward = native_library.function("gin_attention_graph_forward_f32", _PROBLEM + [_POINTER] * 3 + [_INT])
+    if forward is None:  # no library, or one built before these kernels (logged)
         return None
     address = blas_sgemm()
     if address is None:
@@ -181,9 +177,8 @@ def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     out = value.new_empty(batch, heads, length, value.shape[-1])
     weights = query.new_empty(batch, heads, length, top_k)
     index = torch.empty(batch, heads, length, top_k, dtype=torch.long, device=query.device)
-    with torch.profiler.record_function(FORWARD_LABEL):
-        _check(_kernels()[0](*_problem(query, key, value, scaling, top_k, segments(batch, heads, length)), out.data_ptr(), weights.data_ptr(),
-                             index.data_ptr(), torch.get_num_threads()), "forward")
+    _check(native_library.run(FORWARD_LABEL, _kernels()[0], *_problem(query, key, value, scaling, top_k, segments(batch, heads, length)),
+                              out.data_ptr(), weights.data_ptr(), index.data_ptr(), torch.get_num_threads()), "forward")
     return out, weights, index, (query, key, value)
 
 
@@ -199,9 +194,8 @@ def backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scalin
     runs = segments(batch, heads, length)
     grads = _key_value_grads(key, value, runs, heads)
     pointers = [None if t is None else t.data_ptr() for t in graph]
-    with torch.profiler.record_function(BACKWARD_LABEL):
-        _check(_kernels()[1](*_problem(query, key, value, scaling, top_k, runs), out.data_ptr(), grad_out.data_ptr(), *pointers, grad_query.data_ptr(),
-                             *(t.data_ptr() for t in grads), torch.get_num_threads()), "backward")
+    _check(native_library.run(BACKWARD_LABEL, _kernels()[1], *_problem(query, key, value, scaling, top_k, runs), out.data_ptr(), grad_out.data_ptr(),
+                              *pointers, grad_query.data_ptr(), *(t.data_ptr() for t in grads), torch.get_num_threads()), "backward")
     return grad_query, grads[0], grads[1]
 
 
@@ -232,9 +226,9 @@ def threshold_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     out = value.new_empty(batch, heads, length, value.shape[-1])
     graph = query.new_empty(batch, length, top_k if form == "top_k" else length)
     index = torch.empty(batch, length, top_k, dtype=torch.long, device=query.device) if form == "top_k" else None
-    with torch.profiler.record_function(FORWARD_LABEL):
-        _check(_kernels()[2](*_problem(query, key, value, scaling, top_k, segments(batch, 1, length)), *_rule_arguments(alpha, tau, threshold, form),
-                             out.data_ptr(), graph.data_ptr(), None if index is None else index.data_ptr(), torch.get_num_threads()), "forward")
+    _check(native_library.run(FORWARD_LABEL, _kernels()[2], *_problem(query, key, value, scaling, top_k, segments(batch, 1, length)),
+                              *_rule_arguments(alpha, tau, threshold, form), out.data_ptr(), graph.data_ptr(),
+                              None if index is None else index.data_ptr(), torch.get_num_threads()), "forward")
     return out, graph, index, (query, key, value)
 
 
@@ -251,7 +245,7 @@ def threshold_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     runs = segments(batch, 1, length)
     grads = _key_value_grads(key, value, runs, key.shape[1])
     pointers = [None if t is None else t.data_ptr() for t in (grad_graph, graph, index)]
-    with torch.profiler.record_function(BACKWARD_LABEL):
-        _check(_kernels()[3](*_problem(query, key, value, scaling, top_k, runs), *_rule_arguments(alpha, tau, threshold, form), out.data_ptr(),
-                             grad_out.data_ptr(), *pointers, grad_query.data_ptr(), *(t.data_ptr() for t in grads), torch.get_num_threads()), "backward")
+    _check(native_library.run(BACKWARD_LABEL, _kernels()[3], *_problem(query, key, value, scaling, top_k, runs),
+                              *_rule_arguments(alpha, tau, threshold, form), out.data_ptr(), grad_out.data_ptr(), *pointers, grad_query.data_ptr(),
+                              *(t.data_ptr() for t in grads), torch.get_num_threads()), "backward")
     return grad_query, grads[0], grads[1]

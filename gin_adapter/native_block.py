@@ -47,9 +47,6 @@ X, N, ADD_TO, OUT = range(4)
 @functools.cache
 def _kernel():
     """The C function, or ``None`` without the library (or a library built before this kernel)."""
-    loaded = native_library.library()
-    if loaded is None or not hasattr(loaded, "gin_block_forward_f32"):
-        return None
     return native_library.function("gin_block_forward_f32", [ctypes.c_void_p] * 3)
 
 
@@ -124,7 +121,7 @@ class _Plan:
         self.model_dim = out_proj.weight.shape[0]
         self.tensors = (ctypes.c_void_p * _TENSORS)(None, None, None, None, *(None if t is None else t.data_ptr() for t in used))
         self.sizes = (ctypes.c_int64 * _SIZES)(0, 0, 0, 0, 0, 0, 0, 0, 0, self.heads, self.width, lin1.weight.shape[0], self.model_dim, int(skip), code, 1)
-        self.scalars = (ctypes.c_float * 2)(block.self_weight_offset_value, block.norm.eps)
+        self.scalars = (ctypes.c_float * 2)(block.self_weight_offset.item(), block.norm.eps)
 
 
 def _plan(block: nn.Module) -> _Plan | None:

@@ -24,7 +24,7 @@ import threading
 
 import torch
 
-from . import native_graph_sum, native_library
+from . import native_library
 
 ENABLED = native_library.ENABLED_BY_ENVIRONMENT
 """Use the compiled decode step where it applies; ``False`` (or ``GIN_ADAPTER_NATIVE=0``) gives ATen's operators."""
@@ -41,10 +41,8 @@ _ARRAYS = threading.local()  # each thread's argument arrays, rewritten per call
 @functools.cache
 def _kernels():
     """``(top-k step, threshold step)`` C functions, or ``None`` without the library (or one built before them)."""
-    loaded = native_library.library()
-    if loaded is None or not hasattr(loaded, "gin_decode_threshold_f32"):
-        return None
-    return tuple(native_library.function(name, [ctypes.c_void_p] * 3) for name in ("gin_decode_attention_f32", "gin_decode_threshold_f32"))
+    kernels = tuple(native_library.function(name, [ctypes.c_void_p] * 3) for name in ("gin_decode_attention_f32", "gin_decode_threshold_f32"))
+    return None if None in kernels else kernels
 
 
 def available() -> bool:
@@ -108,25 +106,6 @@ def threshold_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     scalars[0], scalars[1], scalars[2], scalars[3] = scaling, alpha, tau, threshold
     _check(native_library.run(THRESHOLD_LABEL, _kernels()[1], tensors, sizes, scalars))
     return out, adjacency
-
-
-def picks_sum(weights: torch.Tensor, index: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
-    """``n[g, r] = sum_m W[g, r, m] x[g, idx[g, r, m]]``: ``(M, R, F)`` from the picks ``W``/``idx (M, R, k)`` of
-    :func:`attention_with_graph` and features ``x (M, Lk, F)`` (graph_sum.c's forward, called without
-    :func:`gin_adapter.native_graph_sum.graph_sum`'s checks, which cost more than a decoded token's sum); ``None``
-    where it does not apply (either module switched off, other devices or dtypes, gradients, ``torch.compile`` tracing)."""
-    if (not ENABLED or not native_graph_sum.ENABLED or torch.compiler.is_compiling() or not native_graph_sum.available() or features.dtype != torch.float32
-            or features.device.type != "cpu" or (torch.is_grad_enabled() and features.requires_grad)):
-        return None
-    graphs, rows, picks = weights.shape
-    keys, width = features.shape[-2:]
-    features = features.contiguous()
-    out = features.new_empty(graphs, rows, width)
-    status = native_library.run(native_graph_sum.SUM_LABEL, native_graph_sum._kernels()[0], weights.data_ptr(), index.data_ptr(), features.data_ptr(),
-                                out.data_ptr(), graphs, rows, picks, keys, width, 1)
-    if status:
-        raise IndexError(f"gin_adapter's compiled neighbour sum got a key position outside [0, {keys}) or bad sizes (status {status}).")
-    return out
 
 
 def _arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> tuple:

@@ -84,6 +84,24 @@ def graph_sum(weights: torch.Tensor, index: torch.Tensor, features: torch.Tensor
     return out
 
 
+def small_graph_sum(weights: torch.Tensor, index: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
+    """:func:`graph_sum` for a decoded token, ``weights``/``index (M, R, k)`` contiguous (the compiled decode step's
+    picks, :mod:`gin_adapter.native_decode`) and features ``(M, Lk, F)``, on the calling thread and without
+    :func:`graph_sum`'s checks of every tensor, which cost more than the sum does at this size (the kernel still
+    checks the sizes and every key position); ``None`` where it does not apply (switched off, other devices or
+    dtypes, gradients, ``torch.compile`` tracing)."""
+    if (not ENABLED or torch.compiler.is_compiling() or not available() or features.dtype != torch.float32 or features.device.type != "cpu"
+            or (torch.is_grad_enabled() and features.requires_grad)):
+        return None
+    graphs, rows, picks = weights.shape
+    keys, width = features.shape[-2:]
+    features = features.contiguous()
+    out = features.new_empty(graphs, rows, width)
+    _check(native_library.run(SUM_LABEL, _kernels()[0], weights.data_ptr(), index.data_ptr(), features.data_ptr(), out.data_ptr(), graphs, rows,
+                              picks, keys, width, 1), "neighbour sum", keys)
+    return out
+
+
 def graph_sum_grad(grad: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, features: torch.Tensor, grad_features: torch.Tensor | None,
                    *, need_weights: bool) -> tuple[bool, torch.Tensor | None]:
     """Backward of :func:`graph_sum` from ``dN (..., Q, F)``: adds ``dX`` into ``grad_features`` (contiguous, the
@@ -95,8 +113,7 @@ def graph_sum_grad(grad: torch.Tensor, weights: torch.Tensor, index: torch.Tenso
     graphs, rows, k, keys, width = _shapes(weights, index, features)
     grad, weights, index, features = grad.contiguous(), weights.contiguous(), index.contiguous(), features.contiguous()
     grad_weights = weights.new_empty(weights.shape) if need_weights else None
-    with torch.profiler.record_function(GRAD_LABEL):
-        _check(_kernels()[1](grad.data_ptr(), weights.data_ptr(), index.data_ptr(), features.data_ptr(),
-                             None if grad_weights is None else grad_weights.data_ptr(), None if grad_features is None else grad_features.data_ptr(),
-                             graphs, rows, k, keys, width, torch.get_num_threads()), "neighbour sum backward", keys)
+    _check(native_library.run(GRAD_LABEL, _kernels()[1], grad.data_ptr(), weights.data_ptr(), index.data_ptr(), features.data_ptr(),
+                              None if grad_weights is None else grad_weights.data_ptr(), None if grad_features is None else grad_features.data_ptr(),
+                              graphs, rows, k, keys, width, torch.get_num_threads()), "neighbour sum backward", keys)
     return True, grad_weights

@@ -35,11 +35,16 @@ def library() -> ctypes.CDLL | None:
 
 
 def function(name: str, argtypes: list, restype=ctypes.c_int):
-    """The library's C function ``name`` with its argument types set, or ``None`` without the library."""
+    """The library's C function ``name`` with its argument types set, or ``None`` without the library or where the
+    library was built before that kernel existed (logged: reinstall to rebuild it)."""
     loaded = library()
     if loaded is None:
         return None
-    found = getattr(loaded, name)
+    found = getattr(loaded, name, None)
+    if found is None:
+        logger.warning("gin_adapter's compiled library predates its kernel %s; reinstall (pip install -e .) to build it. Using ATen's "
+                       "operators there.", name)
+        return None
     found.argtypes, found.restype = argtypes, restype
     return found
 
@@ -48,8 +53,9 @@ _PROFILER_ON = getattr(torch.autograd, "_profiler_enabled", None)
 
 
 def run(label: str, kernel, *args) -> int:
-    """``kernel(*args)``, timed under ``label`` while ``torch.profiler`` records (``record_function`` costs some
-    microseconds a call, as much as a decoded token's kernel: left out otherwise)."""
+    """``kernel(*args)``, timed under ``label`` while ``torch.profiler`` records (every kernel module calls through
+    this; ``record_function`` costs some microseconds a call, as much as a decoded token's kernel: left out when no
+    profiler records)."""
     if _PROFILER_ON is not None and not _PROFILER_ON():
         return kernel(*args)
     with torch.profiler.record_function(label):

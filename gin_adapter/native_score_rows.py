@@ -71,8 +71,8 @@ def hide_future_(scores: torch.Tensor, rows: int, q0: int, k0: int, value: float
     if scores.dim() < 2 or scores.dtype != torch.float32 or not applies(scores):
         return False
     R, n = scores.shape[-2:]
-    with torch.profiler.record_function(HIDE_LABEL):
-        _check(_kernels()[0](scores.data_ptr(), scores.numel() // max(R * n, 1), R, n, rows, q0, k0, value, torch.get_num_threads()), "causal mask")
+    _check(native_library.run(HIDE_LABEL, _kernels()[0], scores.data_ptr(), scores.numel() // max(R * n, 1), R, n, rows, q0, k0, value,
+                              torch.get_num_threads()), "causal mask")
     return True
 
 
@@ -88,8 +88,7 @@ def softmax_grad_(d_probs: torch.Tensor, probs: torch.Tensor, grad_rows: torch.T
         return False
     R, n = d_probs.shape[-2:]
     pointers = [t.data_ptr() for t in graph] if graph else [None, None, None]
-    with torch.profiler.record_function(GRAD_LABEL):
-        _check(_kernels()[1](d_probs.data_ptr(), probs.data_ptr(), d_probs.numel() // max(R * n, 1), R, n, rows, q0, grad_rows.data_ptr(),
-                             out5.data_ptr(), out5.shape[-2], out5.shape[-1], *pointers, k0, graph[0].shape[-1] if graph else 0,
-                             torch.get_num_threads()), "softmax backward")
+    _check(native_library.run(GRAD_LABEL, _kernels()[1], d_probs.data_ptr(), probs.data_ptr(), d_probs.numel() // max(R * n, 1), R, n, rows, q0,
+                              grad_rows.data_ptr(), out5.data_ptr(), out5.shape[-2], out5.shape[-1], *pointers, k0,
+                              graph[0].shape[-1] if graph else 0, torch.get_num_threads()), "softmax backward")
     return True

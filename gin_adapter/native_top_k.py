@@ -70,9 +70,8 @@ def row_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | No
     values = x.new_empty(rows.shape[0], k)
     index = torch.empty(rows.shape[0], k, dtype=torch.long)
     if rows.shape[0]:
-        with torch.profiler.record_function(PROFILER_LABEL):
-            status = kernel(rows.data_ptr(), rows.shape[0], n, rows.stride(0) if rows.shape[0] > 1 else n, k, values.data_ptr(), index.data_ptr(),
-                               torch.get_num_threads())
+        status = native_library.run(PROFILER_LABEL, kernel, rows.data_ptr(), rows.shape[0], n, rows.stride(0) if rows.shape[0] > 1 else n, k,
+                                    values.data_ptr(), index.data_ptr(), torch.get_num_threads())
         if status == 2:
             raise MemoryError(f"gin_adapter's top-k could not allocate its buffers for rows of {n} entries.")
         if status:

@@ -43,3 +43,19 @@ def test_compiled_kernels_are_built_where_a_c_compiler_is_present():
     missing = [module.__name__ for module in (native_top_k, native_graph_sum, native_score_rows, native_attention_graph, native_decode, native_block)
                if not module.available()]
     assert not missing, f"compiled library built without {missing}: reinstall (pip install -e .) and read the compiler's errors"
+
+
+def test_a_library_built_before_a_kernel_gives_none_for_it(monkeypatch, caplog):
+    """An installed library older than the source (no reinstall since a kernel was added): the missing function is
+    ``None`` with a warning saying to reinstall, and its callers take ATen's operators."""
+    import logging
+
+    from gin_adapter import native_library
+
+    class OldLibrary:
+        gin_row_topk_f32 = object()
+
+    monkeypatch.setattr(native_library, "library", lambda: OldLibrary())
+    with caplog.at_level(logging.WARNING, logger="gin_adapter.native_library"):
+        assert native_library.function("gin_block_forward_f32", []) is None
+    assert "reinstall" in caplog.text and "gin_block_forward_f32" in caplog.text

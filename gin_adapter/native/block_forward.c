@@ -35,16 +35,6 @@
 /* weights (multiply-adds a token row) from which a block's layers are split over the threads */
 #define PARALLEL_BLOCK_MIN 65536
 
-/* sum_i w[i] x[i] over n numbers: 16-float partial sums, then the rest one at a time */
-static inline __attribute__((always_inline)) float dot(const float *w, const float *x, int64_t n) {
-    vf acc = {0};
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) acc += load(w + i) * load(x + i);
-    float s = lane_sum(acc);
-    for (; i < n; ++i) s += w[i] * x[i];
-    return s;
-}
-
 static inline float activate(float v, int act, float slope) {
     switch (act) {
     case 1: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));

@@ -31,18 +31,10 @@
 #include "vectors.h"
 #include "weighted_rows.h"
 
-/* s[j] = scaling q . k_j for the `keys` rows of k (stride k_l): 16-float products, summed at the end of each row */
+/* s[j] = scaling q . k_j for the `keys` rows of k (stride k_l) */
 MULTIVERSION
 static void scores_row(const float *restrict q, const float *restrict k, int64_t k_l, int64_t keys, int64_t dim, float scaling, float *restrict s) {
-    int64_t body = dim - dim % LANES;
-    for (int64_t j = 0; j < keys; ++j) {
-        const float *kr = k + j * k_l;
-        vf acc = {0};
-        for (int64_t d = 0; d < body; d += LANES) acc += load(q + d) * load(kr + d);
-        float dot = lane_sum(acc);
-        for (int64_t d = body; d < dim; ++d) dot += q[d] * kr[d];
-        s[j] = scaling * dot;
-    }
+    for (int64_t j = 0; j < keys; ++j) s[j] = scaling * dot(q, k + j * k_l, dim);
 }
 
 /* out = sum_j w[j] v[at ? at[j] : j] over n rows of v (stride v_l), width dim_v: weighted_rows.h in this file's

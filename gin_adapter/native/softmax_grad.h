@@ -9,18 +9,7 @@
 
 #include <stdint.h>
 
-#include "vectors.h"
-
-/* sum_e a_e b_e, 16 lanes at a time */
-static inline __attribute__((always_inline)) float dot(const float *a, const float *b, int64_t length) {
-    vf partial = {0};
-    int64_t e = 0;
-    for (; e + LANES <= length; e += LANES) partial += load(a + e) * load(b + e);
-    float c = 0.0f;
-    for (int i = 0; i < LANES; ++i) c += partial[i];
-    for (; e < length; ++e) c += a[e] * b[e];
-    return c;
-}
+#include "vectors.h"  /* dot */
 
 static inline __attribute__((always_inline)) void softmax_grad_row(float *d, const float *p, int64_t n, const float *g, const float *o, int64_t dv,
                                                                    const float *kr, const float *wr, const int64_t *ir, int64_t k, int64_t k0) {
