@@ -49,8 +49,9 @@ static inline float activate(float v, int act, float slope) {
 MULTIVERSION
 static void dense(const float *restrict w, const float *restrict b, const float *restrict skip, const float *restrict x,
                   int64_t inputs, int64_t o0, int64_t o1, int act, float slope, float *restrict out) {
+    dot_rows(w + o0 * inputs, inputs, x, inputs, o1 - o0, 1.0f, out + o0);
     for (int64_t o = o0; o < o1; ++o) {
-        float v = dot(w + o * inputs, x, inputs);
+        float v = out[o];
         if (b) v += b[o];
         if (skip) v += skip[o];
         out[o] = activate(v, act, slope);

@@ -34,7 +34,7 @@
 /* s[j] = scaling q . k_j for the `keys` rows of k (stride k_l) */
 MULTIVERSION
 static void scores_row(const float *restrict q, const float *restrict k, int64_t k_l, int64_t keys, int64_t dim, float scaling, float *restrict s) {
-    for (int64_t j = 0; j < keys; ++j) s[j] = scaling * dot(q, k + j * k_l, dim);
+    dot_rows(k, k_l, q, dim, keys, scaling, s);
 }
 
 /* out = sum_j w[j] v[at ? at[j] : j] over n rows of v (stride v_l), width dim_v: weighted_rows.h in this file's
