@@ -6,8 +6,9 @@ SmolLM2 layer) through the caches, so each operator starts cold. This module tim
 whole-model decode calls: per layer and token, the attention module (``self_attn``: the GIN wrapper, LoRA's
 wrapped projections, or the base module), and for GIN its wrapped attention (``base_layer``, which builds the
 graph with the attention for one decoded token), the neighbour sum, the node features (projection and feature
-cache for hidden-state features) and the block; ``rest`` is the wrapper's own remainder (cache checks, the final
-addition, Python). Wall time (``time.perf_counter``) around each call, summed over ``calls`` decode calls; the
+cache for hidden-state features) and the block, or, where a decoded token's update with projected features is one
+compiled call, that call (``decode_update``: projection, feature cache, neighbour sum and block); ``rest`` is the
+wrapper's own remainder (cache checks, the final addition, Python). Wall time (``time.perf_counter``) around each call, summed over ``calls`` decode calls; the
 timers add about a microsecond per timed call.
 """
 
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from gin_adapter import layer as gin_layer_module
+from gin_adapter import native_block
 from gin_adapter.layer import GinAttentionLayer
 
 
@@ -52,10 +54,11 @@ def _timing(totals: dict[str, float], model: torch.nn.Module) -> Iterator[None]:
         wrap(module, "forward", "attention_module")
         if isinstance(module, GinAttentionLayer):
             wrap(module.base_layer, "forward", "base_attention")
-            wrap(module, "_node_features", "node_features")
+            wrap(module, "_projected_features", "node_features")
             for block in module.gin_blocks.values():
                 wrap(block, "forward", "block")
     wrap(gin_layer_module, "graph_neighbour_sum", "neighbour_sum")
+    wrap(native_block, "decode_update", "decode_update")
     try:
         yield
     finally:
@@ -75,6 +78,6 @@ def in_model_parts_us(model: torch.nn.Module, decode: Callable[[], None], *, cal
     layers = len(attention_modules(model))
     out = {key: seconds / calls / layers * 1e6 for key, seconds in totals.items() if seconds > 0}
     if "base_attention" in out:
-        inside = sum(out.get(key, 0.0) for key in ("base_attention", "node_features", "neighbour_sum", "block"))
+        inside = sum(out.get(key, 0.0) for key in ("base_attention", "node_features", "neighbour_sum", "block", "decode_update"))
         out["rest"] = out["attention_module"] - inside
     return out

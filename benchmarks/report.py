@@ -132,7 +132,7 @@ def _throughput_table(title: str, rows: list[dict], time_key: str, unit: str, sp
     return lines
 
 
-IN_MODEL_PARTS = ("attention_module", "base_attention", "node_features", "neighbour_sum", "block", "rest")
+IN_MODEL_PARTS = ("attention_module", "base_attention", "node_features", "neighbour_sum", "block", "decode_update", "rest")
 
 
 def _in_model_table(in_model: dict[str, dict[str, float]]) -> list[str]:

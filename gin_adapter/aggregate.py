@@ -143,3 +143,22 @@ def graph_neighbour_sum(graph: GraphInputs, features: torch.Tensor, rule: Adjace
     if rule.recompute and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(neighbour_sums, *args, use_reentrant=False, **options)
     return neighbour_sums(*args, **options)
+
+
+def decode_graph_rows(graph: GraphInputs, rule: AdjacencyRule) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
+    """One decoded token's graph as weighted rows of node features shared by the heads, for the compiled decode
+    update (:func:`gin_adapter.native_block.decode_update`): ``(w (B, Hn, m), at (B, Hn, m) or None, span)``, where
+    ``n_h = sum_m w[h, m] x[at[h, m]]`` over the keys' features (``at`` key positions), or ``sum_m w[h, m]
+    x[Lk - span + m]`` without ``at``. The per-head top-k graph kept as picks (``Hn = H``, ``m = k``, span ``Lk``),
+    the published rule's graph (``Hn = 1``: dense, ``m = Lk``; ``graph="reference"``: the new token's own entry, span
+    1); ``None`` for any other graph (a dense top-k graph, top-k with ``graph="reference"``)."""
+    joint = graph.joint
+    if isinstance(joint, DecodeGraph) and rule.per_head_top_k and rule.top_k == joint.top_k and rule.graph != "reference" and joint.adjacency is None:
+        batch, kv_heads, groups, picks = joint.weights.shape
+        return joint.weights.view(batch, kv_heads * groups, picks), joint.index.view(batch, kv_heads * groups, picks), graph.k_len
+    if isinstance(joint, ThresholdGraph) and (joint.rule is rule or (rule.fused_threshold and same_rule(rule, joint.rule))) and joint.form in ("dense", "diagonal"):
+        adjacency = joint.adjacency  # (B, 1) or (B, Lq = 1, Lk)
+        if joint.form == "diagonal":
+            return adjacency.view(adjacency.shape[0], 1, 1), None, 1
+        return adjacency, None, graph.k_len
+    return None

@@ -23,6 +23,10 @@ import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache, DynamicLayer, EncoderDecoderCache
 
 
+_OUT_OF_STEP = ("GIN feature cache out of step with the KV cache: {rows} feature rows for {keys} keys. The cache was filled before this "
+                "adapter was active (or by another model): generate again with a fresh cache.")
+
+
 class FeatureCacheMixin:
     """Adds ``gin_features: dict[adapter name, (B, N, F)]`` to a dynamic cache layer, kept in step with its keys
     (the overrides of the cache operations are in :func:`_feature_class`)."""
@@ -31,17 +35,18 @@ class FeatureCacheMixin:
     gin_features: dict[str, torch.Tensor]
 
     def gin_extend(self, name: str, new: torch.Tensor, k_len: int) -> torch.Tensor:
-        """Features of the ``k_len`` keys the attention just saw: the cached ones followed by ``new (B, Lq, F)``."""
+        """Features of the ``k_len`` keys the attention just saw: the cached ones followed by ``new (B, Lq, F)``.
+
+        Without gradient recording they are appended to a buffer with room to grow (:meth:`gin_reserve`: each token
+        costs its own rows, not a copy of every cached one); with it, ``torch.cat`` (autograd follows ``new``)."""
+        if not torch.is_grad_enabled():
+            return self.gin_reserve(name, new.shape[-2], k_len, new.shape[-1], new, fill=new)
         store = self.__dict__.setdefault("gin_features", {})
         old = store.get(name)
         # (every operator call counts: this runs once per wrapped layer and decoded token)
         full = new if old is None or old.shape[-2] == 0 else torch.cat([old if old.dtype == new.dtype else old.to(new.dtype), new], dim=-2)
         if full.shape[-2] < k_len:
-            raise RuntimeError(
-                f"GIN feature cache out of step with the KV cache: {full.shape[-2]} feature rows for {k_len} keys. "
-                "The cache was filled before this adapter was active (or by another model): generate again with a "
-                "fresh cache."
-            )
+            raise RuntimeError(_OUT_OF_STEP.format(rows=full.shape[-2], keys=k_len))
         if full.shape[-2] > k_len:
             full = full[..., full.shape[-2] - k_len :, :]
         kept = self.keys.shape[-2] if self.keys is not None and self.keys.dim() > 1 else 0
@@ -49,7 +54,41 @@ class FeatureCacheMixin:
         store[name] = stored.detach() if stored.requires_grad else stored
         return full
 
+    def gin_reserve(self, name: str, rows: int, k_len: int, width: int, like: torch.Tensor, *, fill: torch.Tensor | None = None) -> torch.Tensor:
+        """Features of the ``k_len`` keys the attention just saw ``(B, k_len, F)``, of which the last ``rows`` (the
+        new tokens') are ``fill`` when given, else left for the caller to write before anything reads them
+        (``rows <= k_len`` then); no gradient may be recorded.
+
+        The features (``width`` each) live in a buffer ``(B, capacity, F)`` with room for more rows (``like`` gives
+        batch, dtype and device): appending a token writes its row there (amortised: a new buffer of twice the rows when
+        it is full), where ``torch.cat`` would copy every cached row. The kept rows are a view of it; a cache
+        operation that replaces them (reorder, crop, batch selection) or a buffer from ``torch.inference_mode`` met
+        outside it starts a new buffer from them."""
+        store = self.__dict__.setdefault("gin_features", {})
+        buffers = self.__dict__.setdefault("gin_buffers", {})
+        old = store.get(name)
+        have = 0 if old is None else old.shape[-2]
+        total = have + rows
+        if total < k_len:
+            raise RuntimeError(_OUT_OF_STEP.format(rows=total, keys=k_len))
+        batch = like.shape[0]
+        buffer, start, kept_view = buffers.get(name, (None, 0, None))
+        if (buffer is None or kept_view is not old or start + total > buffer.shape[-2] or buffer.shape[0] != batch or buffer.shape[-1] != width
+                or buffer.dtype != like.dtype or buffer.device != like.device or (buffer.is_inference() and not torch.is_inference_mode_enabled())):
+            buffer, start = like.new_empty(batch, max(2 * total, 64), width), 0
+            if have:
+                buffer[:, :have].copy_(old)
+        every = buffer[:, start : start + total]
+        if fill is not None:
+            every[:, have:].copy_(fill)
+        kept = self.keys.shape[-2] if self.keys is not None and self.keys.dim() > 1 else 0
+        stored = every[:, total - kept :] if kept < total else every
+        store[name] = stored
+        buffers[name] = (buffer, start + total - stored.shape[-2], stored)
+        return every[:, total - k_len :] if k_len < total else every
+
     def _gin_apply(self, fn) -> None:
+        self.__dict__.pop("gin_buffers", None)  # the features are replaced: later tokens start a new buffer from them
         store = self.__dict__.get("gin_features")
         if store:
             for name, features in store.items():
@@ -100,6 +139,7 @@ def _feature_class(layer_class: type) -> type:
         def reset(self) -> None:
             super().reset()
             self.__dict__.pop("gin_features", None)
+            self.__dict__.pop("gin_buffers", None)
 
         def offload(self) -> None:
             super().offload()

@@ -30,9 +30,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from . import joint_threshold
+from . import joint_threshold, native_block
 from .adjacency import AdjacencyRule
-from .aggregate import GraphInputs, graph_neighbour_sum
+from .aggregate import GraphInputs, decode_graph_rows, graph_neighbour_sum
 from .attention import AggregationRequest, capture
 from .blocks import AttentionDims, make_block
 from .cache import check_supported, feature_cache_layer, find_cache
@@ -133,8 +133,23 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
 
     def _adapter_update(self, name: str, graph: GraphInputs, hidden_states, attn_output, cache_layer, *, add_to: torch.Tensor | None = None
                         ) -> torch.Tensor:
-        """Adapter ``name``'s ``delta (B, Lq, d)``, or ``add_to + delta`` when given: node features, neighbour sum, block."""
-        x_self, features = self._node_features(name, graph, hidden_states, attn_output, cache_layer)
+        """Adapter ``name``'s ``delta (B, Lq, d)``, or ``add_to + delta`` when given: node features, neighbour sum, block.
+
+        A decoded token with projected node features takes one compiled call for all three where it can
+        (:func:`gin_adapter.native_block.decode_update`)."""
+        mode = self.gin_node_features[name]
+        if mode == "values":  # the queries are the last Lq keys (a dynamic cache appends)
+            x_self, features = graph.value[..., graph.k_len - graph.q_len :, :], graph.value
+        else:
+            u0, u1 = self._feature_source(mode, hidden_states, attn_output)
+            if cache_layer is not None and graph.q_len == 1 and not torch.is_grad_enabled():
+                rows = decode_graph_rows(graph, self.gin_rules[name])
+                if rows is not None:
+                    fused = native_block.decode_update(self.gin_blocks[name], u0, u1, rows,
+                                                       lambda width: cache_layer.gin_reserve(name, 1, graph.k_len, width, u0), add_to=add_to)
+                    if fused is not None:
+                        return fused
+            x_self, features = self._projected_features(name, graph, u0 if u1 is None else u0 + u1, cache_layer)
         neighbours = graph_neighbour_sum(graph, features, self.gin_rules[name])
         return self.gin_blocks[name](x_self, neighbours, add_to)
 
@@ -166,15 +181,17 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
             self._joint_rule[key] = first if top_k or threshold else None
         return self._joint_rule[key]
 
-    def _node_features(self, name: str, graph: GraphInputs, hidden_states, attn_output, cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x_self (B, Hs, Lq, F), features of every key (B, Hkv or 1, Lk, F))`` for adapter ``name``."""
-        mode = self.gin_node_features[name]
-        if mode == "values":  # the queries are the last Lq keys (a dynamic cache appends)
-            return graph.value[..., graph.k_len - graph.q_len :, :], graph.value
+    def _feature_source(self, mode: str, hidden_states: torch.Tensor, attn_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``u = u0 (+ u1)``, what ``"hidden"`` or ``"input"`` features are projected from: ``(h, attn_out)`` with ``h``
+        the decoder layer's input (``u = h + attn_out``), or ``(hidden_states, None)``, what the attention module
+        received; each ``(B, Lq, d)``."""
         if mode == "hidden":
-            u = self._layer_input_watcher.layer_input(type(self.base_layer).__name__) + attn_output  # (B, Lq, d)
-        else:
-            u = hidden_states  # (B, Lq, d): what the attention module received
+            return self._layer_input_watcher.layer_input(type(self.base_layer).__name__), attn_output
+        return hidden_states, None
+
+    def _projected_features(self, name: str, graph: GraphInputs, u: torch.Tensor, cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_self (B, 1, Lq, F), features of every key (B, 1, Lk, F))``: ``W_in u`` for the new tokens, the earlier
+        ones' from the KV cache's layer."""
         new = self.gin_blocks[name].project(u)  # (B, Lq, F)
         if cache_layer is not None:
             every = cache_layer.gin_extend(name, new, graph.k_len)

@@ -23,6 +23,7 @@ import ctypes
 import functools
 import threading
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -44,10 +45,20 @@ _TENSORS, _SIZES = 14, 16  # the C function's three arrays (block_forward.c)
 X, N, ADD_TO, OUT = range(4)
 
 
+UPDATE_LABEL = "gin_adapter::decode_update"
+"""What ``torch.profiler`` calls :func:`decode_update`'s kernel."""
+
+
 @functools.cache
 def _kernel():
     """The C function, or ``None`` without the library (or a library built before this kernel)."""
     return native_library.function("gin_block_forward_f32", [ctypes.c_void_p] * 3)
+
+
+@functools.cache
+def _update_kernel():
+    """:func:`decode_update`'s C function, or ``None`` without it."""
+    return native_library.function("gin_decode_update_f32", [ctypes.c_void_p] * 3)
 
 
 def available() -> bool:
@@ -76,46 +87,57 @@ _GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, name, {}) for name in ("_
 def _hooked(modules: tuple) -> bool:
     """Whether calling ``modules`` would run something the kernel skips: a forward hook or pre-hook (global or on
     one of them, ``torch.nn.utils.prune``'s mask included) or a parametrization (a weight computed on access)."""
-    return any(_GLOBAL_HOOKS) or any(m._forward_hooks or m._forward_pre_hooks or "parametrizations" in m._modules for m in modules)
+    if _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
+        return True
+    for m in modules:  # (a loop: this runs per layer and decoded token, and a generator costs more)
+        if m._forward_hooks or m._forward_pre_hooks or "parametrizations" in m._modules:
+            return True
+    return False
+
+
+_data_ptr, _stride = torch.Tensor.data_ptr, torch.Tensor.stride
 
 
 def _state(block: nn.Module) -> tuple | None:
     """``(layers, tensors the kernel reads, key)`` for the block as it is now, or ``None`` where the kernel cannot
-    stand in for its modules (dropout active, hooks, parametrizations, two activations that differ). ``key`` names
-    every tensor read by object, address and strides: a parameter replaced (``setattr``, ``load_state_dict(assign=
-    True)``, ``torch.func.functional_call``), moved (``.to()``) or re-strided (a new ``.data``) changes it."""
+    stand in for its modules (dropout active, hooks, parametrizations). ``key`` names every tensor read by object,
+    address and strides (a parameter replaced by ``setattr``, ``load_state_dict(assign=True)`` or
+    ``torch.func.functional_call``, moved by ``.to()`` or re-strided by a new ``.data`` changes it), and the
+    activation modules (:class:`_Plan` checks them once)."""
     layers = block.decode_layers()
     if layers is None:
         return None
     lin1, lin2, out_proj, acts, skip = layers
-    if _hooked((lin1, lin2, out_proj, block._modules["norm"], *acts)):
-        return None
-    codes = {activation_code(act) for act in acts}
-    if len(codes) != 1 or None in codes or (isinstance(acts[0], nn.PReLU) and any(act is not acts[0] for act in acts)):
+    norm = block._modules["norm"]
+    if _hooked((lin1, lin2, out_proj, norm, *acts)):
         return None
     # straight from the parameter dictionaries (no parametrization here: _hooked): each Module.__getattr__ costs ~0.5 us
     own, first, second, out = block._parameters, lin1._parameters, lin2._parameters, out_proj._parameters
     slope = acts[0]._parameters["weight"] if isinstance(acts[0], nn.PReLU) else None
     used = (own["eps"], first["weight"], first.get("bias"), second["weight"], second.get("bias"), slope, out["weight"], out.get("bias"),
-            block._modules["norm"]._parameters["weight"], own["scale"])
-    key = (block.training, *(None if t is None else (id(t), t.data_ptr(), t.stride()) for t in used))
+            norm._parameters["weight"], own["scale"])
+    present = [t for t in used if t is not None]
+    key = (block.training, *map(id, acts), acts[0].__dict__.get("approximate"), *map(id, used), *map(_data_ptr, present), *map(_stride, present))
     return layers, used, key
 
 
 class _Plan:
     """One block's arguments for the kernel: its parameters' storage, sizes and constants, worked out once and kept
     while its :func:`_state` key holds; a call rewrites only its own inputs' slots. ``tensors`` is ``None`` where the
-    kernel cannot run this block (a parameter not float32, contiguous and on the CPU, an activation it lacks)."""
+    kernel cannot run this block (a parameter not float32, contiguous and on the CPU, an activation it lacks, two
+    activations that differ)."""
 
-    __slots__ = ("key", "used", "tensors", "sizes", "scalars", "heads", "width", "model_dim", "lock")
+    __slots__ = ("key", "used", "tensors", "sizes", "scalars", "heads", "width", "model_dim", "lock", "update_tensors", "update_sizes")
 
     def __init__(self, block: nn.Module, layers: tuple, used: tuple, key: tuple) -> None:
         self.key, self.used, self.tensors = key, used, None  # `used` keeps the tensors alive: ids in the key stay theirs
+        self.update_tensors = self.update_sizes = None  # decode_update's arrays, made on its first call
         self.lock = threading.Lock()  # the arrays are rewritten per call: one call at a time (ctypes releases the GIL)
         self.heads, self.width = block.heads_in, block.width_in
         lin1, lin2, out_proj, acts, skip = layers
-        code = activation_code(acts[0])
-        if (block.norm.eps_t.dtype != torch.float32 or lin1.weight.shape[1] != self.heads * self.width
+        codes = {activation_code(act) for act in acts}  # one code for both, and one shared PReLU slope
+        code = codes.pop() if len(codes) == 1 and not (isinstance(acts[0], nn.PReLU) and any(act is not acts[0] for act in acts)) else None
+        if (code is None or block.norm.eps_t.dtype != torch.float32 or lin1.weight.shape[1] != self.heads * self.width
                 or not all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()) for t in used)):
             return
         self.model_dim = out_proj.weight.shape[0]
@@ -134,6 +156,9 @@ def _plan(block: nn.Module) -> _Plan | None:
     if plan is None or plan.key != key:
         plan = _PLANS[block] = _Plan(block, layers, used, key)
     return plan
+
+
+_CPU = torch.device("cpu")
 
 
 def _usable(t: torch.Tensor) -> bool:
@@ -174,5 +199,64 @@ def block_forward(block: nn.Module, x_self: torch.Tensor, neighbours: torch.Tens
         status = native_library.run(LABEL, _kernel(), tensors, sizes, plan.scalars)
     if status:
         raise RuntimeError(f"gin_adapter's compiled block forward refused its arguments (status {status}); set GIN_ADAPTER_NATIVE=0 "
+                           "to use the modules and report this.")
+    return out
+
+
+_UPDATE_TENSORS, _UPDATE_SIZES = _TENSORS + 7, _SIZES + 8  # gin_decode_update_f32's arrays: the block's, then its own
+
+
+def decode_update(block: nn.Module, u0: torch.Tensor, u1: torch.Tensor | None, graph: tuple[torch.Tensor, torch.Tensor | None, int],
+                  reserve: Callable[[int], torch.Tensor], *, add_to: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A decoded token's whole update with projected node features in one compiled call, or ``None`` where it does not
+    apply (then nothing was reserved). For each batch row, ``block_forward.c``'s ``gin_decode_update_f32``:
+
+        u = u0 + u1 (u0 alone without u1)               (B, 1, d_in)   h + attn_out ("hidden") or the attention's input
+        x = W_in u + b_in                              (B, 1, F)      written to the feature cache's new row
+        n_h = sum_m w[h, m] X[at[h, m] or m]           (B, Hn, F)     over the graph's last ``span`` feature rows
+        out = block(x, n) [+ add_to]                   (B, 1, d)      as :func:`block_forward`
+
+    ``graph = (w (B, Hn, m) float32, at (B, Hn, m) int64 key positions (w's strides) or None, span)`` with ``Hn`` 1 (one graph for
+    every head) or the block's heads; ``reserve(F)`` returns the features of every key ``(B, Lk, F)`` from the
+    feature cache (:meth:`gin_adapter.cache.FeatureCacheMixin.gin_reserve`), the last row (the new token's) to be
+    written by this call. No gradient may be recorded (the caller checks ``torch.is_grad_enabled()``)."""
+    in_proj = block._modules.get("in_proj")
+    if not ENABLED or in_proj is None or torch.compiler.is_compiling() or _update_kernel() is None or torch.is_autocast_enabled("cpu"):
+        return None
+    weights, index, span = graph
+    batch, graph_heads, entries = weights.shape
+    w_in, b_in = in_proj._parameters["weight"], in_proj._parameters.get("bias")
+    f32, cpu = torch.float32, _CPU
+    if (batch > MAX_ROWS or u0.shape[:2] != (batch, 1) or u0.dtype != f32 or u0.device != cpu or u0.stride(-1) != 1 or w_in.shape[1] != u0.shape[-1]
+            or weights.dtype != f32 or weights.device != cpu or (weights.stride(-1) != 1 and entries > 1)
+            or (u1 is not None and (u1.shape != u0.shape or u1.dtype != f32 or u1.device != cpu or u1.stride(-1) != 1))
+            or (index is not None and (index.dtype != torch.int64 or index.shape != weights.shape or index.stride() != weights.stride()))
+            or w_in.dtype != f32 or w_in.device != cpu or not w_in.is_contiguous() or (b_in is not None and (b_in.dtype != f32 or b_in.device != cpu))
+            or _hooked((in_proj,))):
+        return None
+    plan = _plan(block)
+    if (plan is None or plan.tensors is None or graph_heads not in (1, plan.heads) or w_in.shape[0] != plan.width or (index is None and entries != span)
+            or (add_to is not None and (add_to.shape != (batch, 1, plan.model_dim) or add_to.dtype != f32 or add_to.device != cpu))):
+        return None
+    features = reserve(plan.width)  # (B, Lk, F), its last row written below
+    k_len, (f_b, f_l, f_f) = features.shape[-2], features.stride()
+    if span > k_len or features.shape[0] != batch or features.shape[-1] != plan.width or f_f != 1 or features.dtype != f32 or features.device != cpu:
+        raise RuntimeError(f"decode_update: the feature cache returned {tuple(features.shape)} for a graph over {span} rows of {batch} sequences.")
+    add_to = None if add_to is None else add_to.contiguous()
+    out = u0.new_empty(batch, 1, plan.model_dim)
+    first = features.data_ptr()
+    with plan.lock:
+        if plan.update_tensors is None:
+            plan.update_tensors = (ctypes.c_void_p * _UPDATE_TENSORS)(*plan.tensors)
+            plan.update_sizes = (ctypes.c_int64 * _UPDATE_SIZES)(*plan.sizes)
+        tensors, sizes = plan.update_tensors, plan.update_sizes
+        tensors[X], tensors[ADD_TO], tensors[OUT] = first + 4 * (k_len - 1) * f_l, None if add_to is None else add_to.data_ptr(), out.data_ptr()
+        tensors[14:21] = (u0.data_ptr(), None if u1 is None else u1.data_ptr(), w_in.data_ptr(), None if b_in is None else b_in.data_ptr(),
+                          first + 4 * (k_len - span) * f_l, weights.data_ptr(), None if index is None else index.data_ptr())
+        sizes[0], sizes[6], sizes[7], sizes[8], sizes[15] = f_b, batch, 1, 1, torch.get_num_threads()
+        sizes[16:24] = (u0.stride(0), 0 if u1 is None else u1.stride(0), f_b, f_l, weights.stride(0), weights.stride(1) if graph_heads > 1 else 0, entries, u0.shape[-1])
+        status = native_library.run(UPDATE_LABEL, _update_kernel(), tensors, sizes, plan.scalars)
+    if status:
+        raise RuntimeError(f"gin_adapter's compiled decode update refused its arguments (status {status}); set GIN_ADAPTER_NATIVE=0 "
                            "to use the modules and report this.")
     return out

@@ -111,11 +111,9 @@ def threshold_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 def _arguments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> tuple:
     """This thread's argument arrays with the inputs' addresses, strides and sizes and the output's address set."""
     tensors, sizes, scalars = _arrays()
-    tensors[0], tensors[1], tensors[2], tensors[3] = query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr()
-    sizes[0], sizes[1] = query.stride(0), query.stride(1)
-    sizes[2], sizes[3], sizes[4] = key.stride()[:3]
-    sizes[5], sizes[6], sizes[7] = value.stride()[:3]
-    sizes[8], sizes[9], sizes[10], sizes[11], sizes[12], sizes[13] = query.shape[0], query.shape[1], key.shape[1], key.shape[2], query.shape[-1], value.shape[-1]
+    tensors[0:4] = query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr()  # (slices: one ctypes call each)
+    (batch, heads, _, dim), (_, kv_heads, keys, _), (k_b, k_h, k_l, _), (v_b, v_h, v_l, _) = query.shape, key.shape, key.stride(), value.stride()
+    sizes[0:14] = query.stride(0), query.stride(1), k_b, k_h, k_l, v_b, v_h, v_l, batch, heads, kv_heads, keys, dim, value.shape[-1]
     sizes[15] = torch.get_num_threads()
     return tensors, sizes, scalars
 

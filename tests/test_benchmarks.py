@@ -144,7 +144,7 @@ def test_decode_suite_counts_operators_and_times_the_parts():
     inside = result["in_model"]
     assert set(inside) == {"base", "lora", "gin"} and set(inside["base"]) == set(inside["lora"]) == {"attention_module"}
     gin = inside["gin"]
-    assert set(gin) == {"attention_module", "base_attention", "node_features", "neighbour_sum", "block", "rest"}
+    assert set(gin) == {"attention_module", "base_attention", "neighbour_sum", "block", "rest"}  # value features: no projection
     assert all(gin[key] > 0 for key in ("base_attention", "neighbour_sum", "block", "rest"))
     assert gin["base_attention"] + gin["neighbour_sum"] + gin["block"] < gin["attention_module"]
     assert "Inside the model" in markdown_tables({"decode": result}) and "One decoded token" in markdown_tables({"decode": result})
@@ -159,11 +159,11 @@ def test_in_model_timers_are_removed_afterwards():
     base = tiny_model("llama")
     base.requires_grad_(False)
     model = build_gin(base, "gin_hidden").eval()
-    original_sum = gin_layer_module.graph_neighbour_sum
+    original_sum, original_update = gin_layer_module.graph_neighbour_sum, native_block.decode_update
     parts = in_model_parts_us(model, _decode_call(model, _ids(1, 8), _ids(1, 1)), calls=2, warmup=1)
-    assert parts["node_features"] > 0 and parts["rest"] > 0
-    assert gin_layer_module.graph_neighbour_sum is original_sum
-    assert not any({"forward", "_node_features"} & set(vars(m)) for m in model.modules())
+    assert parts["decode_update"] > 0 and "node_features" not in parts and parts["rest"] > 0  # each decoded token's update: one call
+    assert gin_layer_module.graph_neighbour_sum is original_sum and native_block.decode_update is original_update
+    assert not any({"forward", "_projected_features"} & set(vars(m)) for m in model.modules())
 
 
 def test_decode_variants_before_the_joint_decode_step_and_the_gelu_change():

@@ -109,34 +109,43 @@ def test_modules_run_where_the_kernel_does_not_apply(case, monkeypatch):
         assert native_block.block_forward(plain, *_inputs(plain, self_heads=3)) is not None
 
 
-def test_compiled_forward_is_taken_for_every_layer_of_a_decoded_token_and_generates_the_same(monkeypatch):
-    """Greedy decoding with the published preset and with the default: the same tokens and logits (to float32
-    rounding) with the compiled block as with the modules, and the kernel ran once per layer and decoded token."""
-    original = native_block.block_forward
-    for config in (GinConfig(top_k=4), GinConfig.published()):
-        model = get_gin_model(tiny_model("llama"), config)
-        perturb_adapter(model)
-        model.eval()
-        prompt = torch.randint(0, 100, (1, native_block.MAX_ROWS + 8), generator=torch.Generator().manual_seed(0))  # prefill: modules
-        runs, counted = {}, []
+@pytest.mark.parametrize("config", [GinConfig(top_k=4), GinConfig.published(), GinConfig.published(graph="gin"), GinConfig(node_features="hidden", top_k=4),
+                                    GinConfig(node_features="input", head_reduction="sum", sparsify="threshold")],
+                         ids=["default", "published", "published-gin", "hidden-top-k", "input-threshold"])
+def test_compiled_forward_is_taken_for_every_layer_of_a_decoded_token_and_generates_the_same(monkeypatch, config):
+    """Greedy decoding, batch of two: the same tokens and logits (to float32 rounding) with the compiled kernels as
+    with the modules, and one compiled call per layer and decoded token: the block forward for value features, the
+    whole update (projection, feature cache, neighbour sum, block) for projected ones."""
+    counted = {"block_forward": [], "decode_update": []}
+    for kernel, calls in counted.items():
+        original = getattr(native_block, kernel)
 
-        def counting(*args, **kwargs):
-            out = original(*args, **kwargs)
-            counted.append(out is not None)
+        def counting(*args, _original=original, _calls=calls, **kwargs):
+            out = _original(*args, **kwargs)
+            _calls.append(out is not None)
             return out
 
-        monkeypatch.setattr(native_block, "block_forward", counting)
-        for enabled in (True, False):
-            monkeypatch.setattr(native_block, "ENABLED", enabled)
-            counted.clear()
-            runs[enabled] = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5,
-                                           do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-            if enabled:
-                layers = model.config.num_hidden_layers
-                assert counted == [False] * layers + [True] * 4 * layers  # the prompt's pass, then every decoded token
-        assert torch.equal(runs[True].sequences, runs[False].sequences)
-        for with_kernel, without in zip(runs[True].logits, runs[False].logits):
-            torch.testing.assert_close(with_kernel, without, rtol=1e-4, atol=1e-4)
+        monkeypatch.setattr(native_block, kernel, counting)
+    model = get_gin_model(tiny_model("llama"), config)
+    perturb_adapter(model)
+    model.eval()
+    prompt = torch.randint(0, 100, (2, native_block.MAX_ROWS + 8), generator=torch.Generator().manual_seed(0))  # prefill: modules
+    runs = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(native_block, "ENABLED", enabled)
+        for calls in counted.values():
+            calls.clear()
+        runs[enabled] = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5,
+                                       do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        if enabled:
+            layers = model.config.num_hidden_layers
+            if config.node_features == "values":  # the prompt's pass (too many rows for the kernel), then every decoded token
+                assert counted["block_forward"] == [False] * layers + [True] * 4 * layers and counted["decode_update"] == []
+            else:  # the prompt's pass through the modules, every decoded token's whole update in one call
+                assert counted["block_forward"] == [False] * layers and counted["decode_update"] == [True] * 4 * layers
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for with_kernel, without in zip(runs[True].logits, runs[False].logits):
+        torch.testing.assert_close(with_kernel, without, rtol=1e-4, atol=1e-4)
 
 
 def test_recorded_in_results(monkeypatch):
@@ -265,3 +274,109 @@ def test_a_block_that_ran_the_kernel_copies_and_pickles():
     torch.save(block, buffer)
     with torch.no_grad():
         torch.testing.assert_close(native_block.block_forward(twin, x_self, neighbours), first, rtol=0, atol=0)
+
+
+def _update_inputs(block: nn.Module, form: str, *, batch: int = 2, keys: int = 7, with_u1: bool = True, seed: int = 2):
+    """Inputs of :func:`native_block.decode_update` for graph ``form`` ("picks": per-head top-3 positions, "dense":
+    one weight per key shared by the heads, "diagonal": the new token's own weight), and a feature cache of
+    ``keys - 1`` earlier rows (strided: a buffer with spare rows) whose last row the call writes."""
+    generator = torch.Generator().manual_seed(seed)
+    d_in, width = block.in_proj.weight.shape[1], block.width_in
+    u0 = torch.randn(batch, 1, d_in, generator=generator)
+    u1 = torch.randn(batch, 1, d_in, generator=generator) if with_u1 else None
+    buffer = torch.randn(batch, keys + 3, width, generator=generator)
+    features = buffer[:, :keys]
+    if form == "picks":
+        index = torch.stack([torch.randperm(keys, generator=generator)[:3] for _ in range(batch * block.heads_in)]).view(batch, block.heads_in, 3)
+        graph = (torch.rand(batch, block.heads_in, 3, generator=generator), index, keys)
+    elif form == "dense":
+        graph = (torch.rand(batch, 1, keys, generator=generator), None, keys)
+    else:
+        graph = (torch.rand(batch, keys, generator=generator)[:, -1:].reshape(batch, 1, 1), None, 1)  # a strided view, as decoding gives
+    return u0, u1, graph, features
+
+
+def _update_reference(block: nn.Module, u0, u1, graph, features, add_to):
+    """``(new feature row, add_to + delta)`` by the modules, float64 sums."""
+    weights, index, span = graph
+    x = block.project(u0 if u1 is None else u0 + u1)  # (B, 1, F)
+    rows = torch.cat([features[:, :-1], x], dim=1)[:, features.shape[1] - span :]  # (B, span, F)
+    if index is None:
+        n = torch.einsum("bhm,bmf->bhf", weights.double(), rows.double())
+    else:
+        n = torch.stack([torch.stack([(weights[b, h, :, None].double() * rows[b, index[b, h]].double()).sum(0) for h in range(weights.shape[1])])
+                         for b in range(weights.shape[0])])
+    delta = block.delta(x.unsqueeze(1), n.float().unsqueeze(2))  # (B, Hn, 1, F)
+    return x, delta if add_to is None else add_to + delta
+
+
+UPDATE_CASES = [
+    ("published, dense graph", GinConfig.published(graph="gin"), "dense", True),
+    ("published, its own entry", GinConfig.published(), "diagonal", True),
+    ("hidden, per-head picks", GinConfig(node_features="hidden", top_k=3), "picks", True),
+    ("input, one graph, no add_to", GinConfig(node_features="input", head_reduction="sum", sparsify="threshold"), "dense", False),
+]
+
+
+@pytest.mark.parametrize("name, config, form, with_u1", UPDATE_CASES, ids=[case[0] for case in UPDATE_CASES])
+def test_decode_update_equals_the_modules(name, config, form, with_u1):
+    """One call: the new feature row written into the cache's buffer, the neighbour sum over the graph's rows (the
+    new one among them), the block and the addition, as the modules compute them."""
+    block = _block(config)
+    u0, u1, graph, features = _update_inputs(block, form, with_u1=with_u1)
+    add_to = torch.randn(2, 1, DIMS.model_dim) if with_u1 else None
+    reserved = []
+    with torch.no_grad():
+        x, expected = _update_reference(block, u0, u1, graph, features, add_to)
+        got = native_block.decode_update(block, u0, u1, graph, lambda width: reserved.append(width) or features, add_to=add_to)
+    assert reserved == [block.width_in]
+    torch.testing.assert_close(features[:, -1:], x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_update_same_bits_on_any_thread_count():
+    """The published preset at SmolLM2's sizes (its projection and layers split over threads): the same bits on 1,
+    2 and 3 threads, feature row and output."""
+    block = _block(GinConfig.published(graph="gin"), dims=AttentionDims(heads=9, head_dim=64, model_dim=576))
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            u0, u1, graph, features = _update_inputs(block, "dense", batch=3, keys=40)
+            with torch.no_grad():
+                results.append((native_block.decode_update(block, u0, u1, graph, lambda width: features), features[:, -1].clone()))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(results[0][0], out) and torch.equal(results[0][1], row) for out, row in results[1:])
+    with torch.no_grad():
+        x, expected = _update_reference(block, u0, u1, graph, features, None)
+    torch.testing.assert_close(results[0][0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_update_steps_aside_before_reserving_anything(monkeypatch):
+    """Where the kernel cannot run the call, ``None`` comes back and the feature cache was not touched: switched off,
+    too many sequences, key positions of another dtype, a hook on the projection, autocast, a compact block over
+    value features (no projection)."""
+    block = _block(GinConfig.published(graph="gin"))
+    u0, u1, graph, features = _update_inputs(block, "dense")
+
+    def refused(target=block, u0=u0, graph=graph) -> bool:
+        with torch.no_grad():
+            return native_block.decode_update(target, u0, u1 if u0.shape == u1.shape else None, graph, lambda width: pytest.fail("reserved")) is None
+
+    with torch.no_grad():  # as given, it applies
+        assert native_block.decode_update(block, u0, u1, graph, lambda width: features) is not None
+    monkeypatch.setattr(native_block, "ENABLED", False)
+    assert refused()
+    monkeypatch.setattr(native_block, "ENABLED", True)
+    many = native_block.MAX_ROWS + 1
+    assert refused(u0=torch.randn(many, 1, DIMS.model_dim), graph=(torch.rand(many, 1, 7), None, 7))
+    picks_block = _block(GinConfig(node_features="hidden", top_k=3))
+    _, _, (weights, index, span), _ = _update_inputs(picks_block, "picks")
+    assert refused(picks_block, graph=(weights, index.int(), span))
+    handle = block.in_proj.register_forward_pre_hook(lambda module, args: None)
+    assert refused()
+    handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert refused()
+    assert refused(_block(GinConfig()))

@@ -256,25 +256,73 @@ def test_save_load_round_trip(mode, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-def test_feature_cache_returns_the_features_of_exactly_the_keys_seen_and_keeps_the_cached_ones():
+@pytest.mark.parametrize("grad", [True, False], ids=["cat", "buffer"])
+def test_feature_cache_returns_the_features_of_exactly_the_keys_seen_and_keeps_the_cached_ones(grad):
     """``gin_extend`` returns the features of the last ``k_len`` keys (older rows dropped), keeps as many rows as
-    the KV cache keeps keys, and refuses a cache with fewer feature rows than keys."""
+    the KV cache keeps keys, and refuses a cache with fewer feature rows than keys; with gradient recording by
+    ``torch.cat``, without it in a buffer with room to grow."""
+    from transformers import DynamicCache
+
+    from gin_adapter.cache import feature_cache_layer
+
+    with torch.set_grad_enabled(grad):
+        cache = DynamicCache()
+        cache.update(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), 0)
+        layer = feature_cache_layer(cache, 0, "Attention")
+        layer.keys, layer.values = layer.keys[..., 1:, :], layer.values[..., 1:, :]  # as a sliding window: 4 seen, 3 kept
+        rows = torch.arange(6.0).view(1, 6, 1)
+        full = layer.gin_extend("a", rows[:, :5], k_len=4)  # 5 rows for 4 keys: the oldest is not one of them
+        assert full.squeeze().tolist() == [1.0, 2.0, 3.0, 4.0]
+        assert layer.gin_features["a"].squeeze().tolist() == [2.0, 3.0, 4.0]  # as many rows as keys kept
+        cache.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 0)  # one decoded token: 4 keys
+        assert layer.gin_extend("a", rows[:, 5:], k_len=4).squeeze().tolist() == [2.0, 3.0, 4.0, 5.0]
+        with pytest.raises(RuntimeError, match="out of step with the KV cache: 5 feature rows for 7 keys"):
+            layer.gin_extend("a", rows[:, 5:], k_len=7)
+    assert ("gin_buffers" in vars(layer)) is not grad
+
+
+def test_feature_cache_appends_in_place_and_starts_a_new_buffer_when_the_rows_are_replaced():
+    """Without gradient recording each token's row is written into the buffer (no copy of the cached rows: the
+    buffer stays the same until it is full), views returned earlier keep their values, and a cache operation that
+    replaces the rows (beam reordering, cropping) or a buffer from inference mode used outside it starts a new
+    buffer holding the right rows."""
     from transformers import DynamicCache
 
     from gin_adapter.cache import feature_cache_layer
 
     cache = DynamicCache()
-    cache.update(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), 0)
-    layer = feature_cache_layer(cache, 0, "Attention")
-    layer.keys, layer.values = layer.keys[..., 1:, :], layer.values[..., 1:, :]  # as a sliding window: 4 seen, 3 kept
-    rows = torch.arange(6.0).view(1, 6, 1)
-    full = layer.gin_extend("a", rows[:, :5], k_len=4)  # 5 rows for 4 keys: the oldest is not one of them
-    assert full.squeeze().tolist() == [1.0, 2.0, 3.0, 4.0]
-    assert layer.gin_features["a"].squeeze().tolist() == [2.0, 3.0, 4.0]  # as many rows as keys kept
-    cache.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), 0)  # one decoded token: 4 keys
-    assert layer.gin_extend("a", rows[:, 5:], k_len=4).squeeze().tolist() == [2.0, 3.0, 4.0, 5.0]
-    with pytest.raises(RuntimeError, match="out of step with the KV cache: 5 feature rows for 7 keys"):
-        layer.gin_extend("a", rows[:, 5:], k_len=7)
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(2, 40, 3, generator=generator)
+    with torch.inference_mode():
+        cache.update(torch.zeros(2, 1, 4, 2), torch.zeros(2, 1, 4, 2), 0)
+        layer = feature_cache_layer(cache, 0, "Attention")
+        first = layer.gin_extend("a", rows[:, :4], k_len=4)
+        buffer = layer.gin_buffers["a"][0]
+        for t in range(4, 30):
+            cache.update(torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 1, 2), 0)
+            full = layer.gin_extend("a", rows[:, t : t + 1], k_len=t + 1)
+            assert torch.equal(full, rows[:, : t + 1]) and torch.equal(layer.gin_features["a"], rows[:, : t + 1])
+        assert layer.gin_buffers["a"][0] is buffer and full.data_ptr() == first.data_ptr() == buffer.data_ptr()
+        assert torch.equal(first, rows[:, :4])
+        cache.reorder_cache(torch.tensor([1, 0]))
+        cache.update(torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 1, 2), 0)
+        full = layer.gin_extend("a", rows[:, 30:31], k_len=31)
+        assert torch.equal(full, torch.cat([rows[[1, 0], :30], rows[:, 30:31]], dim=1)) and layer.gin_buffers["a"][0] is not buffer
+        cache.crop(-3)
+        cache.update(torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 1, 2), 0)
+        expected = torch.cat([rows[[1, 0], :28], rows[:, 31:32]], dim=1)
+        assert torch.equal(layer.gin_extend("a", rows[:, 31:32], k_len=29), expected)
+    buffer = layer.gin_buffers["a"][0]
+    with torch.no_grad():  # an inference tensor cannot be written outside inference mode: a new (ordinary) buffer
+        cache.update(torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 1, 2), 0)
+        full = layer.gin_extend("a", rows[:, 32:33], k_len=30)
+    assert torch.equal(full, torch.cat([expected, rows[:, 32:33]], dim=1)) and not layer.gin_buffers["a"][0].is_inference()
+    expected = full
+    for t, grad in ((33, True), (34, False)):  # rows appended by torch.cat (with gradients) are not lost to the buffer
+        cache.update(torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 1, 2), 0)
+        with torch.set_grad_enabled(grad):
+            expected = torch.cat([expected, rows[:, t : t + 1]], dim=1)
+            assert torch.equal(layer.gin_extend("a", rows[:, t : t + 1], k_len=expected.shape[1]), expected)
 
 
 def _hook_counts(model: PeftModel) -> list[int]:
