@@ -52,9 +52,9 @@ LABELS = {
     "gin_published_topk_only": "GIN, GinConfig.published(graph='gin'), ATen's neighbour sums, mask and softmax backward (native_graph_sum, native_score_rows off)",
     "gin_chunked": "GIN, package default, ATen's chunked attention with its graph (native_attention_graph off): the package at 2edba61",
     "gin_published_chunked": "GIN, GinConfig.published(graph='gin'), ATen's chunked attention with its graph (native_attention_graph off)",
-    "gin_aten_decode": "GIN, package default, decoding by ATen's operators and the block's modules (native_decode, native_block off): the package at 5525722",
-    "gin_hidden_aten_decode": "GIN, node_features='hidden', hidden_dim 27, decoding by ATen's operators and the block's modules (native_decode, native_block off): the package at 5525722",
-    "gin_published_aten_decode": "GIN, GinConfig.published(graph='gin'), decoding by ATen's operators and the block's modules (native_decode, native_block off): the package at 5525722",
+    "gin_aten_decode": "GIN, package default, decoding by ATen's operators and the block's modules (native_decode, native_block off): the package at 5525722 but for the feature cache's in-place append",
+    "gin_hidden_aten_decode": "GIN, node_features='hidden', hidden_dim 27, decoding by ATen's operators and the block's modules (native_decode, native_block off): the package at 5525722 but for the feature cache's in-place append",
+    "gin_published_aten_decode": "GIN, GinConfig.published(graph='gin'), decoding by ATen's operators and the block's modules (native_decode, native_block off): the package at 5525722 but for the feature cache's in-place append",
     "lora_b": "LoRA (q_proj, v_proj), matched to gin_published",
 }
 GIN_CONFIGS: dict[str, dict] = {
@@ -90,7 +90,8 @@ TOP_K_ONLY = ("gin_topk_only", "gin_published_topk_only")
 sums, causal mask and softmax backward; the compiled top-k on): the package as it was before those kernels."""
 ATEN_DECODE = ("gin_aten_decode", "gin_hidden_aten_decode", "gin_published_aten_decode")
 """Variants run with ``gin_adapter.native_decode.ENABLED`` and ``native_block.ENABLED`` off: a decoded token's
-attention, graph and block by ATen's operators and the block's modules, as before those kernels."""
+attention, graph, projection, neighbour sum and block by ATen's operators and the block's modules, as before those
+kernels (the feature cache appends in place either way)."""
 CHUNKED = ("gin_chunked", "gin_published_chunked") + TOP_K_ONLY
 """Variants run with ``gin_adapter.native_attention_graph.ENABLED`` off: the attention and its graph by ATen's
 query chunks (:mod:`gin_adapter.joint`), as before the compiled kernel."""
