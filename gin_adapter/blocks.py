@@ -129,6 +129,11 @@ class _Block(nn.Module):
         on every decoded token's call)."""
         raise NotImplementedError
 
+    def decode_modules(self) -> tuple[nn.Module, ...]:
+        """The block and every module whose call the compiled forward stands in for: a hook on any of them makes it
+        step aside (:mod:`gin_adapter.native_block`). Read from ``_modules`` (this runs on every decoded token's call)."""
+        return (self, *self._modules.values())
+
     def project(self, u: torch.Tensor) -> torch.Tensor:
         """Node features of model width ``(B, L, d)`` -> GIN width ``(B, L, hidden_dim)`` (hidden/input modes)."""
         return self.in_proj(_as(u, self.in_proj.weight.dtype))
@@ -178,6 +183,9 @@ class GinBlock(_Block):
         if self.training and isinstance(mlp["2"], nn.Dropout) and mlp["2"].p > 0:
             return None
         return mlp["0"], mlp["3"], self._modules["out_proj"], (mlp["1"], mlp["4"]), False
+
+    def decode_modules(self) -> tuple[nn.Module, ...]:
+        return (*super().decode_modules(), *self._modules["mlp"]._modules.values())
 
 
 class PublishedGinBlock(_Block):

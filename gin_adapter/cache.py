@@ -52,6 +52,7 @@ class FeatureCacheMixin:
         kept = self.keys.shape[-2] if self.keys is not None and self.keys.dim() > 1 else 0
         stored = full if kept == full.shape[-2] else full[..., full.shape[-2] - kept :, :]
         store[name] = stored.detach() if stored.requires_grad else stored
+        self.__dict__.get("gin_buffers", {}).pop(name, None)  # the rows live in `stored` now, not in a buffer
         return full
 
     def gin_reserve(self, name: str, rows: int, k_len: int, width: int, like: torch.Tensor, *, fill: torch.Tensor | None = None) -> torch.Tensor:

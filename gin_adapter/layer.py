@@ -124,15 +124,15 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         if len(active) == 1:  # the block adds its delta itself (one call fewer; the whole step one call when decoding)
             attn_output = self._adapter_update(active[0], graph, hidden_states, attn_output, cache_layer, add_to=attn_output)
         else:
-            delta = None
+            delta, layer_input = None, self._layer_input(active)  # h read once: the watcher lets go of it when read
             for name in active:
-                update = self._adapter_update(name, graph, hidden_states, attn_output, cache_layer)
+                update = self._adapter_update(name, graph, hidden_states, attn_output, cache_layer, layer_input=layer_input)
                 delta = update if delta is None else delta + update
             attn_output = attn_output + (delta if delta.dtype == attn_output.dtype else delta.to(attn_output.dtype))
         return (attn_output, *output[1:]) if isinstance(output, tuple) else attn_output
 
-    def _adapter_update(self, name: str, graph: GraphInputs, hidden_states, attn_output, cache_layer, *, add_to: torch.Tensor | None = None
-                        ) -> torch.Tensor:
+    def _adapter_update(self, name: str, graph: GraphInputs, hidden_states, attn_output, cache_layer, *, add_to: torch.Tensor | None = None,
+                        layer_input: torch.Tensor | None = None) -> torch.Tensor:
         """Adapter ``name``'s ``delta (B, Lq, d)``, or ``add_to + delta`` when given: node features, neighbour sum, block.
 
         A decoded token with projected node features takes one compiled call for all three where it can
@@ -141,7 +141,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         if mode == "values":  # the queries are the last Lq keys (a dynamic cache appends)
             x_self, features = graph.value[..., graph.k_len - graph.q_len :, :], graph.value
         else:
-            u0, u1 = self._feature_source(mode, hidden_states, attn_output)
+            u0, u1 = self._feature_source(mode, hidden_states, attn_output, layer_input)
             if cache_layer is not None and graph.q_len == 1 and not torch.is_grad_enabled():
                 rows = decode_graph_rows(graph, self.gin_rules[name])
                 if rows is not None:
@@ -181,13 +181,20 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
             self._joint_rule[key] = first if top_k or threshold else None
         return self._joint_rule[key]
 
-    def _feature_source(self, mode: str, hidden_states: torch.Tensor, attn_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _feature_source(self, mode: str, hidden_states: torch.Tensor, attn_output: torch.Tensor, layer_input: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``u = u0 (+ u1)``, what ``"hidden"`` or ``"input"`` features are projected from: ``(h, attn_out)`` with ``h``
-        the decoder layer's input (``u = h + attn_out``), or ``(hidden_states, None)``, what the attention module
-        received; each ``(B, Lq, d)``."""
+        the decoder layer's input (``layer_input``, else read from the watcher; ``u = h + attn_out``), or
+        ``(hidden_states, None)``, what the attention module received; each ``(B, Lq, d)``."""
         if mode == "hidden":
-            return self._layer_input_watcher.layer_input(type(self.base_layer).__name__), attn_output
+            return (self._layer_input(None) if layer_input is None else layer_input), attn_output
         return hidden_states, None
+
+    def _layer_input(self, active: list[str] | None) -> torch.Tensor | None:
+        """The decoder layer's input ``h`` of this call (``active``: only if one of those adapters uses ``"hidden"``)."""
+        if active is not None and not any(self.gin_node_features[name] == "hidden" for name in active):
+            return None
+        return self._layer_input_watcher.layer_input(type(self.base_layer).__name__)
 
     def _projected_features(self, name: str, graph: GraphInputs, u: torch.Tensor, cache_layer) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_self (B, 1, Lq, F), features of every key (B, 1, Lk, F))``: ``W_in u`` for the new tokens, the earlier

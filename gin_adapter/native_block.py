@@ -15,6 +15,11 @@ ATen's matrix products are faster there), a gradient to record, dropout active, 
 ``torch.compile`` tracing, or an activation the kernel lacks. The same values as the modules up to float32 rounding
 (the order of the additions; tests), the same on any thread count: the published preset's larger block splits each
 layer's output rows over PyTorch's threads, each output one thread's dot product.
+
+:func:`decode_update` goes one step further for a decoded token with projected node features (``"hidden"``,
+``"input"``): the projection, the feature cache's new row, the neighbour sum over the decode graph and the block in
+one call, where the layer would otherwise run the projection's ``linear``, the feature cache, the sum and the block
+each with its own Python. A hook on the block or any of its modules, or a parametrization, makes both step aside.
 """
 
 from __future__ import annotations
@@ -109,7 +114,7 @@ def _state(block: nn.Module) -> tuple | None:
         return None
     lin1, lin2, out_proj, acts, skip = layers
     norm = block._modules["norm"]
-    if _hooked((lin1, lin2, out_proj, norm, *acts)):
+    if _hooked(block.decode_modules()):
         return None
     # straight from the parameter dictionaries (no parametrization here: _hooked): each Module.__getattr__ costs ~0.5 us
     own, first, second, out = block._parameters, lin1._parameters, lin2._parameters, out_proj._parameters
@@ -117,7 +122,8 @@ def _state(block: nn.Module) -> tuple | None:
     used = (own["eps"], first["weight"], first.get("bias"), second["weight"], second.get("bias"), slope, out["weight"], out.get("bias"),
             norm._parameters["weight"], own["scale"])
     present = [t for t in used if t is not None]
-    key = (block.training, *map(id, acts), acts[0].__dict__.get("approximate"), *map(id, used), *map(_data_ptr, present), *map(_stride, present))
+    key = (block.training, *map(id, acts), *[act.__dict__.get("approximate") for act in acts], *map(id, used), *map(_data_ptr, present),
+           *map(_stride, present))
     return layers, used, key
 
 
@@ -216,12 +222,14 @@ def decode_update(block: nn.Module, u0: torch.Tensor, u1: torch.Tensor | None, g
         n_h = sum_m w[h, m] X[at[h, m] or m]           (B, Hn, F)     over the graph's last ``span`` feature rows
         out = block(x, n) [+ add_to]                   (B, 1, d)      as :func:`block_forward`
 
-    ``graph = (w (B, Hn, m) float32, at (B, Hn, m) int64 key positions (w's strides) or None, span)`` with ``Hn`` 1 (one graph for
-    every head) or the block's heads; ``reserve(F)`` returns the features of every key ``(B, Lk, F)`` from the
+    ``graph = (w (B, Hn, m) float32, at (B, Hn, m) int64 key positions in ``[0, span)`` (w's strides; not checked:
+    they come from the decode kernels) or None, span)`` with ``Hn`` 1 (one graph for every head) or the block's
+    heads; ``reserve(F)`` returns the features of every key ``(B, Lk, F)`` from the
     feature cache (:meth:`gin_adapter.cache.FeatureCacheMixin.gin_reserve`), the last row (the new token's) to be
     written by this call. No gradient may be recorded (the caller checks ``torch.is_grad_enabled()``)."""
     in_proj = block._modules.get("in_proj")
-    if not ENABLED or in_proj is None or torch.compiler.is_compiling() or _update_kernel() is None or torch.is_autocast_enabled("cpu"):
+    if (not ENABLED or type(in_proj) is not nn.Linear or torch.compiler.is_compiling() or _update_kernel() is None or torch.is_autocast_enabled("cpu")
+            or _hooked((in_proj,))):  # (the block's own hooks and its other modules': _plan)
         return None
     weights, index, span = graph
     batch, graph_heads, entries = weights.shape
@@ -231,8 +239,8 @@ def decode_update(block: nn.Module, u0: torch.Tensor, u1: torch.Tensor | None, g
             or weights.dtype != f32 or weights.device != cpu or (weights.stride(-1) != 1 and entries > 1)
             or (u1 is not None and (u1.shape != u0.shape or u1.dtype != f32 or u1.device != cpu or u1.stride(-1) != 1))
             or (index is not None and (index.dtype != torch.int64 or index.shape != weights.shape or index.stride() != weights.stride()))
-            or w_in.dtype != f32 or w_in.device != cpu or not w_in.is_contiguous() or (b_in is not None and (b_in.dtype != f32 or b_in.device != cpu))
-            or _hooked((in_proj,))):
+            or w_in.dtype != f32 or w_in.device != cpu or not w_in.is_contiguous()
+            or (b_in is not None and (b_in.dtype != f32 or b_in.device != cpu or not b_in.is_contiguous()))):
         return None
     plan = _plan(block)
     if (plan is None or plan.tensors is None or graph_heads not in (1, plan.heads) or w_in.shape[0] != plan.width or (index is None and entries != span)
@@ -241,6 +249,7 @@ def decode_update(block: nn.Module, u0: torch.Tensor, u1: torch.Tensor | None, g
     features = reserve(plan.width)  # (B, Lk, F), its last row written below
     k_len, (f_b, f_l, f_f) = features.shape[-2], features.stride()
     if span > k_len or features.shape[0] != batch or features.shape[-1] != plan.width or f_f != 1 or features.dtype != f32 or features.device != cpu:
+        features[..., -1, :].fill_(float("nan"))  # the row left unwritten: visibly so
         raise RuntimeError(f"decode_update: the feature cache returned {tuple(features.shape)} for a graph over {span} rows of {batch} sequences.")
     add_to = None if add_to is None else add_to.contiguous()
     out = u0.new_empty(batch, 1, plan.model_dim)
@@ -257,6 +266,7 @@ def decode_update(block: nn.Module, u0: torch.Tensor, u1: torch.Tensor | None, g
         sizes[16:24] = (u0.stride(0), 0 if u1 is None else u1.stride(0), f_b, f_l, weights.stride(0), weights.stride(1) if graph_heads > 1 else 0, entries, u0.shape[-1])
         status = native_library.run(UPDATE_LABEL, _update_kernel(), tensors, sizes, plan.scalars)
     if status:
+        features[:, -1].fill_(float("nan"))  # the row left unwritten: visibly so, should anything read the cache again
         raise RuntimeError(f"gin_adapter's compiled decode update refused its arguments (status {status}); set GIN_ADAPTER_NATIVE=0 "
                            "to use the modules and report this.")
     return out

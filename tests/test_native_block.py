@@ -205,8 +205,9 @@ def test_same_bits_on_any_thread_count():
 
 def test_modules_run_where_the_kernel_would_skip_something():
     """A gradient wanted through ``add_to`` (a frozen block on a trainable base), parameters swapped in by
-    ``torch.func.functional_call``, a weight re-strided in place (same storage), hooks on a layer (pruning's mask
-    among them) and parametrized weights: the kernel steps aside (or re-plans) and the values are the modules'."""
+    ``torch.func.functional_call``, a weight re-strided in place (same storage), hooks on a layer, the MLP's container
+    or its dropout slot (pruning's mask among them), a second activation changed in place and parametrized weights:
+    the kernel steps aside (or re-plans) and the values are the modules'."""
     import torch.nn.utils.parametrize as parametrize
 
     block = _block(GinConfig())
@@ -244,11 +245,18 @@ def test_modules_run_where_the_kernel_would_skip_something():
         assert native_block.block_forward(square, xs, ns) is None  # a non-contiguous weight: the modules
         torch.testing.assert_close(square(xs, ns), modules_value(square, (xs, ns)), rtol=0, atol=0)
 
-    handle = block.mlp[0].register_forward_hook(lambda module, args, output: output * 0)
+    for hooked in (block.mlp[0], block.mlp, block.mlp[2]):  # a layer, the MLP's container, its dropout slot
+        handle = hooked.register_forward_hook(lambda module, args, output: output * 0)
+        with torch.no_grad():
+            assert native_block.block_forward(block, x_self, neighbours) is None
+            torch.testing.assert_close(block(x_self, neighbours), modules_value(), rtol=0, atol=0)
+        handle.remove()
+
     with torch.no_grad():
+        assert native_block.block_forward(block, x_self, neighbours) is not None
+        block.mlp[4].approximate = "tanh"  # the second GELU changed in place: an activation the kernel lacks
         assert native_block.block_forward(block, x_self, neighbours) is None
-        torch.testing.assert_close(block(x_self, neighbours), modules_value(), rtol=0, atol=0)
-    handle.remove()
+        block.mlp[4].approximate = "none"
 
     class Doubled(nn.Module):
         def forward(self, weight):
@@ -355,8 +363,10 @@ def test_decode_update_same_bits_on_any_thread_count():
 
 def test_decode_update_steps_aside_before_reserving_anything(monkeypatch):
     """Where the kernel cannot run the call, ``None`` comes back and the feature cache was not touched: switched off,
-    too many sequences, key positions of another dtype, a hook on the projection, autocast, a compact block over
-    value features (no projection)."""
+    too many sequences, key positions of another dtype, a hook on the projection, the block or a layer, a strided
+    bias, a pruned or wrapped projection, autocast, a compact block over value features (no projection)."""
+    import torch.nn.utils.prune as prune
+
     block = _block(GinConfig.published(graph="gin"))
     u0, u1, graph, features = _update_inputs(block, "dense")
 
@@ -374,9 +384,19 @@ def test_decode_update_steps_aside_before_reserving_anything(monkeypatch):
     picks_block = _block(GinConfig(node_features="hidden", top_k=3))
     _, _, (weights, index, span), _ = _update_inputs(picks_block, "picks")
     assert refused(picks_block, graph=(weights, index.int(), span))
-    handle = block.in_proj.register_forward_pre_hook(lambda module, args: None)
+    for hooked in (block.in_proj, block, block.lin2):  # a hook on the projection, on the block, on one of its layers
+        handle = hooked.register_forward_pre_hook(lambda module, args: None)
+        assert refused()
+        handle.remove()
+    strided = torch.randn(2 * block.in_proj.bias.shape[0])[::2]
+    original_bias, block.in_proj.bias = block.in_proj.bias, nn.Parameter(strided)  # a strided bias
     assert refused()
-    handle.remove()
+    block.in_proj.bias = original_bias
+    pruned = _block(GinConfig.published(graph="gin"))
+    prune.l1_unstructured(pruned.in_proj, "weight", 0.3)  # the weight is computed on access now
+    assert refused(pruned)
+    pruned.in_proj = nn.Sequential(nn.Linear(DIMS.model_dim, pruned.width_in))  # a projection wrapped in another module
+    assert refused(pruned)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert refused()
     assert refused(_block(GinConfig()))

@@ -323,6 +323,7 @@ def test_feature_cache_appends_in_place_and_starts_a_new_buffer_when_the_rows_ar
         with torch.set_grad_enabled(grad):
             expected = torch.cat([expected, rows[:, t : t + 1]], dim=1)
             assert torch.equal(layer.gin_extend("a", rows[:, t : t + 1], k_len=expected.shape[1]), expected)
+            assert ("a" in layer.gin_buffers) is not grad  # cat's rows are not in a buffer: the old one is let go
 
 
 def _hook_counts(model: PeftModel) -> list[int]:
@@ -353,3 +354,15 @@ def test_decoder_layers_carry_only_the_hooks_hidden_features_need():
     assert not loaded.missing_keys and not loaded.unexpected_keys
     with torch.no_grad():
         assert torch.allclose(fresh(ids).logits, first, atol=1e-6)
+
+
+def test_two_active_hidden_adapters_decode_with_and_without_the_cache():
+    """Two adapters with hidden-state features active at once read the decoder layer's input once per call (the
+    watcher lets go of it when read without gradient): cached generation runs and equals the uncached one."""
+    model = wrapped("hidden")
+    model.add_adapter("second", config("hidden"))
+    randomise(model)
+    model.base_model.set_adapter(["default", "second"])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(_generate(model, True, do_sample=False), _generate(model, False, do_sample=False))
