@@ -49,7 +49,7 @@ class FeatureCacheMixin:
             raise RuntimeError(_OUT_OF_STEP.format(rows=full.shape[-2], keys=k_len))
         if full.shape[-2] > k_len:
             full = full[..., full.shape[-2] - k_len :, :]
-        kept = self.keys.shape[-2] if self.keys is not None and self.keys.dim() > 1 else 0
+        kept = self._kept_keys()
         stored = full if kept == full.shape[-2] else full[..., full.shape[-2] - kept :, :]
         store[name] = stored.detach() if stored.requires_grad else stored
         self.__dict__.get("gin_buffers", {}).pop(name, None)  # the rows live in `stored` now, not in a buffer
@@ -82,11 +82,15 @@ class FeatureCacheMixin:
         every = buffer[:, start : start + total]
         if fill is not None:
             every[:, have:].copy_(fill)
-        kept = self.keys.shape[-2] if self.keys is not None and self.keys.dim() > 1 else 0
+        kept = self._kept_keys()
         stored = every[:, total - kept :] if kept < total else every
         store[name] = stored
         buffers[name] = (buffer, start + total - stored.shape[-2], stored)
         return every[:, total - k_len :] if k_len < total else every
+
+    def _kept_keys(self) -> int:
+        """How many keys the layer keeps (0 before its first update)."""
+        return self.keys.shape[-2] if self.keys is not None and self.keys.dim() > 1 else 0
 
     def _gin_apply(self, fn) -> None:
         self.__dict__.pop("gin_buffers", None)  # the features are replaced: later tokens start a new buffer from them
@@ -98,7 +102,7 @@ class FeatureCacheMixin:
     def _gin_crop_rows(self, tokens_to_remove: int) -> None:
         """After the keys were cropped: drop ``|tokens_to_remove|`` rows from the end, then trim the front to the
         keys' length (what both the dynamic and the sliding-window layer do to their keys)."""
-        kept = self.keys.shape[-2] if self.keys is not None and self.keys.dim() > 1 else 0
+        kept = self._kept_keys()
         removed = abs(tokens_to_remove)
 
         def crop_rows(features: torch.Tensor) -> torch.Tensor:

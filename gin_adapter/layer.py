@@ -124,7 +124,9 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         if len(active) == 1:  # the block adds its delta itself (one call fewer; the whole step one call when decoding)
             attn_output = self._adapter_update(active[0], graph, hidden_states, attn_output, cache_layer, add_to=attn_output)
         else:
-            delta, layer_input = None, self._layer_input(active)  # h read once: the watcher lets go of it when read
+            # h read once for every adapter (the watcher lets go of it when read without gradient)
+            layer_input = self._layer_input() if any(self.gin_node_features[name] == "hidden" for name in active) else None
+            delta = None
             for name in active:
                 update = self._adapter_update(name, graph, hidden_states, attn_output, cache_layer, layer_input=layer_input)
                 delta = update if delta is None else delta + update
@@ -187,13 +189,11 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         the decoder layer's input (``layer_input``, else read from the watcher; ``u = h + attn_out``), or
         ``(hidden_states, None)``, what the attention module received; each ``(B, Lq, d)``."""
         if mode == "hidden":
-            return (self._layer_input(None) if layer_input is None else layer_input), attn_output
+            return (self._layer_input() if layer_input is None else layer_input), attn_output
         return hidden_states, None
 
-    def _layer_input(self, active: list[str] | None) -> torch.Tensor | None:
-        """The decoder layer's input ``h`` of this call (``active``: only if one of those adapters uses ``"hidden"``)."""
-        if active is not None and not any(self.gin_node_features[name] == "hidden" for name in active):
-            return None
+    def _layer_input(self) -> torch.Tensor:
+        """The decoder layer's input ``h`` of this call (:class:`LayerInputWatcher`)."""
         return self._layer_input_watcher.layer_input(type(self.base_layer).__name__)
 
     def _projected_features(self, name: str, graph: GraphInputs, u: torch.Tensor, cache_layer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -164,9 +164,6 @@ def _plan(block: nn.Module) -> _Plan | None:
     return plan
 
 
-_CPU = torch.device("cpu")
-
-
 def _usable(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.device.type == "cpu"
 
@@ -228,27 +225,26 @@ def decode_update(block: nn.Module, u0: torch.Tensor, u1: torch.Tensor | None, g
     feature cache (:meth:`gin_adapter.cache.FeatureCacheMixin.gin_reserve`), the last row (the new token's) to be
     written by this call. No gradient may be recorded (the caller checks ``torch.is_grad_enabled()``)."""
     in_proj = block._modules.get("in_proj")
-    if (not ENABLED or type(in_proj) is not nn.Linear or torch.compiler.is_compiling() or _update_kernel() is None or torch.is_autocast_enabled("cpu")
-            or _hooked((in_proj,))):  # (the block's own hooks and its other modules': _plan)
+    if not ENABLED or type(in_proj) is not nn.Linear or torch.compiler.is_compiling() or _update_kernel() is None or torch.is_autocast_enabled("cpu"):
+        return None
+    plan = _plan(block)  # None with a hook or parametrization on the block or any of its modules, in_proj's included
+    if plan is None or plan.tensors is None:
         return None
     weights, index, span = graph
     batch, graph_heads, entries = weights.shape
     w_in, b_in = in_proj._parameters["weight"], in_proj._parameters.get("bias")
-    f32, cpu = torch.float32, _CPU
-    if (batch > MAX_ROWS or u0.shape[:2] != (batch, 1) or u0.dtype != f32 or u0.device != cpu or u0.stride(-1) != 1 or w_in.shape[1] != u0.shape[-1]
-            or weights.dtype != f32 or weights.device != cpu or (weights.stride(-1) != 1 and entries > 1)
-            or (u1 is not None and (u1.shape != u0.shape or u1.dtype != f32 or u1.device != cpu or u1.stride(-1) != 1))
+    if (batch > MAX_ROWS or u0.shape[:2] != (batch, 1) or not _usable(u0) or u0.stride(-1) != 1 or w_in.shape[1] != u0.shape[-1]
+            or not _usable(weights) or (weights.stride(-1) != 1 and entries > 1)
+            or (u1 is not None and (u1.shape != u0.shape or not _usable(u1) or u1.stride(-1) != 1))
             or (index is not None and (index.dtype != torch.int64 or index.shape != weights.shape or index.stride() != weights.stride()))
-            or w_in.dtype != f32 or w_in.device != cpu or not w_in.is_contiguous()
-            or (b_in is not None and (b_in.dtype != f32 or b_in.device != cpu or not b_in.is_contiguous()))):
+            or not _usable(w_in) or not w_in.is_contiguous() or (b_in is not None and (not _usable(b_in) or not b_in.is_contiguous()))):
         return None
-    plan = _plan(block)
-    if (plan is None or plan.tensors is None or graph_heads not in (1, plan.heads) or w_in.shape[0] != plan.width or (index is None and entries != span)
-            or (add_to is not None and (add_to.shape != (batch, 1, plan.model_dim) or add_to.dtype != f32 or add_to.device != cpu))):
+    if (graph_heads not in (1, plan.heads) or w_in.shape[0] != plan.width or (index is None and entries != span)
+            or (add_to is not None and (add_to.shape != (batch, 1, plan.model_dim) or not _usable(add_to)))):
         return None
     features = reserve(plan.width)  # (B, Lk, F), its last row written below
     k_len, (f_b, f_l, f_f) = features.shape[-2], features.stride()
-    if span > k_len or features.shape[0] != batch or features.shape[-1] != plan.width or f_f != 1 or features.dtype != f32 or features.device != cpu:
+    if span > k_len or features.shape[0] != batch or features.shape[-1] != plan.width or f_f != 1 or not _usable(features):
         features[..., -1, :].fill_(float("nan"))  # the row left unwritten: visibly so
         raise RuntimeError(f"decode_update: the feature cache returned {tuple(features.shape)} for a graph over {span} rows of {batch} sequences.")
     add_to = None if add_to is None else add_to.contiguous()

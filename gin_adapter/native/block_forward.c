@@ -134,7 +134,8 @@ static void block_rest(const block_call *c, const float *z, float *h1, float *h2
     scaled_rms_norm(y, c->add_to ? c->add_to + row * c->d : NULL, c->norm_weight, *c->scale, c->norm_eps, c->d);
 }
 
-/* z[h F + f] = n_h[f] + c x[f] over the heads; x and each n_h (NULL for the h / G-th of x's heads: see callers) */
+/* z[h F + f] = n[h n_h + f] + c x[(h / G) x_h + f] over the heads, G = heads / Hs (n_h 0: one neighbour sum for
+   every head) */
 static void gin_input_row(const block_call *c, const float *x, int64_t x_h, const float *n, int64_t n_h, float *z) {
     float weight = c->offset + *c->eps;
     int64_t groups = c->heads / c->self_heads;
