@@ -34,7 +34,7 @@ from .threshold_sum import threshold_neighbour_sum
 from .topk_sum import topk_neighbour_sum
 
 
-@dataclass
+@dataclass(slots=True)
 class GraphInputs:
     """What one attention call hands the attention function: everything the graph is built from.
 

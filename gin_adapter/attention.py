@@ -21,11 +21,10 @@ rounding, or the autocast dtype's); so it does for one decoded float32 token wit
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from transformers import AttentionInterface
@@ -39,7 +38,7 @@ from .aggregate import GraphInputs
 PREFIX = "gin_"
 
 
-@dataclass
+@dataclass(slots=True)
 class AggregationRequest:
     """A wrapped attention module's request for its own attention call's graph inputs (filled by the function).
 
@@ -57,14 +56,21 @@ class AggregationRequest:
 _REQUEST: ContextVar[AggregationRequest | None] = ContextVar("gin_adapter_request", default=None)
 
 
-@contextlib.contextmanager
-def capture(request: AggregationRequest) -> Iterator[AggregationRequest]:
-    """Make ``request`` visible to the attention function for the duration of the module's forward."""
-    token = _REQUEST.set(request)
-    try:
-        yield request
-    finally:
-        _REQUEST.reset(token)
+class capture:
+    """``with capture(request):`` makes ``request`` visible to the attention function for the duration of the module's
+    forward (a class rather than ``contextlib.contextmanager``: entered per layer and decoded token)."""
+
+    __slots__ = ("request", "token")
+
+    def __init__(self, request: AggregationRequest) -> None:
+        self.request = request
+
+    def __enter__(self) -> AggregationRequest:
+        self.token = _REQUEST.set(self.request)
+        return self.request
+
+    def __exit__(self, *exc_info) -> None:
+        _REQUEST.reset(self.token)
 
 
 def _model_eager_function(module: torch.nn.Module) -> Callable:

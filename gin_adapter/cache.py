@@ -75,18 +75,19 @@ class FeatureCacheMixin:
         batch = like.shape[0]
         buffer, start, kept_view = buffers.get(name, (None, 0, None))
         if (buffer is None or kept_view is not old or start + total > buffer.shape[-2] or buffer.shape[0] != batch or buffer.shape[-1] != width
-                or buffer.dtype != like.dtype or buffer.device != like.device or (buffer.is_inference() and not torch.is_inference_mode_enabled())):
+                or buffer.dtype != like.dtype or not (buffer.is_cpu and like.is_cpu or buffer.device == like.device)  # (no device objects on the CPU)
+                or (buffer.is_inference() and not torch.is_inference_mode_enabled())):
             buffer, start = like.new_empty(batch, max(2 * total, 64), width), 0
             if have:
                 buffer[:, :have].copy_(old)
-        every = buffer[:, start : start + total]
+        every = buffer.narrow(1, start, total)  # (narrow: cheaper than indexing, this runs per layer and decoded token)
         if fill is not None:
             every[:, have:].copy_(fill)
         kept = self._kept_keys()
-        stored = every[:, total - kept :] if kept < total else every
+        stored = every.narrow(1, total - kept, kept) if kept < total else every
         store[name] = stored
         buffers[name] = (buffer, start + total - stored.shape[-2], stored)
-        return every[:, total - k_len :] if k_len < total else every
+        return every.narrow(1, total - k_len, k_len) if k_len < total else every
 
     def _kept_keys(self) -> int:
         """How many keys the layer keeps (0 before its first update)."""

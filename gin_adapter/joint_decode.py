@@ -29,7 +29,7 @@ from . import native_decode, native_graph_sum
 from .chunk_sums import scatter_adjacency
 
 
-@dataclass
+@dataclass(slots=True)
 class DecodeGraph:
     """The graph :func:`attention_with_graph` built for one decoded token, in one of two forms: ``adjacency (B, Hkv,
     G, Lk)``, float32, the top-k probabilities of each query head and zeros elsewhere (ATen's operators), or the picks
@@ -62,12 +62,13 @@ def decode_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         and mask is None
         and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
         and query.dtype == key.dtype == value.dtype == torch.float32
-        and not torch.is_autocast_enabled(query.device.type)
+        and not torch.is_autocast_enabled("cpu" if query.is_cpu else query.device.type)  # (no device object on the CPU)
         and not kwargs.get("dropout")
         and kwargs.get("softcap") is None
         and kwargs.get("position_bias") is None
         and kwargs.get("sliding_window") is None
-        and not any(name in kwargs for name in ("s_aux", "sinks"))
+        and "s_aux" not in kwargs
+        and "sinks" not in kwargs
     )
 
 

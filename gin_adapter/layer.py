@@ -53,7 +53,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         self.gin_node_features: dict[str, str] = {}
         self.dims, self.layer_index = dims, layer_index
         self._layer_input_watcher: LayerInputWatcher | None = None
-        self._joint_rule: dict[tuple[str, ...], AdjacencyRule | None] = {}  # per set of active adapters, see _joint_rule_for
+        self._active_set: tuple | None = None  # the active adapters and what follows from them, see _active
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self.update_layer(adapter_name, config, scale_init=scale_init)
@@ -87,7 +87,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         self.gin_node_features[adapter_name] = config.node_features
         if self._layer_input_watcher is not None:
             self._layer_input_watcher.sync()
-        self._joint_rule.clear()
+        self._active_set = None
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def watch_layer_input(self, decoder_layer: nn.Module) -> None:
@@ -112,14 +112,13 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         """Nothing is ever merged."""
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        active = [name for name in self.active_adapters if name in self.gin_blocks]
+        active, joint_rule, needs_features = self._active()
         if self.disable_adapters or not active:
             return self.base_layer(hidden_states, *args, **kwargs)
-        output, graph = self.attend(hidden_states, *args, joint_rule=self._joint_rule_for(active), **kwargs)
+        output, graph = self.attend(hidden_states, *args, joint_rule=joint_rule, **kwargs)
         attn_output = output[0] if isinstance(output, tuple) else output
         cache, cache_layer = find_cache(kwargs), None
         if cache is not None:  # refuse caches the adapter cannot follow; keep projected features beside the KV cache
-            needs_features = any(self.gin_node_features[name] != "values" for name in active)
             cache_layer = (feature_cache_layer if needs_features else check_supported)(cache, self.layer_index, type(self.base_layer).__name__)
         if len(active) == 1:  # the block adds its delta itself (one call fewer; the whole step one call when decoding)
             attn_output = self._adapter_update(active[0], graph, hidden_states, attn_output, cache_layer, add_to=attn_output)
@@ -133,6 +132,18 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
             attn_output = attn_output + (delta if delta.dtype == attn_output.dtype else delta.to(attn_output.dtype))
         return (attn_output, *output[1:]) if isinstance(output, tuple) else attn_output
 
+    def _active(self) -> tuple[tuple[str, ...], AdjacencyRule | None, bool]:
+        """``(the active adapters this layer holds, their joint rule (:meth:`_joint_rule_for`), whether any projects
+        node features (a feature cache))``, worked out again only when PEFT's active-adapter value is another object
+        (``set_adapter`` and ``delete_adapter`` assign a new one) or an adapter was added here (the forward runs per
+        layer and decoded token)."""
+        current, cached = self._active_adapter, self._active_set
+        if cached is None or cached[0] is not current:
+            active = tuple(name for name in self.active_adapters if name in self.gin_blocks)
+            needs_features = any(self.gin_node_features[name] != "values" for name in active)
+            cached = self._active_set = (current, (active, self._joint_rule_for(list(active)) if active else None, needs_features))
+        return cached[1]
+
     def _adapter_update(self, name: str, graph: GraphInputs, hidden_states, attn_output, cache_layer, *, add_to: torch.Tensor | None = None,
                         layer_input: torch.Tensor | None = None) -> torch.Tensor:
         """Adapter ``name``'s ``delta (B, Lq, d)``, or ``add_to + delta`` when given: node features, neighbour sum, block.
@@ -141,7 +152,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         (:func:`gin_adapter.native_block.decode_update`)."""
         mode = self.gin_node_features[name]
         if mode == "values":  # the queries are the last Lq keys (a dynamic cache appends)
-            x_self, features = graph.value[..., graph.k_len - graph.q_len :, :], graph.value
+            x_self, features = graph.value.narrow(-2, graph.k_len - graph.q_len, graph.q_len), graph.value
         else:
             u0, u1 = self._feature_source(mode, hidden_states, attn_output, layer_input)
             if cache_layer is not None and graph.q_len == 1 and not torch.is_grad_enabled():
@@ -158,7 +169,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
     def attend(self, hidden_states: torch.Tensor, *args: Any, joint_rule: AdjacencyRule | None = None, **kwargs: Any) -> tuple[Any, GraphInputs]:
         """Run the wrapped attention module unchanged; return its output and the graph inputs it recorded (q, k, v,
         mask; with ``joint_rule``, the graph built inside the attention where it can be, :mod:`gin_adapter.joint`)."""
-        request = AggregationRequest(module=self.base_layer, joint_rule=joint_rule)
+        request = AggregationRequest(self.base_layer, joint_rule=joint_rule)
         with capture(request):
             output = self.base_layer(hidden_states, *args, **kwargs)
         if request.graph is None:
@@ -173,15 +184,12 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         """The rule the attention may build the graph with (:mod:`gin_adapter.joint`,
         :mod:`gin_adapter.joint_threshold`): every active adapter uses the per-head top-k rule (either graph mode)
         with backend ``"auto"`` and the same ``k``, or the published rule (backend ``"auto"``) with the same constants; else
-        ``None``. Worked out once per set of active adapters (the forward runs per layer and decoded token)."""
-        key = tuple(active)
-        if key not in self._joint_rule:
-            rules = [self.gin_rules[name] for name in active]
-            first = rules[0]
-            top_k = all(r.per_head_top_k and r.backend == "auto" and r.top_k == first.top_k for r in rules)
-            threshold = all(r.fused_threshold and joint_threshold.same_rule(r, first) for r in rules)
-            self._joint_rule[key] = first if top_k or threshold else None
-        return self._joint_rule[key]
+        ``None`` (:meth:`_active` keeps it per set of active adapters)."""
+        rules = [self.gin_rules[name] for name in active]
+        first = rules[0]
+        top_k = all(r.per_head_top_k and r.backend == "auto" and r.top_k == first.top_k for r in rules)
+        threshold = all(r.fused_threshold and joint_threshold.same_rule(r, first) for r in rules)
+        return first if top_k or threshold else None
 
     def _feature_source(self, mode: str, hidden_states: torch.Tensor, attn_output: torch.Tensor, layer_input: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -165,7 +165,7 @@ def _plan(block: nn.Module) -> _Plan | None:
 
 
 def _usable(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and t.device.type == "cpu"
+    return t.dtype == torch.float32 and t.is_cpu
 
 
 def block_forward(block: nn.Module, x_self: torch.Tensor, neighbours: torch.Tensor, *, add_to: torch.Tensor | None = None

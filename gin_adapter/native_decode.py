@@ -62,8 +62,7 @@ def applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, top_k: 
     :func:`gin_adapter.joint_decode.decode_applies` accepted (one float32 query row, nothing autograd tracks): CPU
     tensors with contiguous last dimensions and matching sizes (none empty, ``H`` a multiple of ``Hkv``), ``1 <=
     top_k <= 64``, not while ``torch.compile`` traces."""
-    if not (ENABLED and 1 <= top_k <= MAX_K and not torch.compiler.is_compiling() and available()
-            and query.device.type == key.device.type == value.device.type == "cpu"):
+    if not (ENABLED and 1 <= top_k <= MAX_K and query.is_cpu and key.is_cpu and value.is_cpu and not torch.compiler.is_compiling() and available()):
         return False
     (batch, heads, _, dim), (kv_batch, kv_heads, keys, key_dim) = query.shape, key.shape
     return (query.stride(-1) == key.stride(-1) == value.stride(-1) == 1 and batch > 0 and keys > 0 and kv_heads > 0 and heads % kv_heads == 0

@@ -457,3 +457,23 @@ def test_kernel_compiles_without_graph_breaks(sum_mode, padding):
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     for eager_grad, compiled_grad in zip(results[0][1], results[1][1]):
         assert torch.allclose(eager_grad, compiled_grad, atol=1e-5)
+
+
+def test_the_layer_follows_set_add_and_delete_adapter_between_calls():
+    """Each wrapper keeps its active adapters between calls (worked out once, it runs per layer and decoded token):
+    switching, adding to the active set and deleting an adapter change the next call's output as PEFT says."""
+    model = get_gin_model(tiny_model(), GinConfig(hidden_dim=8))
+    model.add_adapter("other", GinConfig(hidden_dim=8))
+    perturb_adapter(model)
+    ids = _ids()
+    with torch.no_grad():
+        first = model(ids).logits
+        model.set_adapter("other")
+        other = model(ids).logits
+        model.base_model.set_adapter(["default", "other"])
+        both = model(ids).logits
+        model.delete_adapter("other")  # PEFT makes the remaining adapter active again
+        after = model(ids).logits
+    assert model.active_adapters == ["default"]
+    assert (other - first).abs().max().item() > 1e-3 and (both - first).abs().max().item() > 1e-3 and (both - other).abs().max().item() > 1e-3
+    assert torch.equal(after, first)

@@ -217,16 +217,25 @@ def test_the_joint_k_follows_the_active_adapters_and_replaced_configs(monkeypatc
     assert layer._joint_rule_for(["threshold"]).fused_threshold  # the published rule's own joint path
     assert layer._joint_rule_for(["default", "threshold"]) is None
     assert layer._joint_rule_for(["default", "k2"]) is None  # two different k: the separate kernel
-    layer.update_layer("default", GinConfig(hidden_dim=8, top_k=6), scale_init=0.0)
-    assert layer._joint_rule_for(["default"]).top_k == 6
-    model.set_adapter("k2")
-    model.train()
     seen = []
     original = joint_module.attention_with_graph
     monkeypatch.setattr(joint_module, "attention_with_graph", lambda *a, **kw: seen.append(kw["top_k"]) or original(*a, **kw))
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
-    model(ids, labels=ids).loss.backward()
-    assert seen and set(seen) == {2}
+    model.train()
+
+    def ks_seen() -> set[int]:
+        seen.clear()
+        model(ids, labels=ids).loss.backward()
+        return set(seen)
+
+    model.base_model.set_adapter(["default"])  # a list: PEFT assigns the same object again when an adapter is replaced
+    assert ks_seen() == {4}
+    last = gin_layers(model)[-1]  # (the first layer's q and k need no gradient: no joint path there)
+    last.update_layer("default", GinConfig(hidden_dim=8, top_k=6), scale_init=0.0)
+    assert last._joint_rule_for(["default"]).top_k == 6
+    assert ks_seen() == {6}
+    model.set_adapter("k2")
+    assert ks_seen() == {2}
 
 
 @pytest.mark.parametrize("q_len, k_len, chunk_rows", [(200, 200, 64), (40, 40, 64), (5, 5, 2), (3, 12, 64)])
