@@ -24,7 +24,8 @@ The decoder layer's input ``h`` is captured where gradient checkpointing's recom
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -141,7 +142,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
         if cached is None or cached[0] is not current:
             active = tuple(name for name in self.active_adapters if name in self.gin_blocks)
             needs_features = any(self.gin_node_features[name] != "values" for name in active)
-            cached = self._active_set = (current, (active, self._joint_rule_for(list(active)) if active else None, needs_features))
+            cached = self._active_set = (current, (active, self._joint_rule_for(active) if active else None, needs_features))
         return cached[1]
 
     def _adapter_update(self, name: str, graph: GraphInputs, hidden_states, attn_output, cache_layer, *, add_to: torch.Tensor | None = None,
@@ -180,7 +181,7 @@ class GinAttentionLayer(nn.Module, BaseTunerLayer):
             )
         return output, request.graph
 
-    def _joint_rule_for(self, active: list[str]) -> AdjacencyRule | None:
+    def _joint_rule_for(self, active: Sequence[str]) -> AdjacencyRule | None:
         """The rule the attention may build the graph with (:mod:`gin_adapter.joint`,
         :mod:`gin_adapter.joint_threshold`): every active adapter uses the per-head top-k rule (either graph mode)
         with backend ``"auto"`` and the same ``k``, or the published rule (backend ``"auto"``) with the same constants; else

@@ -144,7 +144,7 @@ class _Plan:
         codes = {activation_code(act) for act in acts}  # one code for both, and one shared PReLU slope
         code = codes.pop() if len(codes) == 1 and not (isinstance(acts[0], nn.PReLU) and any(act is not acts[0] for act in acts)) else None
         if (code is None or block.norm.eps_t.dtype != torch.float32 or lin1.weight.shape[1] != self.heads * self.width
-                or not all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()) for t in used)):
+                or not all(t is None or _usable_contiguous(t) for t in used)):
             return
         self.model_dim = out_proj.weight.shape[0]
         self.tensors = (ctypes.c_void_p * _TENSORS)(None, None, None, None, *(None if t is None else t.data_ptr() for t in used))
@@ -166,6 +166,10 @@ def _plan(block: nn.Module) -> _Plan | None:
 
 def _usable(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.is_cpu
+
+
+def _usable_contiguous(t: torch.Tensor) -> bool:
+    return _usable(t) and t.is_contiguous()
 
 
 def block_forward(block: nn.Module, x_self: torch.Tensor, neighbours: torch.Tensor, *, add_to: torch.Tensor | None = None
@@ -237,7 +241,7 @@ def decode_update(block: nn.Module, u0: torch.Tensor, u1: torch.Tensor | None, g
             or not _usable(weights) or (weights.stride(-1) != 1 and entries > 1)
             or (u1 is not None and (u1.shape != u0.shape or not _usable(u1) or u1.stride(-1) != 1))
             or (index is not None and (index.dtype != torch.int64 or index.shape != weights.shape or index.stride() != weights.stride()))
-            or not _usable(w_in) or not w_in.is_contiguous() or (b_in is not None and (not _usable(b_in) or not b_in.is_contiguous()))):
+            or not _usable_contiguous(w_in) or (b_in is not None and not _usable_contiguous(b_in))):
         return None
     if (graph_heads not in (1, plan.heads) or w_in.shape[0] != plan.width or (index is None and entries != span)
             or (add_to is not None and (add_to.shape != (batch, 1, plan.model_dim) or not _usable(add_to)))):
